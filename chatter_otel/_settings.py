@@ -1,0 +1,117 @@
+"""Configuration, resolved once: keyword argument > environment variable > default.
+
+A bad value logs one warning naming the variable and falls back to the default; it never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+_log = logging.getLogger("chatter_otel")
+
+ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+ENV_MAX_CONTENT_LENGTH = "CHATTER_OTEL_MAX_CONTENT_LENGTH"
+ENV_MAX_RUNS = "CHATTER_OTEL_MAX_RUNS"
+ENV_MAX_RUN_AGE = "CHATTER_OTEL_MAX_RUN_AGE_SECONDS"
+ENV_PRICES_FILE = "CHATTER_OTEL_PRICES_FILE"
+
+# The GenAI utilities accept these spellings for the capture switch; anything naming spans turns
+# content on for spans, because spans are where this package records it.
+_TRUE = frozenset({"true", "1", "yes", "on", "span_only", "span_and_event"})
+_FALSE = frozenset({"false", "0", "no", "off", "no_content", "event_only", ""})
+
+Redactor = Callable[[str, Any], Any]
+"""``redact(kind, value) -> value``: ``kind`` is ``input``, ``output``, ``tool.arguments`` or
+``tool.result``; ``value`` the JSON-ready structure about to be recorded."""
+
+
+def _warn(name: str, raw: object, default: object, why: str) -> None:
+    _log.warning("chatter-otel: ignoring %s=%r (%s); using %r", name, raw, why, default)
+
+
+def resolve_bool(name: str, kwarg: bool | None, default: bool) -> bool:
+    if kwarg is not None:
+        return bool(kwarg)
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    _warn(name, raw, default, "expected true or false")
+    return default
+
+
+def resolve_int(name: str, kwarg: int | None, default: int, *, minimum: int = 1) -> int:
+    raw: object = kwarg if kwarg is not None else os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        _warn(name, raw, default, "not an integer")
+        return default
+    if value < minimum:
+        _warn(name, raw, default, f"must be >= {minimum}")
+        return default
+    return value
+
+
+def _load_prices_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        _warn(ENV_PRICES_FILE, path, {}, f"cannot read a JSON object: {exc}")
+        return {}
+    if not isinstance(data, dict):
+        _warn(ENV_PRICES_FILE, path, {}, "the file must hold a JSON object")
+        return {}
+    return data
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the instrumentation needs to know, resolved once at ``instrument()``."""
+
+    capture_content: bool = False
+    max_content_length: int = 16_384
+    redact: Redactor | None = None
+    max_runs: int = 10_000
+    max_run_age_s: int = 3_600
+    prices: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        capture_content: bool | None = None,
+        max_content_length: int | None = None,
+        redact: Redactor | None = None,
+        max_runs: int | None = None,
+        max_run_age_s: int | None = None,
+        prices: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        if redact is not None and not callable(redact):
+            _warn("redact", redact, None, "not callable")
+            redact = None
+        if prices is None:
+            path = os.environ.get(ENV_PRICES_FILE)
+            prices = _load_prices_file(path) if path else {}
+        return cls(
+            capture_content=resolve_bool(ENV_CAPTURE_CONTENT, capture_content, False),
+            max_content_length=resolve_int(
+                ENV_MAX_CONTENT_LENGTH, max_content_length, 16_384, minimum=64
+            ),
+            redact=redact,
+            max_runs=resolve_int(ENV_MAX_RUNS, max_runs, 10_000, minimum=16),
+            max_run_age_s=resolve_int(ENV_MAX_RUN_AGE, max_run_age_s, 3_600),
+            prices=dict(prices),
+        )

@@ -1,0 +1,106 @@
+"""A trace as an indented tree: span, duration, status, model, tokens, cost, correlation id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+)
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+
+from chatter_otel.attributes import (
+    CHATTER_CORRELATION_ID,
+    CHATTER_USAGE_MISSING,
+    GEN_AI_USAGE_COST_AMOUNT,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One finished span, independent of where it was read from."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    name: str
+    start_ns: int
+    end_ns: int
+    status: str  # "OK", "ERROR" or "UNSET"
+    status_message: str = ""
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e6
+
+
+def from_readable(span: Any) -> SpanRecord:
+    """A ``SpanRecord`` from an SDK ``ReadableSpan``."""
+    ctx = span.context
+    return SpanRecord(
+        trace_id=format(ctx.trace_id, "032x"),
+        span_id=format(ctx.span_id, "016x"),
+        parent_id=format(span.parent.span_id, "016x") if span.parent else None,
+        name=span.name,
+        start_ns=span.start_time or 0,
+        end_ns=span.end_time or span.start_time or 0,
+        status=span.status.status_code.name,
+        status_message=span.status.description or "",
+        attributes=dict(span.attributes or {}),
+    )
+
+
+def _details(rec: SpanRecord) -> str:
+    a = rec.attributes
+    parts = [f"{rec.duration_ms:.1f} ms"]
+    if rec.status == "ERROR":
+        parts.append(f"ERROR {a.get(ERROR_TYPE, '')}".rstrip())
+    model = a.get(GEN_AI_RESPONSE_MODEL) or a.get(GEN_AI_REQUEST_MODEL)
+    if model:
+        parts.append(f"model={model}")
+    tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
+    if tin is not None or tout is not None:
+        parts.append(
+            f"tokens={tin if tin is not None else '?'}/{tout if tout is not None else '?'}"
+        )
+    if a.get(CHATTER_USAGE_MISSING):
+        parts.append("usage=missing")
+    cost = a.get(GEN_AI_USAGE_COST_AMOUNT)
+    if cost is not None:
+        parts.append(f"cost=${cost:.7f}")
+    return "  ".join(parts)
+
+
+def render(records: Iterable[SpanRecord]) -> str:
+    """The spans of one trace as a tree, children in start order; orphans shown at the root."""
+    recs = sorted(records, key=lambda r: r.start_ns)
+    ids = {r.span_id for r in recs}
+    children: dict[str | None, list[SpanRecord]] = {}
+    for r in recs:
+        parent = r.parent_id if r.parent_id in ids else None
+        children.setdefault(parent, []).append(r)
+    lines: list[str] = []
+    if recs:
+        corr = next((r.attributes.get(CHATTER_CORRELATION_ID) for r in recs if
+                     r.attributes.get(CHATTER_CORRELATION_ID)), None)  # fmt: skip
+        head = f"trace {recs[0].trace_id}"
+        lines.append(head + (f"  correlation_id={corr}" if corr else ""))
+
+    def walk(rec: SpanRecord, prefix: str, last: bool) -> None:
+        lines.append(f"{prefix}{'└─ ' if last else '├─ '}{rec.name}  {_details(rec)}")
+        kids = children.get(rec.span_id, [])
+        for i, kid in enumerate(kids):
+            walk(kid, prefix + ("   " if last else "│  "), i == len(kids) - 1)
+
+    roots = children.get(None, [])
+    for i, root in enumerate(roots):
+        walk(root, "", i == len(roots) - 1)
+    return "\n".join(lines)

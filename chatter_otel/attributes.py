@@ -1,0 +1,70 @@
+"""Attribute keys that the OpenTelemetry semantic conventions do not define (yet).
+
+Everything a span carries comes either from ``opentelemetry.semconv`` or from here; no other
+module spells an attribute name. Keys of our own start with ``chatter.``; the GenAI cost keys and
+the LangGraph node keys follow the names the design contract fixes for them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "CHATTER_CANCELLED",
+    "CHATTER_CORRELATION_ID",
+    "CHATTER_INTERRUPTED",
+    "CHATTER_LLM_CALLS",
+    "CHATTER_MESSAGE_ID",
+    "CHATTER_TOOL_CALLS",
+    "CHATTER_USAGE_MISSING",
+    "CHATTER_WORKFLOW_ID",
+    "GEN_AI_USAGE_COST_AMOUNT",
+    "GEN_AI_USAGE_COST_CURRENCY",
+    "GEN_AI_USAGE_COST_SOURCE",
+    "LANGGRAPH_NODE_NAME",
+    "LANGGRAPH_STEP",
+    "ORPHANED_ERROR_TYPE",
+]
+
+CHATTER_CORRELATION_ID: Final = "chatter.correlation.id"
+"""The request's correlation id (``X-Correlation-ID``), on every span when known."""
+
+CHATTER_MESSAGE_ID: Final = "chatter.message.id"
+"""The app's message id that a run answers, when known."""
+
+CHATTER_WORKFLOW_ID: Final = "chatter.workflow.id"
+"""The id of the outermost workflow run (the span id of its ``invoke_workflow`` span, in hex)."""
+
+CHATTER_USAGE_MISSING: Final = "chatter.usage.missing"
+"""``True`` on a ``chat`` span whose provider reported no token usage; no zeros are invented."""
+
+CHATTER_LLM_CALLS: Final = "chatter.llm.calls"
+"""Roll-up on ``invoke_workflow``: LLM calls made inside the workflow, nested workflows included."""
+
+CHATTER_TOOL_CALLS: Final = "chatter.tool.calls"
+"""Roll-up on ``invoke_workflow``: tool calls made inside the workflow."""
+
+CHATTER_CANCELLED: Final = "chatter.cancelled"
+"""``True`` when the operation was cancelled or its stream closed early by the consumer."""
+
+CHATTER_INTERRUPTED: Final = "chatter.interrupted"
+"""``True`` on a workflow or node stopped by a LangGraph interrupt (human-in-the-loop); not an
+error."""
+
+GEN_AI_USAGE_COST_AMOUNT: Final = "gen_ai.usage.cost.amount"
+"""Cost of the call (or the roll-up) as a float in ``gen_ai.usage.cost.currency``."""
+
+GEN_AI_USAGE_COST_CURRENCY: Final = "gen_ai.usage.cost.currency"
+"""ISO 4217 currency of the cost, ``USD`` for prices from ``genai-prices``."""
+
+GEN_AI_USAGE_COST_SOURCE: Final = "gen_ai.usage.cost.source"
+"""``provider`` when the provider reported the cost, ``local`` when computed here."""
+
+LANGGRAPH_NODE_NAME: Final = "langgraph.node.name"
+"""The LangGraph node a ``invoke_node`` span runs."""
+
+LANGGRAPH_STEP: Final = "langgraph.step"
+"""The Pregel superstep the node ran in (an int)."""
+
+ORPHANED_ERROR_TYPE: Final = "chatter.orphaned"
+"""``error.type`` of a span that the bounded run registry had to end (its run never finished)."""

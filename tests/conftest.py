@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from chatter_otel import LangGraphInstrumentor
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+class Spans:
+    """Finished spans of one test, with lookups that fail loudly."""
+
+    def __init__(self, provider: TracerProvider, exporter: InMemorySpanExporter) -> None:
+        self.provider = provider
+        self.exporter = exporter
+
+    @property
+    def all(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.all if s.name == name]
+
+    def one(self, name: str) -> ReadableSpan:
+        found = self.named(name)
+        assert len(found) == 1, f"expected one {name!r}, got {[s.name for s in self.all]}"
+        return found[0]
+
+    def starting(self, prefix: str) -> list[ReadableSpan]:
+        return [s for s in self.all if s.name.startswith(prefix)]
+
+    def by_id(self, span_id: int) -> ReadableSpan:
+        return next(s for s in self.all if s.context.span_id == span_id)
+
+    def parent_of(self, span: ReadableSpan) -> ReadableSpan | None:
+        if span.parent is None:
+            return None
+        return next((s for s in self.all if s.context.span_id == span.parent.span_id), None)
+
+    def children(self, span: ReadableSpan) -> list[ReadableSpan]:
+        sid = span.context.span_id
+        kids = [s for s in self.all if s.parent is not None and s.parent.span_id == sid]
+        return sorted(kids, key=lambda s: s.start_time or 0)
+
+    def clear(self) -> None:
+        self.exporter.clear()
+
+
+@pytest.fixture
+def instrument() -> Iterator[Any]:
+    """Instrument with a fresh SDK provider; call it with options; always uninstrumented after."""
+    inst = LangGraphInstrumentor()
+    holder: dict[str, Spans] = {}
+
+    def _do(**options: Any) -> Spans:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        inst.instrument(tracer_provider=provider, **options)
+        holder["spans"] = Spans(provider, exporter)
+        return holder["spans"]
+
+    yield _do
+    inst.uninstrument()
+
+
+@pytest.fixture
+def spans(instrument: Any) -> Spans:
+    from chatter_otel.local_model import LOCAL_MODEL_PRICES
+
+    return instrument(prices=LOCAL_MODEL_PRICES)
+
+
+# -- an OpenAI-compatible chat completions server on loopback --------------------------------
+
+
+@dataclass
+class FakeOpenAI:
+    """What the loopback server answers and what it received."""
+
+    url: str
+    content: str = "Hello from loopback."
+    model: str = "gpt-4o-mini-2024-07-18"
+    usage: dict[str, Any] = field(
+        default_factory=lambda: {
+            "prompt_tokens": 23,
+            "completion_tokens": 7,
+            "total_tokens": 30,
+            "prompt_tokens_details": {"cached_tokens": 4},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
+    )
+    status: int = 200
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _completion(fake: FakeOpenAI, req: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-loopback-1",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": fake.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": fake.content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": fake.usage,
+    }
+
+
+def _chunks(fake: FakeOpenAI, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    base = {
+        "id": "chatcmpl-loopback-2",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": fake.model,
+    }
+    words = fake.content.split(" ")
+    for i, word in enumerate(words):
+        delta = {"content": (" " if i else "") + word}
+        if i == 0:
+            delta["role"] = "assistant"
+        yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    if (req.get("stream_options") or {}).get("include_usage"):
+        yield {**base, "choices": [], "usage": fake.usage}
+
+
+@pytest.fixture
+def openai_server() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            fake.requests.append(body)
+            if fake.status != 200:
+                payload = json.dumps({"error": {"message": "boom", "type": "server_error"}})
+                self.send_response(fake.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload.encode())
+                return
+            if body.get("stream"):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for chunk in _chunks(fake, body):
+                    self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
+                self._chunk(b"data: [DONE]\n\n")
+                self._chunk(b"")
+                return
+            payload = json.dumps(_completion(fake, body)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def _chunk(self, data: bytes) -> None:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # a client that hung up mid-stream is what some tests do on purpose
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        yield fake
+    finally:
+        server.shutdown()
+        server.server_close()
