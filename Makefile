@@ -23,7 +23,8 @@ test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_overhead.py
+	$(BIN)/python -m benchmarks.bench_overhead
+	$(BIN)/python -m benchmarks.bench_handler
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,7 +16,7 @@ off the request path and is not counted. Reported: the median over rounds of eac
 µs per run, the added µs against ``bare`` and the ratio. It also checks that async runs make no
 thread hop (the handler must run on the event loop's thread).
 
-    python benchmarks/bench_overhead.py [--runs N] [--rounds R] [--json PATH]
+    python -m benchmarks.bench_overhead [--runs N] [--rounds R] [--json PATH]
 """
 
 from __future__ import annotations
