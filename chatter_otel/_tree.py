@@ -36,6 +36,8 @@ class SpanRecord:
     status: str  # "OK", "ERROR" or "UNSET"
     status_message: str = ""
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = "INTERNAL"
+    service: str | None = None
 
     @property
     def duration_ms(self) -> float:
@@ -55,6 +57,8 @@ def from_readable(span: Any) -> SpanRecord:
         status=span.status.status_code.name,
         status_message=span.status.description or "",
         attributes=dict(span.attributes or {}),
+        kind=span.kind.name,
+        service=(span.resource.attributes.get("service.name") if span.resource else None),
     )
 
 

@@ -65,25 +65,27 @@ class DemoResult:
     answer: str
     tree: str
     usage: Any
+    store_path: str
 
 
-def run_demo(question: str = "What is the weather in Paris?") -> DemoResult:
-    """Run the workflow once, instrumented, and return its trace as a tree and its usage."""
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
+def run_demo(
+    question: str = "What is the weather in Paris?", store_path: str | None = None
+) -> DemoResult:
+    """Run the workflow once through ``configure`` on embedded defaults (the local trace store),
+    then read its trace back from the store, as ``chatter-otel trace`` would."""
     from chatter_otel import _tree
-    from chatter_otel.instrumentor import LangGraphInstrumentor
     from chatter_otel.local_model import LOCAL_MODEL_PRICES
+    from chatter_otel.telemetry import configure
     from chatter_otel.workflow import track_workflow
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(resource=Resource.create({"service.name": "chatter-otel-demo"}))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrumentor = LangGraphInstrumentor()
-    instrumentor.instrument(tracer_provider=provider, prices=LOCAL_MODEL_PRICES)
+    telemetry = configure(
+        service_name="chatter-otel-demo",
+        exporter="local",
+        trace_store=store_path,
+        set_global=False,
+        prices=LOCAL_MODEL_PRICES,
+    )
+    store = telemetry.trace_store
     try:
         graph = build_chat_graph()
         correlation_id = f"demo-{uuid.uuid4().hex[:12]}"
@@ -93,15 +95,17 @@ def run_demo(question: str = "What is the weather in Paris?") -> DemoResult:
             correlation_id=correlation_id,
         ) as run:  # fmt: skip
             out = graph.invoke({"messages": [HumanMessage(question)]})
-        provider.force_flush()
-        tree = _tree.render(_tree.from_readable(s) for s in exporter.get_finished_spans())
+        telemetry.force_flush()
+        assert store is not None and run.trace_id is not None
+        tree = _tree.render(store.trace(run.trace_id))
+        path = str(store.path)
     finally:
-        instrumentor.uninstrument()
-        provider.shutdown()
+        telemetry.shutdown()
     return DemoResult(
-        trace_id=run.trace_id or "",
+        trace_id=run.trace_id,
         correlation_id=correlation_id,
         answer=str(out["messages"][-1].content),
         tree=tree,
         usage=run.usage,
+        store_path=path,
     )

@@ -197,3 +197,98 @@ def openai_server() -> Iterator[FakeOpenAI]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- OTLP receivers on loopback, built on opentelemetry-proto ---------------------------------
+
+
+@dataclass
+class Received:
+    """Export requests an OTLP receiver got, decoded."""
+
+    endpoint: str
+    requests: list[Any] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+
+    def spans(self) -> list[tuple[dict[str, Any], Any]]:
+        """(resource attributes, span) for every span received."""
+        out = []
+        for req in self.requests:
+            for rs in req.resource_spans:
+                res = {a.key: a.value.string_value for a in rs.resource.attributes}
+                out.extend((res, span) for ss in rs.scope_spans for span in ss.spans)
+        return out
+
+    def wait_for(self, n: int, timeout: float = 10.0) -> list[tuple[dict[str, Any], Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.spans()
+            if len(got) >= n:
+                return got
+            time.sleep(0.05)
+        return self.spans()
+
+
+@pytest.fixture
+def otlp_http() -> Iterator[Received]:
+    import gzip
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+        ExportTraceServiceResponse,
+    )
+
+    received = Received(endpoint="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            assert self.path == "/v1/traces"
+            received.requests.append(ExportTraceServiceRequest.FromString(body))
+            received.headers.append(dict(self.headers))
+            payload = ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    received.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def otlp_grpc() -> Iterator[Received]:
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = Received(endpoint="")
+
+    class Service(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:
+            received.requests.append(request)
+            received.headers.append(dict(context.invocation_metadata()))
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    received.endpoint = f"http://127.0.0.1:{port}"
+    try:
+        yield received
+    finally:
+        server.stop(grace=None)

@@ -1,21 +1,31 @@
-"""The README's first command: ``chatter-otel demo`` works and shows the run."""
+"""The README's first command, then the incident loop on its output: demo -> find -> trace."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 
-def test_demo_command_prints_the_trace_and_usage() -> None:
+def _cli(*argv: str, store: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("chatter-otel") or f"{sys.prefix}/bin/chatter-otel"
-    proc = subprocess.run([exe, "demo"], capture_output=True, text=True, timeout=120, check=False)
+    env = {**os.environ, "CHATTER_OTEL_TRACE_STORE": store}
+    return subprocess.run(
+        [exe, *argv], capture_output=True, text=True, timeout=120, check=False, env=env
+    )
+
+
+def test_demo_then_find_then_trace(tmp_path: Any) -> None:
+    store = str(tmp_path / "traces.db")
+    proc = _cli("demo", store=store)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     lines = out.splitlines()
     assert re.fullmatch(r"trace [0-9a-f]{32}  correlation_id=demo-[0-9a-f]{12}", lines[0])
-    tree = "\n".join(lines[1:9])
+    tree = lines[:9]
     for name in (
         "invoke_workflow chat",
         "invoke_node agent",
@@ -23,16 +33,26 @@ def test_demo_command_prints_the_trace_and_usage() -> None:
         "invoke_node tools",
         "execute_tool get_weather",
     ):
-        assert name in tree
-    assert tree.count("chat chatter-local-1") == 2
+        assert any(name in line for line in tree), name
+    assert sum("chat chatter-local-1" in line for line in tree) == 2
     assert "answer:          Here is what I found: Paris: 18°C, light rain" in out
     trace_id = re.search(r"trace_id:\s+([0-9a-f]{32})", out).group(1)
-    assert lines[0].startswith(f"trace {trace_id}")
+    correlation_id = re.search(r"correlation_id:\s+(demo-[0-9a-f]{12})", out).group(1)
     usage = re.search(
         r"prompt_tokens=(\d+) completion_tokens=(\d+) total_tokens=(\d+) cost=([0-9.E-]+) USD",
         out,
     )
-    p, c, t = (int(usage.group(i)) for i in (1, 2, 3))
-    assert (p, c, t) == (16, 11, 27)  # the local model is deterministic
+    assert tuple(int(usage.group(i)) for i in (1, 2, 3)) == (16, 11, 27)  # deterministic model
     assert "llm_calls=2 tool_calls=1" in out
+    assert f"stored in:       {store}" in out
     assert "Traceback" not in proc.stderr
+
+    found = _cli("find", "--correlation-id", correlation_id, store=store)
+    assert found.returncode == 0, found.stderr
+    assert trace_id in found.stdout and "16/11" in found.stdout
+
+    shown = _cli("trace", trace_id, store=store)
+    assert shown.returncode == 0, shown.stderr
+    # The same tree as the demo printed (it read it from the same store).
+    assert shown.stdout.splitlines() == tree[: len(shown.stdout.splitlines())]
+    assert len(shown.stdout.splitlines()) == 9

@@ -1,0 +1,178 @@
+"""``configure()``: exporter choice, real OTLP over HTTP and gRPC into loopback receivers."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from langchain_core.messages import HumanMessage
+from opentelemetry.sdk.trace import TracerProvider
+
+import chatter_otel
+from chatter_otel import LocalTraceStore, configure, track_workflow
+from chatter_otel.demo import build_chat_graph
+from chatter_otel.local_model import LOCAL_MODEL_PRICES
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
+OTLP_ENV = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_COMPRESSION",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_SDK_DISABLED",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_SAMPLER",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
+    for name in OTLP_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHATTER_OTEL_TRACE_STORE", str(tmp_path / "traces.db"))
+    yield
+    from chatter_otel import telemetry as t
+
+    if t._current is not None:
+        t._current.shutdown()
+
+
+def _run_turn() -> Any:
+    with track_workflow("turn", conversation_id="conv-otlp", correlation_id="corr-otlp") as run:
+        build_chat_graph().invoke(Q)
+    return run
+
+
+def test_default_is_the_local_trace_store(tmp_path: Any) -> None:
+    tel = configure(service_name="svc", set_global=False, prices=LOCAL_MODEL_PRICES)
+    assert tel.exporter_name == "local"
+    assert isinstance(tel.trace_store, LocalTraceStore)
+    assert tel.trace_store.path == tmp_path / "traces.db"
+    run = _run_turn()
+    assert tel.force_flush()
+    records = tel.trace_store.trace(run.trace_id)
+    assert len(records) == 8  # track_workflow + the 7 spans of the graph
+    assert {r.service for r in records} == {"svc"}
+    (summary,) = tel.trace_store.find(correlation_id="corr-otlp")
+    assert summary.trace_id == run.trace_id
+    assert summary.input_tokens == run.usage.prompt_tokens
+    assert summary.output_tokens == run.usage.completion_tokens
+    assert summary.cost == pytest.approx(float(run.usage.cost))
+    assert summary.status == "OK" and summary.root_name == "invoke_workflow turn"
+
+
+def test_configure_is_idempotent() -> None:
+    first = configure(set_global=False)
+    assert configure(set_global=False, service_name="other") is first
+    _run_turn()
+    first.force_flush()
+    assert len(first.tracer_provider.resource.attributes) > 0
+    first.shutdown()
+    assert configure(set_global=False) is not first
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_otlp_export_over_a_real_network_hop(
+    protocol: str, otlp_http: Any, otlp_grpc: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = otlp_http if protocol == "http/protobuf" else otlp_grpc
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20t0ken")
+    tel = configure(
+        service_name="chat-api", service_version="1.2.3", environment="staging",
+        set_global=False, prices=LOCAL_MODEL_PRICES,
+    )  # fmt: skip
+    assert tel.exporter_name == "otlp" and tel.trace_store is None
+    run = _run_turn()
+    assert tel.force_flush()
+    got = receiver.wait_for(8)
+    assert len(got) == 8
+    for resource, span in got:
+        assert resource["service.name"] == "chat-api"
+        assert resource["service.version"] == "1.2.3"
+        assert resource["deployment.environment.name"] == "staging"
+        assert span.trace_id.hex() == run.trace_id
+        attrs = {a.key: a.value for a in span.attributes}
+        assert attrs["chatter.correlation.id"].string_value == "corr-otlp"
+        assert attrs["gen_ai.conversation.id"].string_value == "conv-otlp"
+    chats = [s for _, s in got if s.name == "chat chatter-local-1"]
+    assert len(chats) == 2
+    tokens = {a.key: a.value.int_value for c in chats for a in c.attributes}
+    assert tokens["gen_ai.usage.input_tokens"] > 0
+    assert any(h.get("authorization") == "Bearer t0ken" for h in receiver.headers)
+
+
+def test_collector_down_keeps_the_app_serving(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    tel = configure(set_global=False)
+    for _ in range(3):
+        out = build_chat_graph().invoke(Q)
+        assert out["messages"][-1].content.startswith("Here is what I found")
+    tel.shutdown(timeout_millis=2_000)
+
+
+def test_sdk_disabled_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    tel = configure(set_global=False)
+    assert tel.tracer_provider is None and tel.instrumentor is None
+    with track_workflow("t") as run:
+        build_chat_graph().invoke(Q)
+    assert run.usage.llm_calls == 0  # nothing instrumented
+    assert tel.force_flush() is True
+
+
+def test_reuses_an_app_provider_without_adding_exporters() -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tel = configure(tracer_provider=provider)
+    assert tel.trace_store is None
+    _run_turn()
+    assert len(exporter.get_finished_spans()) == 8
+    tel.shutdown()
+    provider.shutdown()
+
+
+def test_bad_exporter_value_warns_and_falls_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with caplog.at_level(logging.WARNING, logger="chatter_otel"):
+        tel = configure(set_global=False)
+    assert tel.exporter_name == "local"
+    assert "OTEL_TRACES_EXPORTER" in caplog.text
+
+
+def test_public_surface() -> None:
+    assert set(chatter_otel.__all__) == {
+        "LangGraphInstrumentor",
+        "LocalTraceStore",
+        "RunIds",
+        "RunUsage",
+        "Telemetry",
+        "WorkflowRun",
+        "__version__",
+        "configure",
+        "last_run",
+        "track_workflow",
+    }

@@ -1,0 +1,147 @@
+"""The local trace store and the incident CLI (``trace``, ``find``) on top of it."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from langchain_core.messages import HumanMessage
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from chatter_otel import LangGraphInstrumentor, LocalTraceStore, track_workflow
+from chatter_otel._tree import SpanRecord
+from chatter_otel.cli import main
+from chatter_otel.demo import build_chat_graph
+from chatter_otel.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.store import LocalStoreExporter
+
+
+@pytest.fixture
+def store(tmp_path: Any) -> Any:
+    store = LocalTraceStore(tmp_path / "t.db")
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(LocalStoreExporter(store)))
+    inst = LangGraphInstrumentor()
+    inst.instrument(tracer_provider=provider, prices=LOCAL_MODEL_PRICES)
+    yield store
+    inst.uninstrument()
+    provider.shutdown()
+
+
+def _turn(conversation: str, correlation: str, message: str, fail: bool = False) -> Any:
+    with track_workflow(
+        "turn", conversation_id=conversation, correlation_id=correlation, message_id=message
+    ) as run:
+        build_chat_graph().invoke({"messages": [HumanMessage("weather in Oslo")]})
+        if fail:
+            raise RuntimeError("after the graph")
+    return run
+
+
+def _cli(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_trace_shows_the_tree(store: Any, capsys: Any) -> None:
+    run = _turn("c1", "corr-1", "m1")
+    code, out, err = _cli(capsys, "trace", run.trace_id, "--store", str(store.path))
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == f"trace {run.trace_id}  correlation_id=corr-1"
+    assert lines[1].startswith("└─ invoke_workflow turn")
+    assert sum("chat chatter-local-1" in line for line in lines) == 2
+    assert any("execute_tool get_weather" in line for line in lines)
+    # the tree's token totals equal the run's
+    assert f"tokens={run.usage.prompt_tokens}/{run.usage.completion_tokens}" in lines[1]
+
+
+def test_trace_json_round_trips_every_span(store: Any, capsys: Any) -> None:
+    run = _turn("c1", "corr-1", "m1")
+    code, out, _ = _cli(capsys, "trace", run.trace_id.upper(), "--json", "--store", str(store.path))
+    assert code == 0
+    spans = json.loads(out)
+    assert len(spans) == 8
+    by_id = {s["span_id"]: s for s in spans}
+    for s in spans:
+        assert s["trace_id"] == run.trace_id
+        assert s["parent_id"] is None or s["parent_id"] in by_id
+    chat = next(s for s in spans if s["name"] == "chat chatter-local-1")
+    assert chat["kind"] == "CLIENT"
+    assert chat["attributes"]["gen_ai.response.finish_reasons"] in (["tool_calls"], ["stop"])
+    assert isinstance(chat["attributes"]["gen_ai.usage.input_tokens"], int)
+
+
+def test_find_by_each_id_newest_first(store: Any, capsys: Any) -> None:
+    a = _turn("conv-a", "corr-x", "msg-1")
+    time.sleep(0.01)
+    b = _turn("conv-a", "corr-y", "msg-2")
+    with pytest.raises(RuntimeError):
+        _turn("conv-b", "corr-x", "msg-3", fail=True)
+    db = str(store.path)
+    code, out, _ = _cli(capsys, "find", "--conversation-id", "conv-a", "--json", "--store", db)
+    assert code == 0
+    found = json.loads(out)
+    assert [t["trace_id"] for t in found] == [b.trace_id, a.trace_id]
+    assert found[0]["input_tokens"] == b.usage.prompt_tokens
+    assert found[0]["cost"] == pytest.approx(float(b.usage.cost))
+    code, out, _ = _cli(capsys, "find", "--correlation-id", "corr-x", "--json", "--store", db)
+    statuses = {t["conversation_id"]: t["status"] for t in json.loads(out)}
+    assert statuses == {"conv-a": "OK", "conv-b": "ERROR"}
+    code, out, _ = _cli(capsys, "find", "--message-id", "msg-2", "--store", db)
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.startswith("start (UTC)")
+    assert b.trace_id in row and "invoke_workflow turn" in row
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["trace", "0" * 32], 1, "trace 00000000000000000000000000000000 not found"),
+        (["trace", "not-a-trace"], 2, "not a trace id"),
+        (["trace", "a" * 31], 2, "not a trace id"),
+        (["find"], 2, "find needs"),
+        (["find", "--correlation-id", "nobody"], 1, "no trace found for correlation_id=nobody"),
+    ],
+)
+def test_errors_are_one_line_with_exit_codes(
+    store: Any, capsys: Any, argv: list[str], code: int, message: str
+) -> None:
+    _turn("c", "corr", "m")
+    got, out, err = _cli(capsys, *argv, "--store", str(store.path))
+    assert got == code
+    assert out == ""
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_missing_and_corrupt_store(tmp_path: Any, capsys: Any) -> None:
+    code, _, err = _cli(capsys, "trace", "a" * 32, "--store", str(tmp_path / "none.db"))
+    assert code == 2 and "no trace store" in err
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    code, _, err = _cli(capsys, "trace", "a" * 32, "--store", str(bad))
+    assert code == 2 and "cannot read the trace store" in err
+
+
+def _rec(trace: str, span: str, start_ns: int) -> SpanRecord:
+    return SpanRecord(trace, span, None, "s", start_ns, start_ns + 1, "UNSET")
+
+
+def test_writes_are_idempotent_and_retention_is_bounded(tmp_path: Any) -> None:
+    store = LocalTraceStore(tmp_path / "r.db", max_spans=50, max_age_s=3600)
+    now = time.time_ns()
+    batch = [_rec("a" * 32, f"{i:016x}", now + i) for i in range(10)]
+    store.write(batch)
+    store.write(batch)  # a retried batch
+    assert len(store.trace("a" * 32)) == 10
+    store.write([_rec("b" * 32, f"{i:016x}", now + 100 + i) for i in range(100)])
+    store.write([_rec("c" * 32, "0" * 16, now - int(7200 * 1e9))])  # older than max_age
+    store.prune()
+    assert store.trace("c" * 32) == []
+    assert len(store.trace("a" * 32)) + len(store.trace("b" * 32)) == 50
+    assert store.trace("a" * 32) == []  # the oldest went first
