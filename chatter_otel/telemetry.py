@@ -15,9 +15,16 @@ LangChain. Resolution is keyword argument > environment variable > default:
 * ``OTEL_SDK_DISABLED=true``: nothing is built or instrumented; a ``Telemetry`` is still
   returned so the app's code path does not change.
 
-A tracer provider the app (or ``opentelemetry-instrument``) already installed globally is reused
-as is: exporters are only added to one this call builds. Calling ``configure`` again returns the
-same ``Telemetry`` until it is shut down.
+A tracer provider the app (or ``opentelemetry-instrument``) already installed globally is reused:
+exporters are only added to one this call builds; the ``BaggageSpanProcessor`` that copies
+``chatter.correlation.id`` onto every span is added to either. Calling ``configure`` again
+returns the same ``Telemetry`` until it is shut down.
+
+Given the app's FastAPI ``app``, it turns on the FastAPI OpenTelemetry instrumentation (the
+server span) and adds ``CorrelationMiddleware``; given SQLAlchemy ``engines`` (sync or async),
+the SQLAlchemy instrumentation, so one trace shows the request, the graph run and the app's own
+queries. ``log_correlation`` (default on) makes every log record carry ``trace_id``, ``span_id``
+and ``correlation_id``.
 """
 
 from __future__ import annotations
@@ -25,18 +32,25 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
+from opentelemetry.processor.baggage import BaggageSpanProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from chatter_otel._settings import resolve_bool
+from chatter_otel.attributes import CHATTER_CORRELATION_ID
+from chatter_otel.correlation import CorrelationMiddleware, install_log_record_factory
 from chatter_otel.instrumentor import LangGraphInstrumentor
 from chatter_otel.store import LocalStoreExporter, LocalTraceStore
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from contextvars import ContextVar
+
     from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["Telemetry", "configure"]
@@ -47,6 +61,7 @@ _DEFAULT_SERVICE = "chatter-app"
 _EXPORTERS = ("otlp", "local", "none")
 _lock = threading.Lock()
 _current: Telemetry | None = None
+_with_baggage: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
 
 
 class Telemetry:
@@ -73,6 +88,7 @@ class Telemetry:
         self.events: Any = None
         self.analytics: Any = None
         self._owns_provider = owns_provider
+        self._undo: list[Callable[[], None]] = []
 
     def force_flush(self, timeout_millis: int = 5_000) -> bool:
         provider = self.tracer_provider
@@ -84,6 +100,8 @@ class Telemetry:
         self.force_flush(timeout_millis)
         if self.instrumentor is not None:
             self.instrumentor.uninstrument()
+        for undo in reversed(self._undo):
+            undo()
         if self._owns_provider and self.tracer_provider is not None:
             self.tracer_provider.shutdown()
         with _lock:
@@ -151,6 +169,11 @@ def configure(
     trace_store: str | os.PathLike[str] | LocalTraceStore | None = None,
     tracer_provider: TracerProvider | None = None,
     set_global: bool = True,
+    app: Any = None,
+    engines: Sequence[Any] = (),
+    log_correlation: bool = True,
+    correlation_getter: Callable[[], str | None] | None = None,
+    correlation_context_var: ContextVar[Any] | None = None,
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -191,12 +214,48 @@ def configure(
                     else LocalTraceStore(trace_store)
                 )
                 tracer_provider.add_span_processor(BatchSpanProcessor(LocalStoreExporter(store)))
+        if tracer_provider not in _with_baggage:
+            tracer_provider.add_span_processor(
+                BaggageSpanProcessor(lambda key: key == CHATTER_CORRELATION_ID)
+            )
+            _with_baggage.add(tracer_provider)
         if owns and set_global:
             trace.set_tracer_provider(tracer_provider)
         instrumentor = LangGraphInstrumentor()
         instrumentor.instrument(tracer_provider=tracer_provider, **instrument_options)
-        _current = Telemetry(
+        tel = Telemetry(
             tracer_provider, owns_provider=owns, exporter_name=name, trace_store=store,
             instrumentor=instrumentor,
         )  # fmt: skip
-        return _current
+        if log_correlation:
+            install_log_record_factory()
+        if app is not None:
+            _instrument_app(tel, app, correlation_getter, correlation_context_var)
+        if engines:
+            _instrument_engines(tel, engines)
+        _current = tel
+        return tel
+
+
+def _instrument_app(
+    tel: Telemetry,
+    app: Any,
+    getter: Callable[[], str | None] | None,
+    context_var: ContextVar[Any] | None,
+) -> None:
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    app.add_middleware(CorrelationMiddleware, getter=getter, context_var=context_var)
+    if not getattr(app, "_is_instrumented_by_opentelemetry", False):
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tel.tracer_provider)
+        tel._undo.append(lambda: FastAPIInstrumentor.uninstrument_app(app))
+
+
+def _instrument_engines(tel: Telemetry, engines: Sequence[Any]) -> None:
+    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+
+    sync_engines = [getattr(e, "sync_engine", e) for e in engines]  # AsyncEngine -> Engine
+    inst = SQLAlchemyInstrumentor()
+    if not inst.is_instrumented_by_opentelemetry:
+        inst.instrument(engines=sync_engines, tracer_provider=tel.tracer_provider)
+        tel._undo.append(inst.uninstrument)

@@ -1,0 +1,185 @@
+"""Correlation ids: from the request header to baggage, every span, the logs and the response.
+
+``CorrelationMiddleware`` (plain ASGI: FastAPI, Starlette, any ASGI app) takes the request's
+``X-Correlation-ID`` when it is valid (1-128 characters of ``[A-Za-z0-9._:-]``), else one already
+in W3C baggage, else one from the app's own source (``getter``), else a new one. Anything invalid
+(CRLF, non-ASCII, over-long, empty) is replaced and logged (rate-limited; the value itself is never
+logged raw). The id is put into baggage as ``chatter.correlation.id`` (so ``BaggageSpanProcessor``
+stamps it on every span started later, and propagators carry it to outbound HTTP calls), into a
+context variable (``current_correlation_id()``, and the app's own ``context_var`` if given), onto
+the current server span, and into the response's ``X-Correlation-ID`` and ``traceresponse``
+headers. It composes with the FastAPI/ASGI OpenTelemetry instrumentation: that one makes the
+server span, this one only adds to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import baggage, context, trace
+
+from chatter_otel._safety import warn_once
+from chatter_otel.attributes import CHATTER_CORRELATION_ID
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, MutableMapping
+
+    Scope = MutableMapping[str, Any]
+    Message = MutableMapping[str, Any]
+    Receive = Callable[[], Awaitable[Message]]
+    Send = Callable[[Message], Awaitable[None]]
+    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+__all__ = [
+    "HEADER",
+    "CorrelationLogFilter",
+    "CorrelationMiddleware",
+    "current_correlation_id",
+    "is_valid_correlation_id",
+]
+
+HEADER = "X-Correlation-ID"
+_HEADER_KEY = HEADER.lower().encode("latin-1")
+_VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_correlation: ContextVar[str | None] = ContextVar("chatter_otel_correlation_id", default=None)
+
+
+def is_valid_correlation_id(value: object) -> bool:
+    return isinstance(value, str) and _VALID.fullmatch(value) is not None
+
+
+def current_correlation_id() -> str | None:
+    """The correlation id of the current request: the middleware's, else one in baggage."""
+    cid = _correlation.get()
+    if cid is None:
+        found = baggage.get_baggage(CHATTER_CORRELATION_ID)
+        cid = found if is_valid_correlation_id(found) else None
+    return cid
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class CorrelationMiddleware:
+    """ASGI middleware; see the module docstring. ``app.add_middleware(CorrelationMiddleware)``.
+
+    ``getter``: a callable returning the app's own correlation id (or None), consulted when the
+    request brings none. ``context_var``: an app ``ContextVar`` to set for the request as well.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        getter: Callable[[], str | None] | None = None,
+        context_var: ContextVar[Any] | None = None,
+    ) -> None:
+        self.app = app
+        self.getter = getter
+        self.context_var = context_var
+
+    def _resolve(self, scope: Scope) -> str:
+        raw = next((v for k, v in scope.get("headers") or () if k.lower() == _HEADER_KEY), None)
+        if raw is not None:
+            value = raw.decode("latin-1")
+            if is_valid_correlation_id(value):
+                return value
+            warn_once(
+                "correlation:invalid",
+                "chatter-otel: replaced an invalid %s header (%d bytes; allowed: 1-128 of "
+                "[A-Za-z0-9._:-])",
+                HEADER,
+                len(raw),
+            )
+            return _new_id()
+        from_baggage = baggage.get_baggage(CHATTER_CORRELATION_ID)
+        if is_valid_correlation_id(from_baggage):
+            return str(from_baggage)
+        if self.getter is not None:
+            try:
+                own = self.getter()
+            except Exception:
+                warn_once("correlation:getter", "chatter-otel: correlation getter raised",
+                          exc_info=True)  # fmt: skip
+                own = None
+            if is_valid_correlation_id(own):
+                return str(own)
+        return _new_id()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        cid = self._resolve(scope)
+        span = trace.get_current_span()  # the server span of the ASGI instrumentation, if any
+        if span.is_recording():
+            span.set_attribute(CHATTER_CORRELATION_ID, cid)
+        span_ctx = span.get_span_context()
+        extra = [(_HEADER_KEY, cid.encode("latin-1"))]
+        if span_ctx.is_valid:
+            flags = int(span_ctx.trace_flags)
+            value = f"00-{span_ctx.trace_id:032x}-{span_ctx.span_id:016x}-{flags:02x}"
+            extra.append((b"traceresponse", value.encode("latin-1")))
+
+        async def send_with_headers(message: Message) -> None:
+            if message.get("type") == "http.response.start":
+                headers = list(message.get("headers") or ())
+                present = {k.lower() for k, _ in headers}
+                headers.extend((k, v) for k, v in extra if k not in present)
+                message["headers"] = headers
+            await send(message)
+
+        token = context.attach(baggage.set_baggage(CHATTER_CORRELATION_ID, cid))
+        cid_token = _correlation.set(cid)
+        app_token = self.context_var.set(cid) if self.context_var is not None else None
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if app_token is not None and self.context_var is not None:
+                self.context_var.reset(app_token)
+            _correlation.reset(cid_token)
+            context.detach(token)
+
+
+def inject_log_ids(record: logging.LogRecord) -> None:
+    """Add ``trace_id``, ``span_id`` and ``correlation_id`` to a log record ("" when none)."""
+    ctx = trace.get_current_span().get_span_context()
+    record.trace_id = f"{ctx.trace_id:032x}" if ctx.is_valid else ""
+    record.span_id = f"{ctx.span_id:016x}" if ctx.is_valid else ""
+    record.correlation_id = current_correlation_id() or ""
+
+
+class CorrelationLogFilter(logging.Filter):
+    """A logging filter adding ``trace_id``, ``span_id`` and ``correlation_id`` to records.
+
+    Put it on a handler (or use ``configure(log_correlation=True)``, which covers every logger),
+    then use ``%(correlation_id)s`` and friends in the format.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        inject_log_ids(record)
+        return True
+
+
+_factory_installed = False
+
+
+def install_log_record_factory() -> None:
+    """Make every log record carry the ids, whatever logger or handler it goes through."""
+    global _factory_installed  # noqa: PLW0603 - the record factory is process-wide
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        inject_log_ids(record)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
