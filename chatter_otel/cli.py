@@ -5,9 +5,11 @@
     chatter-otel find --correlation-id ID [--json] traces of a request (or --conversation-id,
                                                    --message-id), newest first
 
-Traces are read from the local trace store (``--store PATH``, default
-``$CHATTER_OTEL_TRACE_STORE`` or ``~/.local/share/chatter-otel/traces.db``). Errors are one line
-on stderr with exit code 1 (not found) or 2 (bad input or unreadable store); never a traceback.
+Sources: ``--from local`` (default: the local trace store, ``--store PATH``, default
+``$CHATTER_OTEL_TRACE_STORE`` or ``~/.local/share/chatter-otel/traces.db``), ``--from jaeger
+--url URL [--service NAME]``, ``--from tempo --url URL [--protobuf]``. Trace ids are taken in hex
+or base64. Errors are one line on stderr with exit code 1 (not found) or 2 (bad input, an
+unreachable backend, a malformed response); never a traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
 EXIT_NOT_FOUND, EXIT_USAGE = 1, 2
 
 
@@ -35,13 +36,23 @@ class _Fail(Exception):
         self.code = code
 
 
-def _store(args: argparse.Namespace):
-    from chatter_otel.store import LocalTraceStore, default_store_path
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-    path = args.store or default_store_path()
-    if not os.path.exists(path):
-        raise _Fail(f"no trace store at {path} (run the app or `chatter-otel demo` first)", 2)
-    return LocalTraceStore(path)
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration like 90s, 30m, 2h: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def _source(args: argparse.Namespace):
+    from chatter_otel.sources import open_source
+
+    return open_source(
+        args.source, url=args.url, store=args.store, service=getattr(args, "service", None),
+        lookback_s=args.lookback, protobuf=args.protobuf,
+    )  # fmt: skip
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -70,13 +81,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _trace(args: argparse.Namespace) -> int:
     from chatter_otel import _tree
+    from chatter_otel.sources import normalize_trace_id
 
-    trace_id = args.trace_id.strip()
-    if not _TRACE_ID.fullmatch(trace_id):
-        raise _Fail(f"not a trace id (32 hex digits): {trace_id!r}", EXIT_USAGE)
-    records = _store(args).trace(trace_id)
+    trace_id = normalize_trace_id(args.trace_id)
+    records = _source(args).trace(trace_id)
     if not records:
-        raise _Fail(f"trace {trace_id.lower()} not found", EXIT_NOT_FOUND)
+        raise _Fail(f"trace {trace_id} not found", EXIT_NOT_FOUND)
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, default=str))
     else:
@@ -92,7 +102,7 @@ def _find(args: argparse.Namespace) -> int:
     }
     if not any(ids.values()):
         raise _Fail("find needs --correlation-id, --conversation-id or --message-id", EXIT_USAGE)
-    found = _store(args).find(**ids, limit=args.limit)
+    found = _source(args).find(**ids, limit=args.limit)
     if not found:
         wanted = ", ".join(f"{k}={v}" for k, v in ids.items() if v)
         raise _Fail(f"no trace found for {wanted}", EXIT_NOT_FOUND)
@@ -130,10 +140,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--store", default=None, help=store_help)
     demo.set_defaults(func=_demo)
 
+    def add_source(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--from", dest="source", choices=("local", "jaeger", "tempo"),
+                       default="local", help="where to read traces (default: local)")  # fmt: skip
+        p.add_argument("--url", help="Jaeger query or Tempo base URL (http://host:port)")
+        p.add_argument("--store", default=None, help=store_help)
+        p.add_argument("--protobuf", action="store_true", help="tempo: ask for protobuf")
+        p.add_argument("--lookback", type=_seconds, default=3600.0,
+                       help="jaeger/tempo search window, e.g. 30m, 2h (default 1h)")  # fmt: skip
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
     tr = sub.add_parser("trace", help="show one trace as a tree")
     tr.add_argument("trace_id")
-    tr.add_argument("--json", action="store_true", help="machine-readable output")
-    tr.add_argument("--store", default=None, help=store_help)
+    add_source(tr)
     tr.set_defaults(func=_trace)
 
     fd = sub.add_parser("find", help="list traces by correlation, conversation or message id")
@@ -141,14 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     fd.add_argument("--conversation-id")
     fd.add_argument("--message-id")
     fd.add_argument("--limit", type=int, default=20)
-    fd.add_argument("--json", action="store_true", help="machine-readable output")
-    fd.add_argument("--store", default=None, help=store_help)
+    fd.add_argument("--service", help="jaeger: the app's service.name (Jaeger search needs it)")
+    add_source(fd)
     fd.set_defaults(func=_find)
 
     args = parser.parse_args(argv)
+    from chatter_otel.sources import SourceError
+
     try:
         return int(args.func(args))
-    except _Fail as exc:
+    except (_Fail, SourceError) as exc:
         print(f"chatter-otel: {exc}", file=sys.stderr)
         return exc.code
     except sqlite3.Error as exc:
