@@ -1,6 +1,7 @@
 """``chatter-otel``: run the demo, and look up traces during an incident.
 
     chatter-otel demo                              run the reference workflow, record its trace
+    chatter-otel serve [--host H] [--port P]       run the reference chat app (FastAPI)
     chatter-otel trace TRACE_ID [--json]           one trace as a tree
     chatter-otel find --correlation-id ID [--json] traces of a request (or --conversation-id,
                                                    --message-id), newest first
@@ -79,6 +80,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from chatter_otel.reference_app import create_app
+    except ImportError as exc:
+        raise _Fail(
+            f"serve needs the app extra: pip install 'chatter-otel[app]' ({exc})", 2
+        ) from None
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def _trace(args: argparse.Namespace) -> int:
     from chatter_otel import _tree
     from chatter_otel.sources import normalize_trace_id
@@ -139,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--question", default="What is the weather in Paris?")
     demo.add_argument("--store", default=None, help=store_help)
     demo.set_defaults(func=_demo)
+
+    sv = sub.add_parser("serve", help="run the reference chat app (FastAPI) on embedded defaults")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(func=_serve)
 
     def add_source(p: argparse.ArgumentParser) -> None:
         p.add_argument("--from", dest="source", choices=("local", "jaeger", "tempo"),

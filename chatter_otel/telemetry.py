@@ -35,7 +35,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.processor.baggage import BaggageSpanProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from contextvars import ContextVar
 
+    from opentelemetry.metrics import MeterProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["Telemetry", "configure"]
@@ -146,6 +147,19 @@ def _otlp_exporter() -> SpanExporter:
     return HTTPSpanExporter()
 
 
+def _batch(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanProcessor:
+    """A ``BatchSpanProcessor`` from the ``OTEL_BSP_*`` variables; an inconsistent set of them
+    (the SDK raises ValueError, say a batch larger than the queue) logs and uses the defaults."""
+    try:
+        return BatchSpanProcessor(exporter, meter_provider=meters)
+    except ValueError as exc:
+        _log.warning("chatter-otel: ignoring the OTEL_BSP_* settings (%s); using defaults", exc)
+        return BatchSpanProcessor(
+            exporter, max_queue_size=2048, schedule_delay_millis=5000,
+            max_export_batch_size=512, export_timeout_millis=30000, meter_provider=meters,
+        )  # fmt: skip
+
+
 def _resource(service_name: str | None, service_version: str | None, env: str | None) -> Resource:
     attrs: dict[str, str] = {}
     if service_name:
@@ -174,6 +188,7 @@ def configure(
     log_correlation: bool = True,
     correlation_getter: Callable[[], str | None] | None = None,
     correlation_context_var: ContextVar[Any] | None = None,
+    meter_provider: MeterProvider | None = None,
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -204,16 +219,21 @@ def configure(
                 owns = True
         name = _exporter_name(exporter)
         store = None
+        # The span queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE); what it drops while a collector is
+        # down is logged by the SDK, and counted as otel.sdk.processor.span.processed
+        # {error.type=queue_full} on this meter provider (the app's global one by default) when
+        # OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED=true (the SDK's own opt-in).
+        meters = meter_provider or metrics.get_meter_provider()
         if owns or exporter is not None:
             if name == "otlp":
-                tracer_provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
+                tracer_provider.add_span_processor(_batch(_otlp_exporter(), meters))
             elif name == "local":
                 store = (
                     trace_store
                     if isinstance(trace_store, LocalTraceStore)
                     else LocalTraceStore(trace_store)
                 )
-                tracer_provider.add_span_processor(BatchSpanProcessor(LocalStoreExporter(store)))
+                tracer_provider.add_span_processor(_batch(LocalStoreExporter(store), meters))
         if tracer_provider not in _with_baggage:
             tracer_provider.add_span_processor(
                 BaggageSpanProcessor(lambda key: key == CHATTER_CORRELATION_ID)

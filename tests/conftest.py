@@ -268,8 +268,8 @@ def otlp_http() -> Iterator[Received]:
         server.server_close()
 
 
-@pytest.fixture
-def otlp_grpc() -> Iterator[Received]:
+def start_grpc_receiver(port: int = 0) -> tuple[Received, Any]:
+    """An OTLP/gRPC trace receiver on 127.0.0.1:port (0: any); returns it and its server."""
     from concurrent import futures
 
     import grpc
@@ -285,9 +285,15 @@ def otlp_grpc() -> Iterator[Received]:
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    received.endpoint = f"http://127.0.0.1:{port}"
+    received.endpoint = f"http://127.0.0.1:{bound}"
+    return received, server
+
+
+@pytest.fixture
+def otlp_grpc() -> Iterator[Received]:
+    received, server = start_grpc_receiver()
     try:
         yield received
     finally:

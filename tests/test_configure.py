@@ -163,6 +163,18 @@ def test_bad_exporter_value_warns_and_falls_back(
     assert "OTEL_TRACES_EXPORTER" in caplog.text
 
 
+def test_inconsistent_batch_settings_warn_and_fall_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "4")  # smaller than the default batch of 512
+    with caplog.at_level(logging.WARNING, logger="chatter_otel"):
+        tel = configure(set_global=False, prices=LOCAL_MODEL_PRICES)
+    assert "OTEL_BSP_" in caplog.text
+    run = _run_turn()
+    tel.force_flush()
+    assert len(tel.trace_store.trace(run.trace_id)) == 8  # nothing lost to the bad setting
+
+
 def test_public_surface() -> None:
     assert set(chatter_otel.__all__) == {
         "LangGraphInstrumentor",
