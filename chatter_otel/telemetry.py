@@ -96,15 +96,35 @@ class Telemetry:
         return bool(provider.force_flush(timeout_millis)) if provider is not None else True
 
     def shutdown(self, timeout_millis: int = 5_000) -> None:
-        """Flush (within ``timeout_millis``), uninstrument, and shut down what was built here."""
+        """Uninstrument, then flush and shut down what was built here, within ``timeout_millis``.
+
+        The SDK's own shutdown can wait far longer on an unreachable collector (its batch
+        processor allows 30 s, plus exporter retries); past the bound this returns, logs how
+        it left things, and lets the flush go on in a daemon thread that exit will not wait for.
+        """
         global _current  # noqa: PLW0603 - the process-wide configuration, like the SDK's
-        self.force_flush(timeout_millis)
         if self.instrumentor is not None:
             self.instrumentor.uninstrument()
         for undo in reversed(self._undo):
             undo()
-        if self._owns_provider and self.tracer_provider is not None:
-            self.tracer_provider.shutdown()
+        provider = self.tracer_provider
+        if self._owns_provider and provider is not None:
+
+            def flush_and_shutdown() -> None:
+                provider.force_flush(timeout_millis)
+                provider.shutdown()
+
+            worker = threading.Thread(
+                target=flush_and_shutdown, name="chatter-otel-shutdown", daemon=True
+            )
+            worker.start()
+            worker.join(timeout_millis / 1000)
+            if worker.is_alive():
+                _log.warning(
+                    "chatter-otel: telemetry did not shut down within %d ms (collector down?);"
+                    " spans still queued may be lost",
+                    timeout_millis,
+                )
         with _lock:
             if _current is self:
                 _current = None
@@ -144,7 +164,29 @@ def _otlp_exporter() -> SpanExporter:
         OTLPSpanExporter as HTTPSpanExporter,
     )
 
-    return HTTPSpanExporter()
+    return HTTPSpanExporter(session=_session_keeping_verify())
+
+
+def _session_keeping_verify() -> Any:
+    """A requests session whose own ``verify`` (the exporter's OTEL_EXPORTER_OTLP_CERTIFICATE)
+    is not replaced by ``REQUESTS_CA_BUNDLE``.
+
+    The exporter sets ``session.verify``; requests then merges environment settings per request
+    and lets ``REQUESTS_CA_BUNDLE`` win over it (a long-standing requests behaviour), so with
+    that variable set (common in container images) the configured CA is silently ignored.
+    """
+    import requests
+
+    class Session(requests.Session):
+        def merge_environment_settings(
+            self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+        ) -> Any:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if verify is None and isinstance(self.verify, str):
+                settings["verify"] = self.verify
+            return settings
+
+    return Session()
 
 
 def _batch(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanProcessor:

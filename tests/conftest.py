@@ -209,6 +209,7 @@ class Received:
     endpoint: str
     requests: list[Any] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    server: Any = None
 
     def spans(self) -> list[tuple[dict[str, Any], Any]]:
         """(resource attributes, span) for every span received."""
@@ -261,6 +262,7 @@ def otlp_http() -> Iterator[Received]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     received.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    received.server = server
     try:
         yield received
     finally:

@@ -128,6 +128,27 @@ def test_collector_down_keeps_the_app_serving(
     tel.shutdown(timeout_millis=2_000)
 
 
+def test_shutdown_is_bounded_when_the_collector_is_down(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "20")  # the SDK alone would wait ~20 s+
+    tel = configure(set_global=False)
+    for _ in range(3):
+        build_chat_graph().invoke(Q)
+    t0 = time.monotonic()
+    tel.shutdown(timeout_millis=500)
+    # A behaviour bound, not a speed measurement: orders of magnitude below the SDK's wait.
+    assert time.monotonic() - t0 < 5
+    assert "did not shut down within 500 ms" in caplog.text
+
+
 def test_sdk_disabled_builds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     tel = configure(set_global=False)
@@ -188,3 +209,65 @@ def test_public_surface() -> None:
         "last_run",
         "track_workflow",
     }
+
+
+def _self_signed(tmp_path: Any) -> tuple[str, str]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+def test_otlp_over_tls_with_a_trusted_certificate(
+    otlp_http: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    # Wrap the loopback receiver's listening socket in TLS: it now speaks HTTPS only.
+    host, port = otlp_http.endpoint.removeprefix("http://").split(":")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    otlp_http.server.socket = ctx.wrap_socket(otlp_http.server.socket, server_side=True)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"https://{host}:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_CERTIFICATE", cert)
+    # A system CA bundle in the environment (as in many images) must not override that CA.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "system-bundle.pem"))
+    (tmp_path / "system-bundle.pem").write_text("")
+    tel = configure(set_global=False, prices=LOCAL_MODEL_PRICES)
+    run = _run_turn()
+    assert tel.force_flush()
+    got = otlp_http.wait_for(8)
+    assert {span.trace_id.hex() for _, span in got} == {run.trace_id}

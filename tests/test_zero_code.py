@@ -1,0 +1,54 @@
+"""No code at all: ``opentelemetry-instrument`` finds the instrumentor through its entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+SCRIPT = """
+from langchain_core.messages import HumanMessage
+from chatter_otel.demo import build_chat_graph
+out = build_chat_graph().invoke({"messages": [HumanMessage("weather in Rome")]})
+print(out["messages"][-1].content)
+"""
+
+
+def test_opentelemetry_instrument_exports_the_graph(otlp_http: Any, tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(SCRIPT)
+    prices = tmp_path / "prices.json"
+    prices.write_text('{"chatter-local-1": {"input_mtok": 0.5, "output_mtok": 1.5}}')
+    env = {
+        **os.environ,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_http.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_SERVICE_NAME": "zero-code-app",
+        "CHATTER_OTEL_PRICES_FILE": str(prices),
+    }
+    bindir = Path(sys.executable).parent
+    proc = subprocess.run(
+        [str(bindir / "opentelemetry-instrument"), sys.executable, str(script)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "Here is what I found: Rome: 20°C, sunny"
+    got = otlp_http.wait_for(7)
+    assert sorted(s.name for _, s in got) == [
+        "chat chatter-local-1",
+        "chat chatter-local-1",
+        "execute_tool get_weather",
+        "invoke_node agent",
+        "invoke_node agent",
+        "invoke_node tools",
+        "invoke_workflow chat",
+    ]
+    assert {res["service.name"] for res, _ in got} == {"zero-code-app"}
+    chats = [s for _, s in got if s.name.startswith("chat ")]
+    costs = [a.value.double_value for c in chats for a in c.attributes if a.key.endswith("amount")]
+    assert len(costs) == 2 and all(c > 0 for c in costs)  # the prices file was read
