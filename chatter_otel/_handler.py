@@ -203,11 +203,10 @@ class OtelCallbackHandler(BaseCallbackHandler):
     # -- span helpers ---------------------------------------------------------------------------
 
     def _start(self, name: str, kind: SpanKind, parent: _Run | None, attrs: dict[str, Any]) -> Span:
+        # Attributes known at the start go in at the start: samplers and span processors'
+        # on_start (the event processor) see them.
         ctx = trace.set_span_in_context(parent.span) if parent is not None else None
-        span = self.tracer.start_span(name, context=ctx, kind=kind)
-        if span.is_recording():
-            span.set_attributes(attrs)
-        return span
+        return self.tracer.start_span(name, context=ctx, kind=kind, attributes=attrs)
 
     def _outcome(self, run: _Run, error: BaseException | None) -> str:
         """Set status from the error (if any); returns ok, error, interrupted or cancelled."""

@@ -3,10 +3,12 @@
 Conversations and messages live in SQLAlchemy 2 (async) tables; ``POST /chat`` runs the
 reference workflow and stores the user and assistant messages, the assistant's with its usage
 from ``track_workflow``; ``POST /chat/stream`` streams the answer as server-sent events and stores
-it the same way; ``GET /conversations/{id}`` reads them back. One ``configure(...)`` at startup
-turns everything on. Embedded defaults: SQLite (``CHATTER_DATABASE_URL``), the local trace store,
-the local chat model; ``CHATTER_MODEL_BASE_URL`` (+ ``CHATTER_MODEL``, ``OPENAI_API_KEY``) points
-it at any OpenAI-compatible endpoint instead, and the ``OTEL_*`` variables at a collector.
+it the same way; ``GET /conversations/{id}`` reads them back; ``GET /events`` streams the
+lifecycle events (optionally ``?conversation_id=`` / ``?user_id=``) as server-sent events. One
+``configure(...)`` at startup turns everything on. Embedded defaults: SQLite
+(``CHATTER_DATABASE_URL``), the local trace store, the local chat model;
+``CHATTER_MODEL_BASE_URL`` (+ ``CHATTER_MODEL``, ``OPENAI_API_KEY``) points it at any
+OpenAI-compatible endpoint instead, and the ``OTEL_*`` variables at a collector.
 
     chatter-otel serve --host 127.0.0.1 --port 8000
 """
@@ -31,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from chatter_otel.demo import build_chat_graph
+from chatter_otel.events import sse_response
 from chatter_otel.local_model import LOCAL_MODEL_PRICES, LocalChatModel
 from chatter_otel.telemetry import configure
 from chatter_otel.workflow import track_workflow
@@ -273,6 +276,13 @@ def create_app(
     @app.post("/chat/stream")
     async def chat_stream(body: ChatIn) -> StreamingResponse:
         return StreamingResponse(service.stream(body), media_type="text/event-stream")
+
+    @app.get("/events")
+    async def events(conversation_id: str | None = None, user_id: str | None = None) -> Any:
+        bus = app.state.telemetry.events
+        if bus is None:
+            raise HTTPException(404, "events are switched off")
+        return sse_response(bus, conversation_id=conversation_id, user_id=user_id)
 
     @app.get("/conversations/{conversation_id}")
     async def get_conversation(conversation_id: str) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from chatter_otel._settings import resolve_bool
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
 from chatter_otel.correlation import CorrelationMiddleware, install_log_record_factory
+from chatter_otel.events import EventBus, EventSpanProcessor
 from chatter_otel.instrumentor import LangGraphInstrumentor
 from chatter_otel.store import LocalStoreExporter, LocalTraceStore
 
@@ -63,13 +64,17 @@ _EXPORTERS = ("otlp", "local", "none")
 _lock = threading.Lock()
 _current: Telemetry | None = None
 _with_baggage: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
+_event_processors: weakref.WeakKeyDictionary[TracerProvider, EventSpanProcessor] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Telemetry:
     """What ``configure`` set up. ``force_flush()`` and ``shutdown()`` are bounded in time.
 
-    ``monitoring``, ``events`` and ``analytics`` are reserved for the span processors of the
-    processors issue and are ``None`` until they exist.
+    ``events`` is the ``EventBus`` (or the bus given to ``configure``) receiving lifecycle
+    events, None when switched off. ``monitoring`` and ``analytics`` are ``None`` until those
+    processors exist.
     """
 
     def __init__(
@@ -231,6 +236,7 @@ def configure(
     correlation_getter: Callable[[], str | None] | None = None,
     correlation_context_var: ContextVar[Any] | None = None,
     meter_provider: MeterProvider | None = None,
+    events: bool | Any = True,
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -281,6 +287,7 @@ def configure(
                 BaggageSpanProcessor(lambda key: key == CHATTER_CORRELATION_ID)
             )
             _with_baggage.add(tracer_provider)
+        bus = _event_bus(tracer_provider, events)
         if owns and set_global:
             trace.set_tracer_provider(tracer_provider)
         instrumentor = LangGraphInstrumentor()
@@ -289,6 +296,9 @@ def configure(
             tracer_provider, owns_provider=owns, exporter_name=name, trace_store=store,
             instrumentor=instrumentor,
         )  # fmt: skip
+        tel.events = bus
+        if bus is not None:
+            tel._undo.append(_event_processors[tracer_provider].detach)
         if log_correlation:
             install_log_record_factory()
         if app is not None:
@@ -297,6 +307,21 @@ def configure(
             _instrument_engines(tel, engines)
         _current = tel
         return tel
+
+
+def _event_bus(provider: TracerProvider, events: bool | Any) -> Any:
+    """The bus lifecycle events go to (None: off); one processor per provider, re-pointed."""
+    if events is False or events is None:
+        return None
+    bus = EventBus() if events is True else events
+    processor = _event_processors.get(provider)
+    if processor is None:
+        processor = EventSpanProcessor(bus)
+        provider.add_span_processor(processor)
+        _event_processors[provider] = processor
+    else:
+        processor.bus = bus
+    return bus
 
 
 def _instrument_app(

@@ -1,0 +1,349 @@
+"""Lifecycle events from spans: ``UnifiedEvent``, an in-process bus, and an SSE helper.
+
+``EventSpanProcessor`` turns the spans of a run into events as they start and end:
+``workflow_started`` / ``workflow_completed`` / ``workflow_failed`` for the outermost workflow of
+a run, ``node_completed``, ``llm_call_completed`` (tokens, cost, duration, time to first chunk)
+and ``tool_called``; each carries the trace, span, correlation, conversation, user and workflow
+ids. It publishes to an ``EventBus`` (or any object with ``publish(event)``); with no subscriber
+it builds nothing. The bus keeps one bounded queue per subscriber: when a subscriber falls
+behind, its oldest events are dropped and counted, and nobody else (publisher, app, other
+subscribers) waits for it. Publishing is thread-safe and never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GEN_AI_CONVERSATION_ID,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_PROVIDER_NAME,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
+    GEN_AI_TOOL_CALL_ID,
+    GEN_AI_TOOL_NAME,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    GEN_AI_WORKFLOW_NAME,
+    GenAiOperationNameValues,
+)
+from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.trace import StatusCode
+
+from chatter_otel._safety import guarded
+from chatter_otel.attributes import (
+    CHATTER_CORRELATION_ID,
+    CHATTER_LLM_CALLS,
+    CHATTER_MESSAGE_ID,
+    CHATTER_TOOL_CALLS,
+    GEN_AI_USAGE_COST_AMOUNT,
+    LANGGRAPH_NODE_NAME,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import ReadableSpan, Span
+
+__all__ = [
+    "EventBus",
+    "EventCategory",
+    "EventSpanProcessor",
+    "Subscription",
+    "UnifiedEvent",
+    "sse_response",
+]
+
+_WORKFLOW = GenAiOperationNameValues.INVOKE_WORKFLOW.value
+_CHAT = GenAiOperationNameValues.CHAT.value
+_TOOL = GenAiOperationNameValues.EXECUTE_TOOL.value
+_MAX_OPEN = 50_000  # open spans tracked for "is it inside a workflow" (bounded)
+
+
+class EventCategory(str, Enum):
+    WORKFLOW = "workflow"
+    MONITORING = "monitoring"
+    ANALYTICS = "analytics"
+    STREAMING = "streaming"
+
+
+@dataclass(frozen=True)
+class UnifiedEvent:
+    """One event, in the app's event shape."""
+
+    category: EventCategory
+    event_type: str
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    timestamp: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    correlation_id: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    conversation_id: str | None = None
+    user_id: str | None = None
+    workflow_id: str | None = None
+    priority: str = "normal"
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["category"] = self.category.value
+        d["timestamp"] = self.timestamp.isoformat()
+        return d
+
+
+class Subscription:
+    """One subscriber's bounded queue; iterate it with ``async for``."""
+
+    def __init__(self, bus: EventBus, maxsize: int, accept: Callable[[UnifiedEvent], bool] | None):
+        self._bus = bus
+        self._queue: deque[UnifiedEvent] = deque(maxlen=maxsize)
+        self._accept = accept
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self.dropped = 0
+
+    def _offer(self, event: UnifiedEvent) -> None:
+        if self._accept is not None and not self._accept(event):
+            return
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1  # deque(maxlen) drops the oldest on append
+        self._queue.append(event)
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the subscriber's loop is closed: it is gone
+            self._bus.unsubscribe(self)
+
+    async def get(self) -> UnifiedEvent:
+        while not self._queue:
+            self._ready.clear()
+            if self._queue:
+                break
+            await self._ready.wait()
+        return self._queue.popleft()
+
+    def __aiter__(self) -> AsyncIterator[UnifiedEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[UnifiedEvent]:
+        while True:
+            yield await self.get()
+
+    def close(self) -> None:
+        self._bus.unsubscribe(self)
+
+
+class EventBus:
+    """In-process publish/subscribe with a bounded queue per subscriber (drop-oldest)."""
+
+    def __init__(self, queue_size: int = 1_000) -> None:
+        self.queue_size = queue_size
+        self._subs: tuple[Subscription, ...] = ()
+        self._lock = threading.Lock()
+        self.published = 0
+
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subs)
+
+    def subscribe(
+        self,
+        *,
+        conversation_id: str | None = None,
+        user_id: str | None = None,
+        maxsize: int | None = None,
+    ) -> Subscription:
+        """A new subscription (call from the subscriber's event loop), optionally filtered."""
+
+        def accept(e: UnifiedEvent) -> bool:
+            return (conversation_id is None or e.conversation_id == conversation_id) and (
+                user_id is None or e.user_id == user_id
+            )
+
+        filtered = conversation_id is not None or user_id is not None
+        sub = Subscription(self, maxsize or self.queue_size, accept if filtered else None)
+        with self._lock:
+            self._subs = (*self._subs, sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subs = tuple(s for s in self._subs if s is not sub)
+
+    def publish(self, event: UnifiedEvent) -> None:
+        """Hand the event to every subscriber; never blocks, never raises."""
+        self.published += 1
+        for sub in self._subs:
+            sub._offer(event)
+
+    @property
+    def dropped(self) -> int:
+        return sum(s.dropped for s in self._subs)
+
+
+class _NoBus:
+    has_subscribers = False
+
+    def publish(self, event: UnifiedEvent) -> None:
+        pass
+
+
+def _hex(value: int, width: int) -> str:
+    return format(value, f"0{width}x")
+
+
+class EventSpanProcessor(SpanProcessor):
+    """Spans -> lifecycle events on ``bus`` (anything with ``publish`` and, optionally,
+    ``has_subscribers``)."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        # span id -> workflow id (the outermost workflow's span id) for open spans inside one
+        self._inside: OrderedDict[int, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _listening(self) -> bool:
+        return bool(getattr(self.bus, "has_subscribers", True))
+
+    def _event(self, span: Any, event_type: str, workflow_id: str | None, **data: Any) -> None:
+        a = span.attributes or {}
+        ctx = span.get_span_context() if hasattr(span, "get_span_context") else span.context
+        self.bus.publish(
+            UnifiedEvent(
+                category=EventCategory.WORKFLOW,
+                event_type=event_type,
+                correlation_id=a.get(CHATTER_CORRELATION_ID),
+                trace_id=_hex(ctx.trace_id, 32),
+                span_id=_hex(ctx.span_id, 16),
+                conversation_id=a.get(GEN_AI_CONVERSATION_ID),
+                user_id=a.get(USER_ID),
+                workflow_id=workflow_id,
+                priority="high" if event_type == "workflow_failed" else "normal",
+                data={k: v for k, v in data.items() if v is not None},
+                metadata={"message_id": a.get(CHATTER_MESSAGE_ID), "span_name": span.name},
+            )
+        )
+
+    @guarded
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        parent = span.parent.span_id if span.parent is not None else None
+        with self._lock:
+            workflow_id = self._inside.get(parent) if parent is not None else None
+            is_workflow = (span.attributes or {}).get(GEN_AI_OPERATION_NAME) == _WORKFLOW
+            outermost = is_workflow and workflow_id is None
+            if outermost:
+                workflow_id = _hex(span.context.span_id, 16)
+            if workflow_id is not None:
+                self._inside[span.context.span_id] = workflow_id
+                while len(self._inside) > _MAX_OPEN:
+                    self._inside.popitem(last=False)
+        if outermost and self._listening():
+            a = span.attributes or {}
+            self._event(span, "workflow_started", workflow_id,
+                        workflow_name=a.get(GEN_AI_WORKFLOW_NAME))  # fmt: skip
+
+    @guarded
+    def on_end(self, span: ReadableSpan) -> None:
+        sid = span.context.span_id
+        with self._lock:
+            workflow_id = self._inside.pop(sid, None)
+        if not self._listening():
+            return
+        a = span.attributes or {}
+        op = a.get(GEN_AI_OPERATION_NAME)
+        duration_ms = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
+        failed = span.status.status_code is StatusCode.ERROR
+        error = (
+            {"error_type": a.get(ERROR_TYPE), "error": span.status.description} if failed else {}
+        )
+        if op == _WORKFLOW and workflow_id == _hex(sid, 16):
+            self._event(
+                span, "workflow_failed" if failed else "workflow_completed", workflow_id,
+                workflow_name=a.get(GEN_AI_WORKFLOW_NAME), duration_ms=duration_ms,
+                input_tokens=a.get(GEN_AI_USAGE_INPUT_TOKENS),
+                output_tokens=a.get(GEN_AI_USAGE_OUTPUT_TOKENS),
+                cost=a.get(GEN_AI_USAGE_COST_AMOUNT), llm_calls=a.get(CHATTER_LLM_CALLS),
+                tool_calls=a.get(CHATTER_TOOL_CALLS), **error,
+            )  # fmt: skip
+        elif op == _CHAT:
+            self._event(
+                span, "llm_call_completed", workflow_id, duration_ms=duration_ms,
+                provider=a.get(GEN_AI_PROVIDER_NAME),
+                model=a.get(GEN_AI_RESPONSE_MODEL) or a.get(GEN_AI_REQUEST_MODEL),
+                input_tokens=a.get(GEN_AI_USAGE_INPUT_TOKENS),
+                output_tokens=a.get(GEN_AI_USAGE_OUTPUT_TOKENS),
+                cost=a.get(GEN_AI_USAGE_COST_AMOUNT),
+                time_to_first_chunk=a.get(GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK), **error,
+            )  # fmt: skip
+        elif op == _TOOL:
+            self._event(
+                span, "tool_called", workflow_id, tool_name=a.get(GEN_AI_TOOL_NAME),
+                tool_call_id=a.get(GEN_AI_TOOL_CALL_ID), duration_ms=duration_ms, **error,
+            )  # fmt: skip
+        elif LANGGRAPH_NODE_NAME in a:
+            self._event(
+                span, "node_completed", workflow_id, node=a.get(LANGGRAPH_NODE_NAME),
+                duration_ms=duration_ms, **error,
+            )  # fmt: skip
+
+    def detach(self) -> None:
+        """Stop publishing (processors cannot be removed from a provider)."""
+        self.bus = _NoBus()
+        with self._lock:
+            self._inside.clear()
+
+    def shutdown(self) -> None:
+        self.detach()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def sse_response(
+    bus: EventBus,
+    *,
+    conversation_id: str | None = None,
+    user_id: str | None = None,
+    heartbeat_s: float = 15.0,
+) -> Any:
+    """A Starlette ``StreamingResponse`` of the bus's events as server-sent events.
+
+    ``event: <event_type>`` / ``data: <UnifiedEvent as JSON>``, filtered by conversation or
+    user; a comment line every ``heartbeat_s`` keeps proxies from closing an idle stream. The
+    subscription ends when the client goes away.
+    """
+    from starlette.responses import StreamingResponse
+
+    sub = bus.subscribe(conversation_id=conversation_id, user_id=user_id)
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            yield ": connected\n\n"
+            while True:
+                try:
+                    event = await asyncio.wait_for(sub.get(), timeout=heartbeat_s)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                payload = json.dumps(event.to_dict(), default=str)
+                yield f"id: {event.id}\nevent: {event.event_type}\ndata: {payload}\n\n"
+        finally:
+            sub.close()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
