@@ -2,7 +2,8 @@
 
 ``CorrelationMiddleware`` (plain ASGI: FastAPI, Starlette, any ASGI app) takes the request's
 ``X-Correlation-ID`` when it is valid (1-128 characters of ``[A-Za-z0-9._:-]``), else one already
-in W3C baggage, else one from the app's own source (``getter``), else a new one. Anything invalid
+in W3C baggage, else one from the app's own source (``getter`` or ``context_var``), else a new
+one. Anything invalid
 (CRLF, non-ASCII, over-long, empty) is replaced and logged (rate-limited; the value itself is never
 logged raw). The id is put into baggage as ``chatter.correlation.id`` (so ``BaggageSpanProcessor``
 stamps it on every span started later, and propagators carry it to outbound HTTP calls), into a
@@ -69,7 +70,8 @@ class CorrelationMiddleware:
     """ASGI middleware; see the module docstring. ``app.add_middleware(CorrelationMiddleware)``.
 
     ``getter``: a callable returning the app's own correlation id (or None), consulted when the
-    request brings none. ``context_var``: an app ``ContextVar`` to set for the request as well.
+    request brings none. ``context_var``: an app ``ContextVar``, read the same way (after the
+    getter) when the request brings no id, and set to the id for the request.
     """
 
     def __init__(
@@ -100,13 +102,15 @@ class CorrelationMiddleware:
         from_baggage = baggage.get_baggage(CHATTER_CORRELATION_ID)
         if is_valid_correlation_id(from_baggage):
             return str(from_baggage)
-        if self.getter is not None:
+        for source in (self.getter, self.context_var.get if self.context_var else None):
+            if source is None:
+                continue
             try:
-                own = self.getter()
+                own = source()
             except Exception:
-                warn_once("correlation:getter", "chatter-otel: correlation getter raised",
-                          exc_info=True)  # fmt: skip
-                own = None
+                warn_once("correlation:source", "chatter-otel: the app's correlation id source "
+                          "raised", exc_info=True)  # fmt: skip
+                continue
             if is_valid_correlation_id(own):
                 return str(own)
         return _new_id()

@@ -241,3 +241,46 @@ def test_log_filter_outside_a_request() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
     CorrelationLogFilter().filter(record)
     assert (record.trace_id, record.span_id, record.correlation_id) == ("", "", "")
+
+
+@pytest.mark.parametrize("kind", ["getter", "context_var", "raising_getter"])
+async def test_the_apps_own_source(kind: str) -> None:
+    """Without a header or baggage, the app's own getter or context variable supplies the id."""
+    from chatter_otel.correlation import CorrelationMiddleware
+
+    own: contextvars.ContextVar[str | None] = contextvars.ContextVar("own", default=None)
+    seen: list[str | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(current_correlation_id())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def boom() -> str:
+        raise RuntimeError("app bug")
+
+    options = {
+        "getter": {"getter": lambda: "from-getter"},
+        "context_var": {"context_var": own},
+        "raising_getter": {"getter": boom},
+    }[kind]
+    mw = CorrelationMiddleware(app, **options)
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b""}
+
+    token = own.set("from-app-var")
+    try:
+        await mw({"type": "http", "headers": []}, receive, send)
+    finally:
+        own.reset(token)
+    expected = {"getter": "from-getter", "context_var": "from-app-var"}.get(kind)
+    cid = dict(sent[0]["headers"])[b"x-correlation-id"].decode()
+    if expected:
+        assert seen == [expected] and cid == expected
+    else:  # a raising source is logged and a new id is made
+        assert re.fullmatch(r"[0-9a-f]{32}", cid) and seen == [cid]
