@@ -16,7 +16,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -41,6 +41,7 @@ from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import StatusCode
 
+from chatter_otel._lifecycle import WorkflowScopes
 from chatter_otel._safety import guarded
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
@@ -69,7 +70,6 @@ __all__ = [
 _WORKFLOW = GenAiOperationNameValues.INVOKE_WORKFLOW.value
 _CHAT = GenAiOperationNameValues.CHAT.value
 _TOOL = GenAiOperationNameValues.EXECUTE_TOOL.value
-_MAX_OPEN = 50_000  # open spans tracked for "is it inside a workflow" (bounded)
 
 
 class EventCategory(str, Enum):
@@ -210,9 +210,7 @@ class EventSpanProcessor(SpanProcessor):
 
     def __init__(self, bus: Any) -> None:
         self.bus = bus
-        # span id -> workflow id (the outermost workflow's span id) for open spans inside one
-        self._inside: OrderedDict[int, str] = OrderedDict()
-        self._lock = threading.Lock()
+        self._scopes = WorkflowScopes()
 
     def _listening(self) -> bool:
         return bool(getattr(self.bus, "has_subscribers", True))
@@ -238,17 +236,7 @@ class EventSpanProcessor(SpanProcessor):
 
     @guarded
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        parent = span.parent.span_id if span.parent is not None else None
-        with self._lock:
-            workflow_id = self._inside.get(parent) if parent is not None else None
-            is_workflow = (span.attributes or {}).get(GEN_AI_OPERATION_NAME) == _WORKFLOW
-            outermost = is_workflow and workflow_id is None
-            if outermost:
-                workflow_id = _hex(span.context.span_id, 16)
-            if workflow_id is not None:
-                self._inside[span.context.span_id] = workflow_id
-                while len(self._inside) > _MAX_OPEN:
-                    self._inside.popitem(last=False)
+        workflow_id, outermost = self._scopes.enter(span)
         if outermost and self._listening():
             a = span.attributes or {}
             self._event(span, "workflow_started", workflow_id,
@@ -256,9 +244,7 @@ class EventSpanProcessor(SpanProcessor):
 
     @guarded
     def on_end(self, span: ReadableSpan) -> None:
-        sid = span.context.span_id
-        with self._lock:
-            workflow_id = self._inside.pop(sid, None)
+        workflow_id, closes = self._scopes.leave(span)
         if not self._listening():
             return
         a = span.attributes or {}
@@ -268,7 +254,7 @@ class EventSpanProcessor(SpanProcessor):
         error = (
             {"error_type": a.get(ERROR_TYPE), "error": span.status.description} if failed else {}
         )
-        if op == _WORKFLOW and workflow_id == _hex(sid, 16):
+        if op == _WORKFLOW and closes:
             self._event(
                 span, "workflow_failed" if failed else "workflow_completed", workflow_id,
                 workflow_name=a.get(GEN_AI_WORKFLOW_NAME), duration_ms=duration_ms,
@@ -301,8 +287,7 @@ class EventSpanProcessor(SpanProcessor):
     def detach(self) -> None:
         """Stop publishing (processors cannot be removed from a provider)."""
         self.bus = _NoBus()
-        with self._lock:
-            self._inside.clear()
+        self._scopes.clear()
 
     def shutdown(self) -> None:
         self.detach()

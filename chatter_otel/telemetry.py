@@ -42,10 +42,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from chatter_otel._settings import resolve_bool
+from chatter_otel._worker import SinkWorker
+from chatter_otel.analytics import AnalyticsSpanProcessor, LiveAnalytics
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
 from chatter_otel.correlation import CorrelationMiddleware, install_log_record_factory
 from chatter_otel.events import EventBus, EventSpanProcessor
 from chatter_otel.instrumentor import LangGraphInstrumentor
+from chatter_otel.monitoring import MonitoringService, MonitoringSpanProcessor
 from chatter_otel.store import LocalStoreExporter, LocalTraceStore
 
 if TYPE_CHECKING:
@@ -64,17 +67,16 @@ _EXPORTERS = ("otlp", "local", "none")
 _lock = threading.Lock()
 _current: Telemetry | None = None
 _with_baggage: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
-_event_processors: weakref.WeakKeyDictionary[TracerProvider, EventSpanProcessor] = (
-    weakref.WeakKeyDictionary()
-)
+# provider -> {kind: processor}; weak, so a new provider never inherits a dead one's processors
+_processors: weakref.WeakKeyDictionary[TracerProvider, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 class Telemetry:
     """What ``configure`` set up. ``force_flush()`` and ``shutdown()`` are bounded in time.
 
-    ``events`` is the ``EventBus`` (or the bus given to ``configure``) receiving lifecycle
-    events, None when switched off. ``monitoring`` and ``analytics`` are ``None`` until those
-    processors exist.
+    ``events`` is the ``EventBus`` receiving lifecycle events, ``monitoring`` the
+    MonitoringService the runs are reported to, ``analytics`` the ``LiveAnalytics``; each is the
+    built-in one, the object given to ``configure``, or None when switched off.
     """
 
     def __init__(
@@ -237,6 +239,9 @@ def configure(
     correlation_context_var: ContextVar[Any] | None = None,
     meter_provider: MeterProvider | None = None,
     events: bool | Any = True,
+    monitoring: bool | Any = True,
+    analytics: bool | Any = True,
+    record_completion: Callable[[Any], Any] | None = None,
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -287,7 +292,15 @@ def configure(
                 BaggageSpanProcessor(lambda key: key == CHATTER_CORRELATION_ID)
             )
             _with_baggage.add(tracer_provider)
-        bus = _event_bus(tracer_provider, events)
+        bus = None if events in (False, None) else (EventBus() if events is True else events)
+        service = (
+            None if monitoring in (False, None)
+            else MonitoringService() if monitoring is True else monitoring
+        )  # fmt: skip
+        live = (
+            None if analytics in (False, None)
+            else LiveAnalytics() if analytics is True else analytics
+        )  # fmt: skip
         if owns and set_global:
             trace.set_tracer_provider(tracer_provider)
         instrumentor = LangGraphInstrumentor()
@@ -296,9 +309,19 @@ def configure(
             tracer_provider, owns_provider=owns, exporter_name=name, trace_store=store,
             instrumentor=instrumentor,
         )  # fmt: skip
-        tel.events = bus
+        tel.events, tel.monitoring, tel.analytics = bus, service, live
         if bus is not None:
-            tel._undo.append(_event_processors[tracer_provider].detach)
+            tel._undo.append(_attach(tracer_provider, "events", EventSpanProcessor, bus=bus))
+        if service is not None:
+            tel._undo.append(
+                _attach(tracer_provider, "monitoring", MonitoringSpanProcessor, service=service)
+            )
+        analytics_sinks = {
+            "analytics": live, "record_completion": record_completion, "meter_provider": meters,
+        }  # fmt: skip
+        tel._undo.append(
+            _attach(tracer_provider, "analytics", AnalyticsSpanProcessor, **analytics_sinks)
+        )
         if log_correlation:
             install_log_record_factory()
         if app is not None:
@@ -309,19 +332,22 @@ def configure(
         return tel
 
 
-def _event_bus(provider: TracerProvider, events: bool | Any) -> Any:
-    """The bus lifecycle events go to (None: off); one processor per provider, re-pointed."""
-    if events is False or events is None:
-        return None
-    bus = EventBus() if events is True else events
-    processor = _event_processors.get(provider)
+def _attach(provider: TracerProvider, kind: str, cls: Any, **sinks: Any) -> Callable[[], None]:
+    """Add the ``kind`` processor to ``provider`` once, or point the existing one at ``sinks``;
+    returns how to detach it (processors cannot be removed from a provider)."""
+    mine = _processors.setdefault(provider, {})
+    processor = mine.get(kind)
     if processor is None:
-        processor = EventSpanProcessor(bus)
+        processor = cls(**sinks)
         provider.add_span_processor(processor)
-        _event_processors[provider] = processor
+        mine[kind] = processor
     else:
-        processor.bus = bus
-    return bus
+        for name, value in sinks.items():
+            if name != "meter_provider":
+                setattr(processor, name, value)
+        if kind == "analytics":
+            processor.worker = SinkWorker("analytics") if sinks["record_completion"] else None
+    return processor.detach
 
 
 def _instrument_app(
