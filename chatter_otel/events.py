@@ -13,6 +13,7 @@ subscribers) waits for it. Publishing is thread-safe and never blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import uuid
@@ -42,7 +43,7 @@ from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import StatusCode
 
 from chatter_otel._lifecycle import WorkflowScopes
-from chatter_otel._safety import guarded
+from chatter_otel._safety import guarded, warn_once
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
     CHATTER_LLM_CALLS,
@@ -53,7 +54,7 @@ from chatter_otel.attributes import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from opentelemetry.context import Context
     from opentelemetry.sdk.trace import ReadableSpan, Span
@@ -62,6 +63,7 @@ __all__ = [
     "EventBus",
     "EventCategory",
     "EventSpanProcessor",
+    "Forwarder",
     "Subscription",
     "UnifiedEvent",
     "sse_response",
@@ -102,6 +104,14 @@ class UnifiedEvent:
         d["category"] = self.category.value
         d["timestamp"] = self.timestamp.isoformat()
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnifiedEvent:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in d.items() if k in known}
+        values["category"] = EventCategory(values["category"])
+        values["timestamp"] = datetime.fromisoformat(values["timestamp"])
+        return cls(**values)
 
 
 class Subscription:
@@ -191,6 +201,59 @@ class EventBus:
     @property
     def dropped(self) -> int:
         return sum(s.dropped for s in self._subs)
+
+    def forward_to(
+        self,
+        emit: Callable[[Any], Awaitable[Any]],
+        *,
+        convert: Callable[[UnifiedEvent], Any] | None = None,
+        timeout_s: float = 5.0,
+        maxsize: int | None = None,
+    ) -> Forwarder:
+        """Forward every event to the app's own async ``emit`` (call from the app's loop).
+
+        ``convert`` turns a ``UnifiedEvent`` into the app's event class first. A call that
+        raises or takes longer than ``timeout_s`` is logged and skipped; meanwhile events wait
+        in this forwarder's own bounded queue, so nothing else waits for it.
+        """
+        return Forwarder(self.subscribe(maxsize=maxsize), emit, convert, timeout_s)
+
+
+class Forwarder:
+    """A running ``forward_to``; ``close()`` stops it."""
+
+    def __init__(
+        self,
+        sub: Subscription,
+        emit: Callable[[Any], Awaitable[Any]],
+        convert: Callable[[UnifiedEvent], Any] | None,
+        timeout_s: float,
+    ) -> None:
+        self.sub = sub
+        self.forwarded = 0
+        self.failed = 0
+        self._emit, self._convert, self._timeout = emit, convert, timeout_s
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            event = await self.sub.get()
+            try:
+                payload = self._convert(event) if self._convert is not None else event
+                await asyncio.wait_for(self._emit(payload), self._timeout)
+                self.forwarded += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # includes the timeout
+                self.failed += 1
+                warn_once("events:emit", "chatter-otel: the app's emit() failed or timed out; "
+                          "event skipped", exc_info=True)  # fmt: skip
+
+    async def close(self) -> None:
+        self.sub.close()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 class _NoBus:
