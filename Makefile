@@ -25,6 +25,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_overhead
 	$(BIN)/python -m benchmarks.bench_handler
+	$(BIN)/python -m benchmarks.bench_sinks
 
 clean:
 	rm -rf $(VENV) build *.egg-info
