@@ -8,7 +8,8 @@ lifecycle events (optionally ``?conversation_id=`` / ``?user_id=``) as server-se
 ``configure(...)`` at startup turns everything on. Embedded defaults: SQLite
 (``CHATTER_DATABASE_URL``), the local trace store, the local chat model;
 ``CHATTER_MODEL_BASE_URL`` (+ ``CHATTER_MODEL``, ``OPENAI_API_KEY``) points it at any
-OpenAI-compatible endpoint instead, and the ``OTEL_*`` variables at a collector.
+OpenAI-compatible endpoint instead, ``CHATTER_REDIS_URL`` shares the event stream between
+workers, and the ``OTEL_*`` variables point it at a collector.
 
     chatter-otel serve --host 127.0.0.1 --port 8000
 """
@@ -255,7 +256,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await create_tables(app)
+        bridge = None
+        redis_url = os.environ.get("CHATTER_REDIS_URL")
+        if redis_url and app.state.telemetry.events is not None:
+            # Several app workers: one event stream, so /events shows every worker's runs.
+            from chatter_otel.redis_events import RedisEventBridge
+
+            bridge = RedisEventBridge(app.state.telemetry.events, redis_url)
+            await bridge.start()
         yield
+        if bridge is not None:
+            await bridge.close()
         app.state.telemetry.shutdown()
         await engine.dispose()
 

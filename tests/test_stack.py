@@ -1,0 +1,318 @@
+"""The deployment stack, checked without Docker: files parse, components exist in the pinned
+collector release, pipelines are wired, ports and hostnames agree, the compose file is valid
+Compose, and the dashboard only queries metrics the collector produces."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import compose_spec
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COLLECTOR = ROOT / "collector"
+
+
+def _yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return _yaml(ROOT / "docker-compose.yml")
+
+
+@pytest.fixture(scope="module")
+def otel() -> dict[str, Any]:
+    return _yaml(COLLECTOR / "otel-collector.yaml")
+
+
+@pytest.fixture(scope="module")
+def catalog() -> dict[str, Any]:
+    (path,) = COLLECTOR.glob("components-*.yaml")
+    return _yaml(path)
+
+
+def test_every_file_parses() -> None:
+    files = [
+        *ROOT.glob("docker-compose.yml"),
+        *COLLECTOR.rglob("*.yaml"),
+        *COLLECTOR.rglob("*.yml"),
+    ]
+    assert len(files) >= 7
+    for path in files:
+        assert isinstance(_yaml(path), dict), path
+    for path in COLLECTOR.rglob("*.json"):
+        assert isinstance(json.loads(path.read_text()), dict), path
+
+
+def test_compose_is_valid_compose_spec() -> None:
+    parsed = compose_spec.PyCompose.from_yaml((ROOT / "docker-compose.yml").read_text())
+    parsed.validate()
+    assert set(parsed.service_names()) == {
+        "otel-collector", "jaeger", "tempo", "prometheus", "grafana", "postgres", "redis", "app",
+    }  # fmt: skip
+
+
+def test_collector_image_matches_the_component_list(compose: dict, catalog: dict) -> None:
+    assert compose["services"]["otel-collector"]["image"] == catalog["image"]
+    assert catalog["image"].endswith(":" + catalog["version"])
+
+
+def _type(name: str) -> str:
+    return name.split("/", 1)[0]
+
+
+def test_components_exist_in_the_pinned_release(otel: dict, catalog: dict) -> None:
+    for kind in ("receivers", "processors", "exporters", "connectors", "extensions"):
+        for name in otel.get(kind) or {}:
+            assert _type(name) in catalog[kind], (
+                f"{kind[:-1]} {name!r} is not in {catalog['version']}"
+            )
+
+
+def test_pipelines_refer_only_to_defined_components(otel: dict) -> None:
+    service = otel["service"]
+    assert set(service["extensions"]) <= set(otel["extensions"])
+    connectors = set(otel.get("connectors") or {})
+    used_as_exporter: set[str] = set()
+    used_as_receiver: set[str] = set()
+    for name, pipeline in service["pipelines"].items():
+        assert _type(name) in {"traces", "metrics", "logs"}, name
+        for r in pipeline["receivers"]:
+            assert r in otel["receivers"] or r in connectors, (name, r)
+            if r in connectors:
+                used_as_receiver.add(r)
+        for p in pipeline.get("processors", []):
+            assert p in otel["processors"], (name, p)
+        for e in pipeline["exporters"]:
+            assert e in otel["exporters"] or e in connectors, (name, e)
+            if e in connectors:
+                used_as_exporter.add(e)
+    # every connector joins two pipelines; every defined component is used somewhere
+    assert used_as_exporter == used_as_receiver == connectors
+    used = {c for p in service["pipelines"].values() for k in ("receivers", "processors",
+            "exporters") for c in p.get(k, [])}  # fmt: skip
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(otel[kind]) <= used, f"unused {kind}: {set(otel[kind]) - used}"
+    # metrics are derived before sampling: the connectors read the unsampled pipeline
+    traces_in = service["pipelines"]["traces/in"]
+    assert "tail_sampling" not in traces_in["processors"]
+    assert {"spanmetrics", "signaltometrics"} <= set(traces_in["exporters"])
+    assert "tail_sampling" in service["pipelines"]["traces/sampled"]["processors"]
+    assert service["pipelines"]["traces/in"]["processors"][0] == "memory_limiter"
+
+
+def test_tail_sampling_keeps_errors_slow_expensive_and_a_baseline(otel: dict) -> None:
+    policies = {p["type"]: p for p in otel["processors"]["tail_sampling"]["policies"]}
+    assert policies["status_code"]["status_code"]["status_codes"] == ["ERROR"]
+    assert policies["latency"]["latency"]["threshold_ms"] > 0
+    assert policies["numeric_attribute"]["numeric_attribute"]["key"] == "gen_ai.usage.input_tokens"
+    assert 0 < policies["probabilistic"]["probabilistic"]["sampling_percentage"] < 100
+
+
+def _hostport(url: str) -> tuple[str, int]:
+    if "://" not in url:
+        url = "http://" + url
+    parsed = urlparse(url)
+    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def _container_ports(service: dict) -> set[int]:
+    return {int(p.rsplit(":", 1)[-1].split("/")[0]) for p in service.get("ports", [])}
+
+
+def test_ports_and_hostnames_agree(compose: dict, otel: dict) -> None:
+    services = compose["services"]
+    known_ports = {
+        # ports the images listen on without being published (internal network only)
+        "jaeger": {4317, 4318, 16686},
+        "tempo": {3200, 4317},
+        "prometheus": {9090},
+        "otel-collector": {4317, 4318, 8889, 13133},
+    }
+    for name, svc in services.items():
+        for mapping in svc.get("ports", []):
+            host_ip = mapping.split(":")[0]
+            assert host_ip == "127.0.0.1", f"{name} publishes {mapping} beyond loopback"
+    # collector -> Jaeger and Tempo
+    for exporter in ("otlp/jaeger", "otlp/tempo"):
+        host, port = _hostport(otel["exporters"][exporter]["endpoint"])
+        assert host in services and port in known_ports[host], exporter
+    # the collector's receivers and exporter ports are the ones compose publishes
+    receivers = otel["receivers"]["otlp"]["protocols"]
+    ports = {_hostport(receivers[p]["endpoint"])[1] for p in ("grpc", "http")}
+    ports.add(_hostport(otel["exporters"]["prometheus"]["endpoint"])[1])
+    ports.add(_hostport(otel["extensions"]["health_check"]["endpoint"])[1])
+    assert ports == _container_ports(services["otel-collector"])
+    # Prometheus scrapes the collector's exporter
+    prom = _yaml(COLLECTOR / "prometheus.yml")
+    targets = {
+        t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    }
+    assert f"otel-collector:{_hostport(otel['exporters']['prometheus']['endpoint'])[1]}" in targets
+    # Tempo: receives OTLP gRPC where the collector sends it, writes metrics to Prometheus
+    tempo = _yaml(COLLECTOR / "tempo.yaml")
+    tempo_grpc = _hostport(
+        tempo["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    )
+    assert tempo_grpc[1] == _hostport(otel["exporters"]["otlp/tempo"]["endpoint"])[1]
+    (rw,) = tempo["metrics_generator"]["storage"]["remote_write"]
+    assert _hostport(rw["url"]) == ("prometheus", 9090)
+    assert "--web.enable-remote-write-receiver" in services["prometheus"]["command"]
+    assert tempo["server"]["http_listen_port"] in _container_ports(services["tempo"])
+    # Grafana's data sources point at the services and their ports
+    ds = _yaml(COLLECTOR / "grafana/provisioning/datasources/datasources.yaml")["datasources"]
+    for source in ds:
+        host, port = _hostport(source["url"])
+        assert host in services and port in known_ports[host], source["name"]
+    uids = {s["uid"] for s in ds}
+    tempo_ds = next(s for s in ds if s["type"] == "tempo")
+    assert tempo_ds["jsonData"]["tracesToMetrics"]["datasourceUid"] in uids
+    prom_ds = next(s for s in ds if s["type"] == "prometheus")
+    assert prom_ds["jsonData"]["exemplarTraceIdDestinations"][0]["datasourceUid"] in uids
+    # the app exports to the collector's gRPC port
+    env = services["app"]["environment"]
+    assert _hostport(env["OTEL_EXPORTER_OTLP_ENDPOINT"]) == ("otel-collector", 4317)
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    assert "@postgres:5432/" in env["CHATTER_DATABASE_URL"]
+    assert _hostport(env["CHATTER_REDIS_URL"]) == ("redis", 6379)
+
+
+def test_images_pinned_volumes_named_no_default_passwords(compose: dict) -> None:
+    for name, svc in compose["services"].items():
+        image = svc.get("image", "")
+        assert re.search(r":[\w.-]+$", image) and not image.endswith(":latest"), name
+    named = set(compose["volumes"])
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            source = vol.split(":", 1)[0]
+            assert source.startswith("./") or source in named, (name, vol)
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "GF_SECURITY_ADMIN_PASSWORD: ${GRAFANA_ADMIN_PASSWORD:?" in text
+    assert "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?" in text
+    for name in ("prometheus", "grafana", "postgres", "redis", "app"):
+        assert "healthcheck" in compose["services"][name], name
+
+
+def _produced_metrics(otel: dict) -> set[str]:
+    """Prometheus names of what the collector exports: spanmetrics and signaltometrics output
+    after the Prometheus exporter's translation (dots -> underscores, units, _total)."""
+    ns = otel["connectors"]["spanmetrics"]["namespace"].replace(".", "_")
+    unit = {"s": "seconds", "ms": "milliseconds"}[
+        otel["connectors"]["spanmetrics"]["histogram"]["unit"]
+    ]
+    names = {f"{ns}_calls_total", f"{ns}_duration_{unit}_bucket", f"{ns}_duration_{unit}_sum",
+             f"{ns}_duration_{unit}_count"}  # fmt: skip
+    for m in otel["connectors"]["signaltometrics"]["spans"]:
+        base = m["name"].replace(".", "_")
+        if "sum" in m:
+            names.add(base + "_total")
+        else:
+            base += "_seconds" if m.get("unit") == "s" else ""
+            names |= {base + "_bucket", base + "_sum", base + "_count"}
+    return names
+
+
+def test_dashboard_queries_use_metrics_the_collector_produces(otel: dict) -> None:
+    produced = _produced_metrics(otel)
+    dash = json.loads((COLLECTOR / "grafana/dashboards/chatter-genai.json").read_text())
+    functions = {"sum", "rate", "increase", "histogram_quantile", "topk", "by", "le"}
+    seen: set[str] = set()
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            expr = re.sub(r"\{[^}]*\}", "", target["expr"])  # drop label matchers
+            expr = re.sub(r"\[[^\]]*\]", "", expr)  # and ranges
+            expr = re.sub(r"by \([^)]*\)", "", expr)
+            for ident in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+                if ident not in functions:
+                    assert ident in produced, f"{panel['title']}: {ident} is never produced"
+                    seen.add(ident)
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("tokens", "cost", "calls", "error", "latency", "first chunk", "conversations"):
+        assert topic in titles, topic
+    assert "chatter_gen_ai_conversation_cost_usd_total" in seen
+    # label names used in the dashboard exist as dimensions on those metrics
+    dims = {d["name"].replace(".", "_") for d in otel["connectors"]["spanmetrics"]["dimensions"]}
+    for m in otel["connectors"]["signaltometrics"]["spans"]:
+        dims |= {a["key"].replace(".", "_") for a in m["attributes"]}
+    dims |= {"status_code", "le"}
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for label in re.findall(r"by \(([^)]*)\)", target["expr"]):
+                for name in label.split(","):
+                    assert name.strip() in dims, (panel["title"], name)
+            for name in re.findall(r"(\w+)=\"", target["expr"]):
+                assert name in dims, (panel["title"], name)
+
+
+def test_collector_config_mentions_only_contract_attribute_names(otel: dict) -> None:
+    from chatter_otel import attributes
+
+    text = (COLLECTOR / "otel-collector.yaml").read_text()
+    ours = {v for k, v in vars(attributes).items() if k.isupper() and isinstance(v, str)}
+    for name in re.findall(r'attributes\["([^"]+)"\]', text):
+        assert name in ours or name.startswith("gen_ai."), name
+
+
+def test_rotel_on_the_compose_ports_and_protocols(
+    compose: dict, otel: dict, otlp_grpc: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The app's OTLP settings from the compose file, sent through a real collector binary
+    (rotel) listening on the collector's OTLP ports from otel-collector.yaml."""
+    import os
+    import socket
+    import subprocess
+    import time
+
+    import rotel
+    from langchain_core.messages import HumanMessage
+
+    from chatter_otel import configure, track_workflow
+    from chatter_otel.demo import build_chat_graph
+
+    protocols = otel["receivers"]["otlp"]["protocols"]
+    grpc_port = _hostport(protocols["grpc"]["endpoint"])[1]
+    http_port = _hostport(protocols["http"]["endpoint"])[1]
+    for port in (grpc_port, http_port):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken on this machine"
+    exe = os.path.join(os.path.dirname(rotel.__file__), "rotel-agent")
+    proc = subprocess.Popen(
+        [exe, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
+         "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
+         "--otlp-exporter-endpoint", otlp_grpc.endpoint, "--otlp-exporter-protocol", "grpc",
+         "--pid-file", str(tmp_path / "r.pid"), "--log-file", str(tmp_path / "r.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", grpc_port)) == 0:
+                    break
+            time.sleep(0.05)
+        env = compose["services"]["app"]["environment"]
+        _, port = _hostport(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", env["OTEL_EXPORTER_OTLP_PROTOCOL"])
+        monkeypatch.setenv("OTEL_SERVICE_NAME", env["OTEL_SERVICE_NAME"])
+        tel = configure(set_global=False)
+        try:
+            with track_workflow("turn", correlation_id="compose-1") as run:
+                build_chat_graph().invoke({"messages": [HumanMessage("weather in Oslo")]})
+            tel.force_flush()
+            got = otlp_grpc.wait_for(8, timeout=20)
+        finally:
+            tel.shutdown()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert len(got) == 8
+    assert {span.trace_id.hex() for _, span in got} == {run.trace_id}
+    assert {res["service.name"] for res, _ in got} == {"chatter-reference-app"}
