@@ -24,10 +24,13 @@ class SinkWorker:
         )
         self.dropped = 0
         self.failed = 0
+        self.stopped = False
         self._thread = threading.Thread(target=self._run, name=f"chatter-otel-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.stopped:
+            return
         try:
             self._queue.put_nowait((fn, args, kwargs))
         except queue.Full:
@@ -59,5 +62,8 @@ class SinkWorker:
         return not self._queue.unfinished_tasks
 
     def stop(self) -> None:
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
+        """End the thread once what is queued has been handled."""
+        if not self.stopped:
+            self.stopped = True
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)

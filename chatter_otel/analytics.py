@@ -234,7 +234,19 @@ class AnalyticsSpanProcessor(SpanProcessor):
         if self.worker is not None and self.record_completion is not None:
             self.worker.submit(self.record_completion, completion)
 
+    def repoint(
+        self, analytics: LiveAnalytics | None, record_completion: Callable[..., Any] | None,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:  # fmt: skip
+        """New sinks from a new ``configure`` on the same provider (the meters stay)."""
+        self.detach()
+        self.analytics = analytics
+        self.record_completion = record_completion
+        self.worker = SinkWorker("analytics") if record_completion is not None else None
+
     def detach(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
         self.analytics = None
         self.record_completion = None
         self.worker = None

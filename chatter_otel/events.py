@@ -347,6 +347,9 @@ class EventSpanProcessor(SpanProcessor):
                 duration_ms=duration_ms, **error,
             )  # fmt: skip
 
+    def repoint(self, bus: Any) -> None:
+        self.bus = bus
+
     def detach(self) -> None:
         """Stop publishing (processors cannot be removed from a provider)."""
         self.bus = _NoBus()

@@ -271,9 +271,17 @@ class MonitoringSpanProcessor(SpanProcessor):
         if closes:
             submit(self._finish, workflow_id)
 
+    def repoint(self, service: Any) -> None:
+        """Report to ``service`` from now on (a new ``configure`` on the same provider)."""
+        if self.worker.stopped:
+            self.worker = SinkWorker("monitoring")
+        self.service = service
+
     def detach(self) -> None:
+        """Stop reporting (processors cannot be removed from a provider); ends the worker."""
         self.service = _NoService()
         self._scopes.clear()
+        self.worker.stop()
 
     def shutdown(self) -> None:
         self.worker.flush(2.0)

@@ -42,7 +42,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from chatter_otel._settings import resolve_bool
-from chatter_otel._worker import SinkWorker
 from chatter_otel.analytics import AnalyticsSpanProcessor, LiveAnalytics
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
 from chatter_otel.correlation import CorrelationMiddleware, install_log_record_factory
@@ -342,11 +341,7 @@ def _attach(provider: TracerProvider, kind: str, cls: Any, **sinks: Any) -> Call
         provider.add_span_processor(processor)
         mine[kind] = processor
     else:
-        for name, value in sinks.items():
-            if name != "meter_provider":
-                setattr(processor, name, value)
-        if kind == "analytics":
-            processor.worker = SinkWorker("analytics") if sinks["record_completion"] else None
+        processor.repoint(**sinks)
     return processor.detach
 
 

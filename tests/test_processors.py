@@ -284,3 +284,22 @@ def test_each_can_be_switched_off(setup: Any) -> None:
     assert (s.tel.events, s.tel.monitoring, s.tel.analytics) == (None, None, None)
     build_chat_graph().invoke(Q)
     assert "gen_ai.client.token.usage" in s.metrics()  # the metrics stay on
+
+
+def test_reconfiguring_a_provider_leaves_no_worker_threads_behind() -> None:
+    import threading as th
+
+    provider = TracerProvider()
+
+    def workers() -> int:
+        return sum(t.name.startswith("chatter-otel-") and t.is_alive() for t in th.enumerate())
+
+    before = workers()
+    for _ in range(5):
+        tel = configure(tracer_provider=provider, record_completion=lambda c: None)
+        build_chat_graph().invoke(Q)
+        tel.shutdown()
+    deadline = time.monotonic() + 5
+    while workers() > before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert workers() == before
