@@ -348,6 +348,7 @@ class OtelCallbackHandler(BaseCallbackHandler):
         wf = run.workflow
         assert wf is not None
         wf.usage.response_time_ms = (time.monotonic_ns() - run.started_ns) // 1_000_000
+        wf.finished_at = time.time()
         wf.status = status
         if status == "error" and error is not None:
             wf.error_type = error_type(error)

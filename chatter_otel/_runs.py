@@ -122,6 +122,8 @@ class WorkflowRun:
     workflow_id: str | None = None
     status: str = "running"
     error_type: str | None = None
+    finished_at: float | None = None  # time.time() when it ended
+    bound_message_id: str | None = None  # set once its usage landed on an app message row
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property

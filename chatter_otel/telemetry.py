@@ -94,6 +94,7 @@ class Telemetry:
         self.monitoring: Any = None
         self.events: Any = None
         self.analytics: Any = None
+        self.persistence: Any = None
         self._owns_provider = owns_provider
         self._undo: list[Callable[[], None]] = []
 
@@ -241,6 +242,7 @@ def configure(
     monitoring: bool | Any = True,
     analytics: bool | Any = True,
     record_completion: Callable[[Any], Any] | None = None,
+    persistence: Any = None,
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -291,15 +293,6 @@ def configure(
                 BaggageSpanProcessor(lambda key: key == CHATTER_CORRELATION_ID)
             )
             _with_baggage.add(tracer_provider)
-        bus = None if events in (False, None) else (EventBus() if events is True else events)
-        service = (
-            None if monitoring in (False, None)
-            else MonitoringService() if monitoring is True else monitoring
-        )  # fmt: skip
-        live = (
-            None if analytics in (False, None)
-            else LiveAnalytics() if analytics is True else analytics
-        )  # fmt: skip
         if owns and set_global:
             trace.set_tracer_provider(tracer_provider)
         instrumentor = LangGraphInstrumentor()
@@ -308,19 +301,10 @@ def configure(
             tracer_provider, owns_provider=owns, exporter_name=name, trace_store=store,
             instrumentor=instrumentor,
         )  # fmt: skip
-        tel.events, tel.monitoring, tel.analytics = bus, service, live
-        if bus is not None:
-            tel._undo.append(_attach(tracer_provider, "events", EventSpanProcessor, bus=bus))
-        if service is not None:
-            tel._undo.append(
-                _attach(tracer_provider, "monitoring", MonitoringSpanProcessor, service=service)
-            )
-        analytics_sinks = {
-            "analytics": live, "record_completion": record_completion, "meter_provider": meters,
-        }  # fmt: skip
-        tel._undo.append(
-            _attach(tracer_provider, "analytics", AnalyticsSpanProcessor, **analytics_sinks)
-        )
+        _install_processors(
+            tel, tracer_provider, meters, events=events, monitoring=monitoring,
+            analytics=analytics, record_completion=record_completion, persistence=persistence,
+        )  # fmt: skip
         if log_correlation:
             install_log_record_factory()
         if app is not None:
@@ -329,6 +313,47 @@ def configure(
             _instrument_engines(tel, engines)
         _current = tel
         return tel
+
+
+def _pick(option: Any, builtin: Callable[[], Any]) -> Any:
+    """``True``: the built-in sink; ``False``/``None``: off; anything else: the app's own."""
+    if option is False or option is None:
+        return None
+    return builtin() if option is True else option
+
+
+def _install_processors(
+    tel: Telemetry, provider: TracerProvider, meters: MeterProvider, *, events: Any,
+    monitoring: Any, analytics: Any, record_completion: Any, persistence: Any,
+) -> None:  # fmt: skip
+    """Events, monitoring, analytics/metrics and (when given) the usage ledger."""
+    tel.events = _pick(events, EventBus)
+    tel.monitoring = _pick(monitoring, MonitoringService)
+    tel.analytics = _pick(analytics, LiveAnalytics)
+    if tel.events is not None:
+        tel._undo.append(_attach(provider, "events", EventSpanProcessor, bus=tel.events))
+    if tel.monitoring is not None:
+        tel._undo.append(
+            _attach(provider, "monitoring", MonitoringSpanProcessor, service=tel.monitoring)
+        )
+    tel._undo.append(
+        _attach(
+            provider,
+            "analytics",
+            AnalyticsSpanProcessor,
+            analytics=tel.analytics,
+            record_completion=record_completion,
+            meter_provider=meters,
+        )
+    )
+    if persistence is not None:
+        from chatter_otel.persistence import LedgerSpanProcessor
+
+        persistence.install()
+        persistence.start()
+        tel._undo.append(persistence.close)
+        tel._undo.append(_attach(provider, "ledger", LedgerSpanProcessor, persistence=persistence))
+    tel.persistence = persistence
 
 
 def _attach(provider: TracerProvider, kind: str, cls: Any, **sinks: Any) -> Callable[[], None]:

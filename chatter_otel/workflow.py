@@ -99,6 +99,7 @@ class track_workflow:
     def _finish(self, exc: BaseException | None) -> None:
         run = self.run
         run.usage.response_time_ms = (time.monotonic_ns() - self._started_ns) // 1_000_000
+        run.finished_at = time.time()
         span = self._span
         if exc is None:
             run.status = "ok"
