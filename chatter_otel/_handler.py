@@ -521,7 +521,13 @@ class OtelCallbackHandler(BaseCallbackHandler):
         self._outcome(run, error)
         span.end()
         if run.workflow is not None:
-            run.workflow.add_llm_call(usage, cost, run.provider, info.model or run.request_model)
+            run.workflow.add_llm_call(
+                usage,
+                cost,
+                run.provider,
+                info.model or run.request_model,
+                info.finish_reasons[-1] if info.finish_reasons else None,
+            )
 
     @staticmethod
     def _output_messages(response: Any) -> list[dict[str, Any]]:

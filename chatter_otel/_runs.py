@@ -80,7 +80,8 @@ class RunUsage:
 
     Token fields are ``None`` until some LLM call reported usage (never invented zeros). ``cost``
     sums the calls that could be priced and is ``None`` when none could. ``provider`` and
-    ``model`` are those of the last LLM call (the one that wrote the answer).
+    ``model`` and ``finish_reason`` are those of the last LLM call (the one that wrote the
+    answer).
     """
 
     prompt_tokens: int | None = None
@@ -94,6 +95,7 @@ class RunUsage:
     cost_source: str | None = None
     provider: str | None = None
     model: str | None = None
+    finish_reason: str | None = None
     response_time_ms: int | None = None
     llm_calls: int = 0
     tool_calls: int = 0
@@ -145,7 +147,12 @@ class WorkflowRun:
     # -- accumulation (called by the instrumentation; parallel nodes call it from threads) --
 
     def add_llm_call(
-        self, usage: TokenUsage, cost: Cost | None, provider: str | None, model: str | None
+        self,
+        usage: TokenUsage,
+        cost: Cost | None,
+        provider: str | None,
+        model: str | None,
+        finish_reason: str | None = None,
     ) -> None:
         with self._lock:
             u = self.usage
@@ -167,6 +174,7 @@ class WorkflowRun:
                 u.cost_source = cost.source if u.cost_source in (None, cost.source) else "local"
             u.provider = provider or u.provider
             u.model = model or u.model
+            u.finish_reason = finish_reason or u.finish_reason
 
     def add_tool_call(self) -> None:
         with self._lock:
@@ -193,6 +201,7 @@ class WorkflowRun:
                 u.cost_source = src if u.cost_source in (None, src) else "local"
             u.provider = c.provider or u.provider
             u.model = c.model or u.model
+            u.finish_reason = c.finish_reason or u.finish_reason
 
     def rollup_attributes(self) -> dict[str, Any]:
         u = self.usage

@@ -46,7 +46,7 @@ from opentelemetry.trace import StatusCode
 
 from chatter_otel._safety import guarded
 from chatter_otel._worker import SinkWorker
-from chatter_otel.attributes import CHATTER_CORRELATION_ID, GEN_AI_USAGE_COST_AMOUNT
+from chatter_otel.attributes import CHATTER_CORRELATION_ID, COST_METRIC, GEN_AI_USAGE_COST_AMOUNT
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
                  16777216, 67108864]  # fmt: skip
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                     40.96, 81.92]  # fmt: skip
-COST_METRIC = "chatter.gen_ai.cost"
 DIMENSIONS = ("model", "provider", "user", "conversation")
 
 

@@ -18,11 +18,15 @@ __all__ = [
     "CHATTER_TOOL_CALLS",
     "CHATTER_USAGE_MISSING",
     "CHATTER_WORKFLOW_ID",
+    "COST_METRIC",
     "GEN_AI_USAGE_COST_AMOUNT",
     "GEN_AI_USAGE_COST_CURRENCY",
     "GEN_AI_USAGE_COST_SOURCE",
     "LANGGRAPH_NODE_NAME",
     "LANGGRAPH_STEP",
+    "LEDGER_DROPPED_METRIC",
+    "LEDGER_SPOOLED_METRIC",
+    "LEDGER_WRITTEN_METRIC",
     "ORPHANED_ERROR_TYPE",
 ]
 
@@ -68,3 +72,18 @@ LANGGRAPH_STEP: Final = "langgraph.step"
 
 ORPHANED_ERROR_TYPE: Final = "chatter.orphaned"
 """``error.type`` of a span that the bounded run registry had to end (its run never finished)."""
+
+
+# Metric names of our own (the GenAI ones come from opentelemetry.semconv).
+
+COST_METRIC: Final = "chatter.gen_ai.cost"
+"""Counter of the cost of GenAI calls (USD), where it could be priced."""
+
+LEDGER_WRITTEN_METRIC: Final = "chatter.usage.ledger.written"
+"""Counter of usage-ledger records written to the database."""
+
+LEDGER_DROPPED_METRIC: Final = "chatter.usage.ledger.dropped"
+"""Counter of usage-ledger records dropped (queue or spool full)."""
+
+LEDGER_SPOOLED_METRIC: Final = "chatter.usage.ledger.spooled"
+"""Gauge of usage-ledger records waiting in the local spool for the database."""

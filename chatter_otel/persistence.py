@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.metrics import Observation
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_CONVERSATION_ID,
@@ -60,15 +61,21 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    bindparam,
+    case,
+    column,
     event,
+    inspect,
+    or_,
     select,
+    table,
     text,
     update,
 )
 from sqlalchemy.orm import Session
 
 from chatter_otel._lifecycle import WorkflowScopes
-from chatter_otel._runs import last_run
+from chatter_otel._runs import current_workflow, last_run
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
@@ -76,9 +83,16 @@ from chatter_otel.attributes import (
     GEN_AI_USAGE_COST_AMOUNT,
     GEN_AI_USAGE_COST_CURRENCY,
     GEN_AI_USAGE_COST_SOURCE,
+    LEDGER_DROPPED_METRIC,
+    LEDGER_SPOOLED_METRIC,
+    LEDGER_WRITTEN_METRIC,
 )
+from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from opentelemetry.metrics import MeterProvider
     from opentelemetry.sdk.trace import ReadableSpan
 
     from chatter_otel._runs import WorkflowRun
@@ -125,6 +139,7 @@ RUNS = Table(
     Column("total_tokens", BigInteger),
     Column("cost", Numeric(20, 10)),
     Column("status", String(16)),
+    Column("response_time_ms", BigInteger),
     Column("finished_at", Float),
     Column("applied_at", Float),
 )  # fmt: skip
@@ -178,6 +193,7 @@ class UsagePersistence:
         spool_path: str | os.PathLike[str] | None = None,
         batch_size: int = 500,
         max_queue: int = 50_000,
+        max_spool: int = 1_000_000,
         create_tables: bool = True,
     ) -> None:
         self.database_url = database_url
@@ -185,6 +201,7 @@ class UsagePersistence:
         self.grace_s = grace_s
         self.bind_window_s = bind_window_s
         self.batch_size = batch_size
+        self.max_spool = max_spool
         self.create_tables = create_tables
         base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
         self.spool_path = Path(spool_path or Path(base) / "chatter-otel" / "usage-spool.db")
@@ -194,6 +211,8 @@ class UsagePersistence:
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._installed: list[Any] = []
+        self._ready = False  # tables created, the app's columns known
+        self._message_columns: frozenset[str] = frozenset()
 
     # -- the app's side -------------------------------------------------------------------------
 
@@ -229,10 +248,18 @@ class UsagePersistence:
         ]  # fmt: skip
         if not candidates:
             return
+        active = current_workflow.get()
+        if active is not None and active.status == "running":
+            # A run is in progress here: a message saved now is not the answer of an earlier
+            # run (a named message is filled by the worker once this run has ended).
+            return
         run = last_run()
         for msg in candidates:
             if run is None or not self._matches(run, msg):
                 continue
+            # An app that wrote the usage itself (from track_workflow's run) keeps its own
+            # totals too: adding the run to the conversation again would count it twice.
+            own = not _empty(getattr(msg, m.total_tokens, None))
             self._fill(msg, run)
             u = run.usage
             session.info.setdefault("chatter_bindings", []).append(
@@ -241,8 +268,8 @@ class UsagePersistence:
                     "message_id": str(getattr(msg, m.message_id)),
                     "conversation_id": getattr(msg, m.conversation_id, None),
                     # exact values, the same the message got (span attributes are floats)
-                    "total_tokens": u.total_tokens,
-                    "cost": u.cost,
+                    "total_tokens": 0 if own else u.total_tokens,
+                    "cost": Decimal(0) if own else u.cost,
                 }
             )
             run.bound_message_id = str(getattr(msg, m.message_id))
@@ -264,13 +291,14 @@ class UsagePersistence:
 
     def _fill(self, msg: Any, run: WorkflowRun) -> None:
         m, u = self.mapping, run.usage
-        for column, value in (
+        for name, value in (
             (m.prompt_tokens, u.prompt_tokens), (m.completion_tokens, u.completion_tokens),
             (m.total_tokens, u.total_tokens), (m.cost, u.cost), (m.provider, u.provider),
-            (m.model, u.model), (m.response_time_ms, u.response_time_ms),
+            (m.model, u.model), (m.finish_reason, u.finish_reason),
+            (m.response_time_ms, u.response_time_ms),
         ):  # fmt: skip
-            if value is not None and hasattr(msg, column) and _empty(getattr(msg, column)):
-                setattr(msg, column, value)
+            if value is not None and hasattr(msg, name) and _empty(getattr(msg, name)):
+                setattr(msg, name, value)
 
     @guarded
     def _after_commit(self, session: Session) -> None:
@@ -283,15 +311,18 @@ class UsagePersistence:
 
     # -- the worker -----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._thread_main, name="chatter-otel-ledger",
-                                            daemon=True)  # fmt: skip
-            self._thread.start()
+    def start(self, meter_provider: MeterProvider | None = None) -> None:
+        """Start the worker thread and register the ledger's metrics (idempotent)."""
+        if self._thread is not None:
+            return
+        self._register_metrics(meter_provider)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._thread_main, name="chatter-otel-ledger",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait (bounded) until everything queued so far is written or spooled."""
+        """Wait (bounded) until everything queued so far is in the database; False on timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._queue.empty() and self._idle.wait(0.05):
@@ -299,12 +330,29 @@ class UsagePersistence:
         return False
 
     def close(self, timeout_s: float = 5.0) -> None:
-        self.flush(timeout_s)
+        """Stop: what is queued goes to the spool, one last write is tried, the hooks go."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
         self.uninstall()
+
+    def _register_metrics(self, meter_provider: MeterProvider | None) -> None:
+        from opentelemetry import metrics
+
+        meter = metrics.get_meter("chatter_otel", __version__, meter_provider,
+                                  schema_url=SCHEMA_URL)  # fmt: skip
+        stats = self.stats
+
+        def observe(key: str) -> Callable[[Any], list[Observation]]:
+            return lambda _options: [Observation(stats[key])]
+
+        meter.create_observable_counter(LEDGER_WRITTEN_METRIC, [observe("written")],
+                                        unit="{record}")  # fmt: skip
+        meter.create_observable_counter(LEDGER_DROPPED_METRIC, [observe("dropped")],
+                                        unit="{record}")  # fmt: skip
+        meter.create_observable_gauge(LEDGER_SPOOLED_METRIC, [observe("spooled")],
+                                      unit="{record}")  # fmt: skip
 
     def _thread_main(self) -> None:
         with suppress_instrumentation():  # our own SQL is never traced as app work
@@ -315,59 +363,103 @@ class UsagePersistence:
 
         engine = create_async_engine(self.database_url, pool_pre_ping=True)
         spool = _Spool(self.spool_path)
-        backoff, next_try, ready, next_sweep = 0.5, 0.0, False, 0.0
+        self.stats["spooled"] = spool.count
+        if spool.count:
+            _log.info("chatter-otel: %d usage record(s) in the spool at %s from an earlier run; "
+                      "replaying", spool.count, self.spool_path)  # fmt: skip
+        backoff, next_try, next_sweep, failing = 0.5, 0.0, 0.0, False
         try:
-            while not self._stop.is_set():
-                batch = await asyncio.to_thread(self._take, 0.1)
+            while True:
+                stopping = self._stop.is_set()
+                batch = self._take(0.0 if stopping else 0.1)  # blocks only this worker's loop
                 if batch:
-                    spool.add(batch)  # FIFO: new work waits behind what is spooled
-                    self.stats["spooled"] = spool.size()
+                    self._spool_batch(spool, batch)  # FIFO: new work waits behind the spool
                 if time.monotonic() < next_try:
+                    if stopping:
+                        break
                     continue
                 try:
-                    if not ready and self.create_tables:
-                        async with engine.begin() as conn:
-                            await conn.run_sync(metadata.create_all)
-                    ready = True
-                    await self._drain(engine, spool)
-                    if time.monotonic() >= next_sweep:
+                    await self._ensure_tables(engine)
+                    written = await self._drain(engine, spool)
+                    if not stopping and time.monotonic() >= next_sweep:
                         await self._apply_due_runs(engine)
                         next_sweep = time.monotonic() + min(1.0, self.grace_s)
-                    backoff = 0.5
-                    self.stats["spooled"] = spool.size()
-                    if self._queue.empty() and not spool.size():
+                    if failing:
+                        _log.warning("chatter-otel: usage ledger reached the database again; "
+                                     "%d spooled record(s) written", written)  # fmt: skip
+                    backoff, failing = 0.5, False
+                    if self._queue.empty() and not spool.count:
                         self._idle.set()
                 except Exception as exc:  # the database is down or refused the batch
                     self.stats["failures"] += 1
-                    warn_once("ledger:db", "chatter-otel: usage ledger cannot reach the database "
-                              "(%s); %d record(s) spooled at %s, retrying", type(exc).__name__,
-                              spool.size(), self.spool_path)  # fmt: skip
+                    failing = True
+                    warn_once("ledger:db", "chatter-otel: usage ledger cannot write to the "
+                              "database (%s: %.300s); %d record(s) spooled at %s, retrying",
+                              type(exc).__name__, exc, spool.count, self.spool_path)  # fmt: skip
                     next_try = time.monotonic() + backoff
                     backoff = min(backoff * 2, 30.0)
+                if stopping:
+                    break
         finally:
+            if spool.count:
+                _log.warning("chatter-otel: usage ledger stopped with %d record(s) in the spool at "
+                             "%s; they are written when it next starts", spool.count,
+                             self.spool_path)  # fmt: skip
             spool.close()
             await engine.dispose()
 
     def _take(self, timeout_s: float) -> list[tuple[str, dict[str, Any]]]:
         batch: list[tuple[str, dict[str, Any]]] = []
         try:
-            batch.append(self._queue.get(timeout=timeout_s))
+            batch.append(
+                self._queue.get(timeout=timeout_s) if timeout_s else self._queue.get_nowait()
+            )
             while len(batch) < self.batch_size:
                 batch.append(self._queue.get_nowait())
         except queue.Empty:
             pass
         return batch
 
-    async def _drain(self, engine: Any, spool: _Spool) -> None:
+    def _spool_batch(self, spool: _Spool, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        room = max(self.max_spool - spool.count, 0)
+        if room < len(batch):
+            self.stats["dropped"] += len(batch) - room
+            warn_once("ledger:spool", "chatter-otel: usage spool at %s is full (%d records); "
+                      "%d record(s) dropped so far", self.spool_path, self.max_spool,
+                      self.stats["dropped"])  # fmt: skip
+            batch = batch[:room]
+        spool.add(batch)
+        self.stats["spooled"] = spool.count
+
+    async def _ensure_tables(self, engine: Any) -> None:
+        if self._ready:
+            return
+        async with engine.begin() as conn:
+            if self.create_tables:
+                await conn.run_sync(metadata.create_all)
+            self._message_columns = await conn.run_sync(self._app_columns)
+        self._ready = True
+
+    def _app_columns(self, conn: Any) -> frozenset[str]:
+        """The columns the app's messages table really has (follow-up updates touch no other)."""
+        insp = inspect(conn)
+        if not insp.has_table(self.mapping.messages_table):
+            return frozenset()
+        return frozenset(c["name"] for c in insp.get_columns(self.mapping.messages_table))
+
+    async def _drain(self, engine: Any, spool: _Spool) -> int:
+        written = 0
         while True:
             rows = spool.peek(self.batch_size)
             if not rows:
-                return
+                return written
             async with engine.begin() as conn:
                 for _, kind, record in rows:
                     await self._apply(conn, kind, record)
             spool.delete(rows[-1][0])
+            written += len(rows)
             self.stats["written"] += len(rows)
+            self.stats["spooled"] = spool.count
 
     async def _apply(self, conn: Any, kind: str, r: dict[str, Any]) -> None:
         if kind == "llm":
@@ -378,21 +470,30 @@ class UsagePersistence:
             await self._claim(conn, r["workflow_id"], r)
 
     async def _claim(self, conn: Any, workflow_id: str, bind: dict[str, Any] | None) -> None:
-        """Apply a run's tokens and cost to its conversation, once: whoever claims it first."""
+        """Apply a run's tokens and cost to its conversation, once: whoever claims it first.
+
+        ``bind`` is the binding the app's transaction made (its message is filled already);
+        without one, a message the run named is filled here, where the app left it empty.
+        """
         row = (await conn.execute(select(RUNS).where(RUNS.c.workflow_id == workflow_id))).first()
         if row is None or row.applied_at is not None:
             return
         bind = bind or {}
-        message_id, conversation_id = bind.get("message_id"), bind.get("conversation_id")
-        tokens = bind.get("total_tokens", row.total_tokens)
-        cost = bind.get("cost", row.cost)
+        message_id = bind.get("message_id") or row.message_id
         claimed = await conn.execute(
             update(RUNS)
             .where(and_(RUNS.c.workflow_id == workflow_id, RUNS.c.applied_at.is_(None)))
-            .values(applied_at=time.time(), message_id=message_id or row.message_id)
+            .values(applied_at=time.time(), message_id=message_id)
         )
-        conv = conversation_id or row.conversation_id
-        if claimed.rowcount != 1 or conv is None or not (tokens or cost):
+        if claimed.rowcount != 1:
+            return
+        self.stats["applied"] += 1
+        if not bind and row.message_id:
+            await self._fill_named_message(conn, row)
+        tokens = bind.get("total_tokens", row.total_tokens)
+        cost = bind.get("cost", row.cost)
+        conv = bind.get("conversation_id") or row.conversation_id
+        if conv is None or not (tokens or cost):
             return
         m = self.mapping
         await conn.execute(
@@ -401,10 +502,43 @@ class UsagePersistence:
                 f'"{m.conversation_total_tokens}" = "{m.conversation_total_tokens}" + :tokens, '
                 f'"{m.conversation_total_cost}" = "{m.conversation_total_cost}" + :cost '
                 f'WHERE "{m.conversation_pk}" = :conv'
+            ).bindparams(
+                # typed, so each dialect converts the Decimal its own way (sqlite3 cannot bind it)
+                bindparam("tokens", type_=BigInteger()),
+                bindparam("cost", type_=Numeric(20, 10)),
+                bindparam("conv", type_=String()),
             ),
             {"tokens": tokens or 0, "cost": cost or Decimal(0), "conv": str(conv)},
         )
-        self.stats["applied"] += 1
+
+    async def _fill_named_message(self, conn: Any, run: Any) -> None:
+        """Fill the message a run named, where the app left it empty or zero (it may have
+        saved it before the run ended, or not yet: then the binding fills it on insert)."""
+        m, have = self.mapping, self._message_columns
+        last = (
+            await conn.execute(
+                select(LEDGER.c.provider, LEDGER.c.model, LEDGER.c.finish_reason)
+                .where(LEDGER.c.workflow_id == run.workflow_id)
+                .order_by(LEDGER.c.started_at.desc())
+                .limit(1)
+            )
+        ).first()
+        values = {
+            m.prompt_tokens: run.input_tokens, m.completion_tokens: run.output_tokens,
+            m.total_tokens: run.total_tokens, m.cost: run.cost,
+            m.response_time_ms: run.response_time_ms,
+            m.provider: last and last.provider, m.model: last and last.model,
+            m.finish_reason: last and last.finish_reason,
+        }  # fmt: skip
+        values = {k: v for k, v in values.items() if k in have and v is not None}
+        if not values or m.message_id not in have:
+            return
+        messages = table(m.messages_table, *(column(k) for k in (*values, m.message_id)))
+        await conn.execute(
+            update(messages)
+            .where(messages.c[m.message_id] == run.message_id)
+            .values({k: _if_empty(messages.c[k], v) for k, v in values.items()})
+        )
 
     async def _apply_due_runs(self, engine: Any) -> None:
         """Runs no message took within the grace period (streaming endpoints)."""
@@ -421,6 +555,12 @@ class UsagePersistence:
                 await self._claim(conn, workflow_id, None)
 
 
+def _if_empty(col: Any, value: Any) -> Any:
+    """``value`` where the column is NULL, zero or empty (the app's placeholders), else as is."""
+    placeholder = "" if isinstance(value, str) else 0
+    return case((or_(col.is_(None), col == placeholder), value), else_=col)
+
+
 def _insert_ignore(conn: Any, table: Table, values: dict[str, Any], key: str) -> Any:
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -434,7 +574,10 @@ def _insert_ignore(conn: Any, table: Table, values: dict[str, Any], key: str) ->
 
 
 class _Spool:
-    """A local SQLite file of pending records, in order; survives a restart."""
+    """A local SQLite file of pending records, in order; survives a restart.
+
+    ``count`` is kept in memory (a ``COUNT(*)`` per loop would cost more than the writes).
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -444,13 +587,17 @@ class _Spool:
             " kind TEXT NOT NULL, payload TEXT NOT NULL)"
         )
         self._db.commit()
+        self.count = int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
 
     def add(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        if not batch:
+            return
         with self._db:
             self._db.executemany(
                 "INSERT INTO spool (kind, payload) VALUES (?, ?)",
                 [(kind, json.dumps(r, default=str)) for kind, r in batch],
             )
+        self.count += len(batch)
 
     def peek(self, n: int) -> list[tuple[int, str, dict[str, Any]]]:
         rows = self._db.execute(
@@ -460,10 +607,8 @@ class _Spool:
 
     def delete(self, upto: int) -> None:
         with self._db:
-            self._db.execute("DELETE FROM spool WHERE id <= ?", (upto,))
-
-    def size(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+            gone = self._db.execute("DELETE FROM spool WHERE id <= ?", (upto,)).rowcount
+        self.count = max(self.count - gone, 0)
 
     def close(self) -> None:
         self._db.close()
@@ -539,6 +684,7 @@ class LedgerSpanProcessor(SpanProcessor):
                 "total_tokens": None if tin is None and tout is None else (tin or 0) + (tout or 0),
                 "cost": Decimal(str(cost)) if cost is not None else None,
                 "status": "ok" if ok else "error",
+                "response_time_ms": ((span.end_time or 0) - (span.start_time or 0)) // 1_000_000,
                 "finished_at": (span.end_time or 0) / 1e9,
                 "applied_at": None,
             })  # fmt: skip

@@ -350,7 +350,7 @@ def _install_processors(
         from chatter_otel.persistence import LedgerSpanProcessor
 
         persistence.install()
-        persistence.start()
+        persistence.start(meters)
         tel._undo.append(persistence.close)
         tel._undo.append(_attach(provider, "ledger", LedgerSpanProcessor, persistence=persistence))
     tel.persistence = persistence
