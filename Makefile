@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_overhead
 	$(BIN)/python -m benchmarks.bench_handler
 	$(BIN)/python -m benchmarks.bench_sinks
+	$(BIN)/python -m benchmarks.bench_ledger
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,8 +42,9 @@ from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
     GEN_AI_CLIENT_TOKEN_USAGE,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import StatusCode, format_trace_id
 
+from chatter_otel._lifecycle import duration_ns, model_of
 from chatter_otel._safety import guarded
 from chatter_otel._worker import SinkWorker
 from chatter_otel.attributes import CHATTER_CORRELATION_ID, COST_METRIC, GEN_AI_USAGE_COST_AMOUNT
@@ -203,7 +204,7 @@ class AnalyticsSpanProcessor(SpanProcessor):
                 attrs[key] = a[key]
         if error:
             attrs[ERROR_TYPE] = error
-        duration = ((span.end_time or 0) - (span.start_time or 0)) / 1e9
+        duration = duration_ns(span) / 1e9
         self._duration.record(duration, attrs)
         tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
         if tin is not None:
@@ -221,10 +222,10 @@ class AnalyticsSpanProcessor(SpanProcessor):
             return
         completion = LLMCompletion(
             timestamp=(span.end_time or 0) / 1e9, provider=a.get(GEN_AI_PROVIDER_NAME),
-            model=a.get(GEN_AI_RESPONSE_MODEL) or a.get(GEN_AI_REQUEST_MODEL),
+            model=model_of(a),
             user_id=a.get(USER_ID), conversation_id=a.get(GEN_AI_CONVERSATION_ID),
             correlation_id=a.get(CHATTER_CORRELATION_ID),
-            trace_id=format(span.context.trace_id, "032x"), input_tokens=tin,
+            trace_id=format_trace_id(span.context.trace_id), input_tokens=tin,
             output_tokens=tout, cost=cost, duration_s=duration, time_to_first_chunk_s=ttfc,
             error_type=error,
         )  # fmt: skip

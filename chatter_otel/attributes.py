@@ -25,6 +25,7 @@ __all__ = [
     "LANGGRAPH_NODE_NAME",
     "LANGGRAPH_STEP",
     "LEDGER_DROPPED_METRIC",
+    "LEDGER_QUARANTINED_METRIC",
     "LEDGER_SPOOLED_METRIC",
     "LEDGER_WRITTEN_METRIC",
     "ORPHANED_ERROR_TYPE",
@@ -84,6 +85,9 @@ LEDGER_WRITTEN_METRIC: Final = "chatter.usage.ledger.written"
 
 LEDGER_DROPPED_METRIC: Final = "chatter.usage.ledger.dropped"
 """Counter of usage-ledger records dropped (queue or spool full)."""
+
+LEDGER_QUARANTINED_METRIC: Final = "chatter.usage.ledger.quarantined"
+"""Counter of usage-ledger records the database rejected; kept aside in the spool file."""
 
 LEDGER_SPOOLED_METRIC: Final = "chatter.usage.ledger.spooled"
 """Gauge of usage-ledger records waiting in the local spool for the database."""

@@ -28,8 +28,6 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_CONVERSATION_ID,
     GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
-    GEN_AI_REQUEST_MODEL,
-    GEN_AI_RESPONSE_MODEL,
     GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
     GEN_AI_TOOL_CALL_ID,
     GEN_AI_TOOL_NAME,
@@ -42,7 +40,7 @@ from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import StatusCode
 
-from chatter_otel._lifecycle import WorkflowScopes
+from chatter_otel._lifecycle import WorkflowScopes, duration_ns, model_of
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
@@ -312,7 +310,7 @@ class EventSpanProcessor(SpanProcessor):
             return
         a = span.attributes or {}
         op = a.get(GEN_AI_OPERATION_NAME)
-        duration_ms = ((span.end_time or 0) - (span.start_time or 0)) / 1e6
+        duration_ms = duration_ns(span) / 1e6
         failed = span.status.status_code is StatusCode.ERROR
         error = (
             {"error_type": a.get(ERROR_TYPE), "error": span.status.description} if failed else {}
@@ -330,7 +328,7 @@ class EventSpanProcessor(SpanProcessor):
             self._event(
                 span, "llm_call_completed", workflow_id, duration_ms=duration_ms,
                 provider=a.get(GEN_AI_PROVIDER_NAME),
-                model=a.get(GEN_AI_RESPONSE_MODEL) or a.get(GEN_AI_REQUEST_MODEL),
+                model=model_of(a),
                 input_tokens=a.get(GEN_AI_USAGE_INPUT_TOKENS),
                 output_tokens=a.get(GEN_AI_USAGE_OUTPUT_TOKENS),
                 cost=a.get(GEN_AI_USAGE_COST_AMOUNT),

@@ -28,8 +28,6 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_CONVERSATION_ID,
     GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
-    GEN_AI_REQUEST_MODEL,
-    GEN_AI_RESPONSE_MODEL,
     GEN_AI_USAGE_INPUT_TOKENS,
     GEN_AI_USAGE_OUTPUT_TOKENS,
     GEN_AI_WORKFLOW_NAME,
@@ -39,7 +37,7 @@ from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import StatusCode
 
-from chatter_otel._lifecycle import WorkflowScopes
+from chatter_otel._lifecycle import WorkflowScopes, duration_ns, model_of
 from chatter_otel._safety import guarded
 from chatter_otel._worker import SinkWorker
 from chatter_otel.attributes import CHATTER_CORRELATION_ID, GEN_AI_USAGE_COST_AMOUNT
@@ -254,9 +252,9 @@ class MonitoringSpanProcessor(SpanProcessor):
             metrics = LLMMetrics(
                 timestamp=datetime.fromtimestamp((span.end_time or 0) / 1e9, tz=timezone.utc),
                 provider=provider,
-                model=str(a.get(GEN_AI_RESPONSE_MODEL) or a.get(GEN_AI_REQUEST_MODEL) or ""),
+                model=str(model_of(a) or ""),
                 operation=_CHAT, input_tokens=int(tin or 0), output_tokens=int(tout or 0),
-                duration_ms=((span.end_time or 0) - (span.start_time or 0)) / 1e6,
+                duration_ms=duration_ns(span) / 1e6,
                 cost_estimate=a.get(GEN_AI_USAGE_COST_AMOUNT),
                 correlation_id=str(a.get(CHATTER_CORRELATION_ID) or ""),
             )  # fmt: skip

@@ -10,12 +10,15 @@ Three parts:
 * **The ledger** (``chatter_usage_ledger``): one row per LLM call, keyed by span id, and
   ``chatter_usage_runs``: one row per run, keyed by workflow id. The source of truth: message and
   conversation values can always be recomputed from them.
-* **The worker**: a thread with its own engine (not the app's, and its SQL is never traced)
-  writes in batches. A run's tokens and cost are added to its conversation exactly once, in the
-  transaction that *claims* the run row (``applied_at IS NULL`` -> now): by the binding when the
-  app saved a message, or after ``grace_s`` when it saved none (streaming endpoints). When the
-  database is down, batches go to a local SQLite spool, retried with backoff, and replayed after a
-  restart; primary keys make every replay idempotent.
+* **The worker**: a thread with its own engine and event loop (not the app's, and its SQL is
+  never traced) writes in batches (``batch_delay_s``, ``batch_size``; ``flush()`` writes now).
+  A run's tokens and cost are added to its conversation exactly once, in the transaction that
+  *claims* the run row (``applied_at IS NULL`` -> now): by the binding when the app saved a
+  message, or after ``grace_s`` when it saved none (streaming endpoints). Every record passes
+  through a local SQLite spool; when the database is down it stays there, retried with backoff,
+  and is replayed after a restart; primary keys make every replay idempotent. A record the
+  database refuses while it is up is set aside in the spool's ``quarantine`` table (logged and
+  counted) so that the records behind it keep flowing.
 """
 
 from __future__ import annotations
@@ -40,9 +43,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_CONVERSATION_ID,
     GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
-    GEN_AI_REQUEST_MODEL,
     GEN_AI_RESPONSE_FINISH_REASONS,
-    GEN_AI_RESPONSE_MODEL,
     GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
     GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
     GEN_AI_USAGE_INPUT_TOKENS,
@@ -51,7 +52,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -74,7 +75,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from chatter_otel._lifecycle import WorkflowScopes
+from chatter_otel._lifecycle import WorkflowScopes, duration_ns, model_of
 from chatter_otel._runs import current_workflow, last_run
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.attributes import (
@@ -84,6 +85,7 @@ from chatter_otel.attributes import (
     GEN_AI_USAGE_COST_CURRENCY,
     GEN_AI_USAGE_COST_SOURCE,
     LEDGER_DROPPED_METRIC,
+    LEDGER_QUARANTINED_METRIC,
     LEDGER_SPOOLED_METRIC,
     LEDGER_WRITTEN_METRIC,
 )
@@ -94,6 +96,8 @@ if TYPE_CHECKING:
 
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.sdk.trace import ReadableSpan
+    from sqlalchemy import URL, Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from chatter_otel._runs import WorkflowRun
 
@@ -185,43 +189,70 @@ class UsagePersistence:
 
     def __init__(
         self,
-        database_url: str,
+        database_url: str | URL | Engine | AsyncEngine,
         *,
         mapping: MessageMapping | None = None,
         grace_s: float = 30.0,
         bind_window_s: float = 300.0,
         spool_path: str | os.PathLike[str] | None = None,
         batch_size: int = 500,
+        batch_delay_s: float = 0.2,
         max_queue: int = 50_000,
         max_spool: int = 1_000_000,
         create_tables: bool = True,
     ) -> None:
-        self.database_url = database_url
+        from sqlalchemy.engine import make_url
+
+        # The app's engine gives its URL (password included); ours is a separate engine, on
+        # the worker's own event loop, so its SQL is never mistaken for the app's.
+        url = make_url(getattr(database_url, "url", database_url))
+        if url.get_backend_name() not in ("postgresql", "sqlite"):
+            raise ValueError(f"chatter-otel: usage persistence supports PostgreSQL and SQLite, "
+                             f"not {url.get_backend_name()!r}")  # fmt: skip
+        if not getattr(url.get_dialect(), "is_async", False):
+            raise ValueError(f"chatter-otel: usage persistence needs an async driver "
+                             f"(postgresql+asyncpg://, sqlite+aiosqlite://), "
+                             f"not {url.drivername!r}")  # fmt: skip
+        self._url = url
         self.mapping = mapping or MessageMapping()
         self.grace_s = grace_s
         self.bind_window_s = bind_window_s
         self.batch_size = batch_size
+        self.batch_delay_s = batch_delay_s
         self.max_spool = max_spool
         self.create_tables = create_tables
         base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
         self.spool_path = Path(spool_path or Path(base) / "chatter-otel" / "usage-spool.db")
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=max_queue)
-        self.stats = {"written": 0, "spooled": 0, "dropped": 0, "applied": 0, "failures": 0}
+        self.stats = {"written": 0, "spooled": 0, "dropped": 0, "quarantined": 0, "applied": 0,
+                      "failures": 0}  # fmt: skip
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._idle = threading.Event()
+        # flush() waits on these: records submitted, records the worker took off the queue, and
+        # how many of those were taken when the spool was last seen empty (all in the database).
+        self._count_lock = threading.Lock()
+        self._submitted = 0
+        self._taken = 0
+        self._settled = 0
+        self._flush_target = 0
+        self._settle = threading.Condition()
+        self._hurry = threading.Event()  # flush() or close(): write now, do not wait for a batch
         self._installed: list[Any] = []
-        self._ready = False  # tables created, the app's columns known
+        self._ready = False  # our tables created
         self._message_columns: frozenset[str] = frozenset()
+        self._conversations_ok = False
+        self._schema_checked = -1e9  # monotonic time the app's tables were last looked at
 
     # -- the app's side -------------------------------------------------------------------------
 
     def submit(self, kind: str, record: dict[str, Any]) -> None:
         """Queue a record for the worker; never blocks (a full queue drops and counts)."""
-        self._idle.clear()
+        with self._count_lock:
+            self._submitted += 1
         try:
             self._queue.put_nowait((kind, record))
         except queue.Full:
+            self._mark_taken(1)  # never reaches the worker: flush() must not wait for it
             self.stats["dropped"] += 1
             warn_once("ledger:full", "chatter-otel: usage ledger queue full; %d record(s) dropped",
                       self.stats["dropped"])  # fmt: skip
@@ -322,16 +353,34 @@ class UsagePersistence:
         self._thread.start()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait (bounded) until everything queued so far is in the database; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle.wait(0.05):
-                return True
-        return False
+        """Wait (bounded) until everything submitted so far is in the database (or was dropped
+        and counted); False on timeout. It sleeps on a condition: no spinning against the worker."""
+        with self._count_lock:
+            target = self._submitted
+        with self._settle:
+            self._flush_target = max(self._flush_target, target)
+        self._hurry.set()
+        with self._settle:
+            return self._settle.wait_for(lambda: self._settled >= target, timeout_s)
+
+    def _mark_taken(self, n: int) -> None:
+        with self._count_lock:
+            self._taken += n
+
+    def _mark_settled(self) -> None:
+        """The spool is empty: every record taken so far is in the database."""
+        with self._count_lock:
+            taken = self._taken
+        with self._settle:
+            self._settled = taken
+            self._settle.notify_all()
+            if taken >= self._flush_target and not self._stop.is_set():
+                self._hurry.clear()  # every flush asked so far is done: batch again
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop: what is queued goes to the spool, one last write is tried, the hooks go."""
         self._stop.set()
+        self._hurry.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
@@ -351,29 +400,88 @@ class UsagePersistence:
                                         unit="{record}")  # fmt: skip
         meter.create_observable_counter(LEDGER_DROPPED_METRIC, [observe("dropped")],
                                         unit="{record}")  # fmt: skip
+        meter.create_observable_counter(LEDGER_QUARANTINED_METRIC, [observe("quarantined")],
+                                        unit="{record}")  # fmt: skip
         meter.create_observable_gauge(LEDGER_SPOOLED_METRIC, [observe("spooled")],
                                       unit="{record}")  # fmt: skip
 
     def _thread_main(self) -> None:
         with suppress_instrumentation():  # our own SQL is never traced as app work
-            asyncio.run(self._main())
+            try:
+                asyncio.run(self._main())
+            except Exception:  # a bug of ours: say so loudly rather than dying silently
+                _log.exception("chatter-otel: usage ledger worker stopped; %d record(s) queued "
+                               "in memory are not written", self._queue.qsize())  # fmt: skip
 
-    async def _main(self) -> None:
+    async def _open_spool(self) -> _Spool | None:
+        """The spool, retried with backoff while it cannot be opened (locked by another process,
+        unwritable directory); records wait in the bounded queue meanwhile. None when asked to
+        stop first."""
+        backoff = 0.05
+        while True:
+            try:
+                return _Spool(self.spool_path)
+            except (sqlite3.Error, OSError) as exc:
+                if backoff < 0.4:  # another worker switching the file to WAL: a moment
+                    await asyncio.sleep(backoff)
+                    backoff *= 2
+                    continue
+                if self._stop.is_set():
+                    _log.error("chatter-otel: usage spool at %s cannot be opened (%s); %d "
+                               "queued record(s) are not written", self.spool_path, exc,
+                               self._queue.qsize())  # fmt: skip
+                    return None
+                warn_once("ledger:spool-open", "chatter-otel: usage spool at %s cannot be "
+                          "opened (%s: %s); retrying", self.spool_path, type(exc).__name__,
+                          exc)  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _engine(self) -> Any:
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        engine = create_async_engine(self.database_url, pool_pre_ping=True)
-        spool = _Spool(self.spool_path)
+        # A database that does not answer (dropped packets) must not hold the worker for
+        # asyncpg's 60 s default: records keep moving from the queue to the spool meanwhile.
+        # No statement timeout: waiting for the app's row lock is fine off the request path.
+        connect_args = {"timeout": 10} if self._url.get_backend_name() == "postgresql" else {}
+        return create_async_engine(self._url, pool_pre_ping=True, connect_args=connect_args)
+
+    def _spool_held(self, spool: _Spool, held: list[tuple[str, dict[str, Any]]]) -> bool:
+        """Move ``held`` into the spool (FIFO: new work waits behind it). False, records kept,
+        when the spool cannot be written (disk full, file locked too long)."""
+        try:
+            self._spool_batch(spool, held)
+        except sqlite3.Error as exc:
+            warn_once("ledger:spool-write", "chatter-otel: usage spool at %s cannot be written "
+                      "(%s); %d record(s) held in memory, retrying", self.spool_path, exc,
+                      len(held))  # fmt: skip
+            return False
+        self._mark_taken(len(held))
+        held.clear()
+        return True
+
+    async def _main(self) -> None:
+        engine = self._engine()
+        spool = await self._open_spool()
+        if spool is None:
+            await engine.dispose()
+            return
         self.stats["spooled"] = spool.count
         if spool.count:
             _log.info("chatter-otel: %d usage record(s) in the spool at %s from an earlier run; "
                       "replaying", spool.count, self.spool_path)  # fmt: skip
         backoff, next_try, next_sweep, failing = 0.5, 0.0, 0.0, False
+        held: list[tuple[str, dict[str, Any]]] = []  # taken, not yet in the spool
         try:
             while True:
                 stopping = self._stop.is_set()
-                batch = self._take(0.0 if stopping else 0.1)  # blocks only this worker's loop
-                if batch:
-                    self._spool_batch(spool, batch)  # FIFO: new work waits behind the spool
+                if len(held) < self.batch_size:  # bounded: the queue fills (and counts) instead
+                    held += self._take(0.0 if stopping else 0.1)  # blocks only this loop
+                if held and not self._spool_held(spool, held):
+                    if stopping:
+                        break
+                    await asyncio.sleep(0.5)
+                    continue
                 if time.monotonic() < next_try:
                     if stopping:
                         break
@@ -388,8 +496,8 @@ class UsagePersistence:
                         _log.warning("chatter-otel: usage ledger reached the database again; "
                                      "%d spooled record(s) written", written)  # fmt: skip
                     backoff, failing = 0.5, False
-                    if self._queue.empty() and not spool.count:
-                        self._idle.set()
+                    if not spool.count:
+                        self._mark_settled()
                 except Exception as exc:  # the database is down or refused the batch
                     self.stats["failures"] += 1
                     failing = True
@@ -401,6 +509,9 @@ class UsagePersistence:
                 if stopping:
                     break
         finally:
+            if held:
+                _log.error("chatter-otel: usage ledger stopped with %d record(s) it could not "
+                           "spool; they are not written", len(held))  # fmt: skip
             if spool.count:
                 _log.warning("chatter-otel: usage ledger stopped with %d record(s) in the spool at "
                              "%s; they are written when it next starts", spool.count,
@@ -409,11 +520,16 @@ class UsagePersistence:
             await engine.dispose()
 
     def _take(self, timeout_s: float) -> list[tuple[str, dict[str, Any]]]:
+        """Up to ``batch_size`` records. After the first, wait ``batch_delay_s`` for more unless
+        a batch is already there or a flush is asked: one spool and database write per batch,
+        not per record (each write takes interpreter time from the app's threads)."""
         batch: list[tuple[str, dict[str, Any]]] = []
         try:
             batch.append(
                 self._queue.get(timeout=timeout_s) if timeout_s else self._queue.get_nowait()
             )
+            if self._queue.qsize() < self.batch_size - 1:
+                self._hurry.wait(self.batch_delay_s)
             while len(batch) < self.batch_size:
                 batch.append(self._queue.get_nowait())
         except queue.Empty:
@@ -422,62 +538,139 @@ class UsagePersistence:
 
     def _spool_batch(self, spool: _Spool, batch: list[tuple[str, dict[str, Any]]]) -> None:
         room = max(self.max_spool - spool.count, 0)
+        spool.add(batch[:room])  # raises before anything is counted: the caller retries
+        self.stats["spooled"] = spool.count
         if room < len(batch):
             self.stats["dropped"] += len(batch) - room
             warn_once("ledger:spool", "chatter-otel: usage spool at %s is full (%d records); "
                       "%d record(s) dropped so far", self.spool_path, self.max_spool,
                       self.stats["dropped"])  # fmt: skip
-            batch = batch[:room]
-        spool.add(batch)
-        self.stats["spooled"] = spool.count
 
     async def _ensure_tables(self, engine: Any) -> None:
-        if self._ready:
-            return
-        async with engine.begin() as conn:
+        if not self._ready:
             if self.create_tables:
-                await conn.run_sync(metadata.create_all)
-            self._message_columns = await conn.run_sync(self._app_columns)
-        self._ready = True
+                async with engine.begin() as conn:
+                    await conn.run_sync(metadata.create_all)
+            self._ready = True
 
-    def _app_columns(self, conn: Any) -> frozenset[str]:
-        """The columns the app's messages table really has (follow-up updates touch no other)."""
-        insp = inspect(conn)
-        if not insp.has_table(self.mapping.messages_table):
-            return frozenset()
-        return frozenset(c["name"] for c in insp.get_columns(self.mapping.messages_table))
+    async def _know_app_schema(self, conn: Any) -> None:
+        """Look at the app's tables; again (at most once a second) while one is missing, since
+        the app may create them after the ledger started."""
+        if self._message_columns and self._conversations_ok:
+            return
+        if time.monotonic() - self._schema_checked < _SCHEMA_RECHECK_S:
+            return
+        self._schema_checked = time.monotonic()
+        self._message_columns, self._conversations_ok = await conn.run_sync(self._app_schema)
+
+    def _app_schema(self, conn: Any) -> tuple[frozenset[str], bool]:
+        """The columns the app's messages table really has (follow-up updates touch no other),
+        and whether its conversations table has the mapped columns."""
+        m, insp = self.mapping, inspect(conn)
+        messages: frozenset[str] = frozenset()
+        if insp.has_table(m.messages_table):
+            messages = frozenset(c["name"] for c in insp.get_columns(m.messages_table))
+        conversations = frozenset()
+        if insp.has_table(m.conversations_table):
+            conversations = frozenset(c["name"] for c in insp.get_columns(m.conversations_table))
+        return messages, self._conversation_columns() <= conversations
+
+    def _conversation_columns(self) -> set[str]:
+        m = self.mapping
+        return {m.conversation_pk, m.conversation_total_tokens, m.conversation_total_cost}
 
     async def _drain(self, engine: Any, spool: _Spool) -> int:
+        """Write the spool to the database in batches, oldest first; returns rows written."""
         written = 0
         while True:
             rows = spool.peek(self.batch_size)
             if not rows:
+                self.stats["spooled"] = spool.count
                 return written
-            async with engine.begin() as conn:
-                for _, kind, record in rows:
-                    await self._apply(conn, kind, record)
+            try:
+                async with engine.begin() as conn:
+                    await self._apply_rows(conn, rows)
+            except Exception:
+                # One record may be what the database refuses: find it, keep the rest flowing.
+                written += await self._isolate(engine, spool, rows)
+                continue
             spool.delete(rows[-1][0])
-            written += len(rows)
-            self.stats["written"] += len(rows)
-            self.stats["spooled"] = spool.count
+            written += self._count_written(spool, len(rows))
 
-    async def _apply(self, conn: Any, kind: str, r: dict[str, Any]) -> None:
-        if kind == "llm":
-            await conn.execute(_insert_ignore(conn, LEDGER, r, "span_id"))
-        elif kind == "run":
-            await conn.execute(_insert_ignore(conn, RUNS, r, "workflow_id"))
-        elif kind == "bind":
-            await self._claim(conn, r["workflow_id"], r)
+    def _count_written(self, spool: _Spool, n: int) -> int:
+        self.stats["written"] += n
+        self.stats["spooled"] = spool.count
+        return n
 
-    async def _claim(self, conn: Any, workflow_id: str, bind: dict[str, Any] | None) -> None:
-        """Apply a run's tokens and cost to its conversation, once: whoever claims it first.
+    async def _isolate(self, engine: Any, spool: _Spool, rows: list[_SpoolRow]) -> int:
+        """Retry a refused batch one record at a time. A record the database refuses while it
+        answers is quarantined (kept in the spool file, logged); an outage raises."""
+        written = 0
+        for row in rows:
+            refused = await self._apply_alone(engine, row)
+            if refused is None:
+                spool.delete(row[0])
+                written += self._count_written(spool, 1)
+                continue
+            spool.quarantine(row[0], f"{type(refused).__name__}: {refused}")
+            self.stats["quarantined"] += 1
+            _log.error("chatter-otel: the usage database refused a %s record (%s: %.300s); "
+                       "kept aside in table 'quarantine' of %s", row[1], type(refused).__name__,
+                       refused, self.spool_path)  # fmt: skip
+        return written
+
+    async def _apply_alone(self, engine: Any, row: _SpoolRow) -> Exception | None:
+        """One record in its own transaction, tried twice (a deadlock or a serialization
+        failure passes). Returns what the database said if it refused the record; raises if
+        the database does not answer ``SELECT 1`` (an outage, not a bad record)."""
+        refused: Exception | None = None
+        for _attempt in range(2):
+            try:
+                async with engine.begin() as conn:
+                    await self._apply_rows(conn, [row])
+                return None
+            except Exception as exc:
+                refused = exc
+            async with engine.connect() as conn:
+                await conn.execute(select(1))
+        return refused
+
+    async def _apply_rows(self, conn: Any, rows: list[_SpoolRow]) -> None:
+        """All ledger rows in one executemany, all run rows in another, then the claims (the
+        order in which they were made) and their conversation totals, in one transaction."""
+        llm = [_fit(LEDGER, r) for _, kind, r in rows if kind == "llm"]
+        runs = [_fit(RUNS, r) for _, kind, r in rows if kind == "run"]
+        binds = [r for _, kind, r in rows if kind == "bind"]
+        if llm:
+            await conn.execute(_insert_ignore(conn, LEDGER, "span_id"), llm)
+        if runs:
+            await conn.execute(_insert_ignore(conn, RUNS, "workflow_id"), runs)
+        if binds:
+            await self._claim_all(conn, [(b["workflow_id"], b) for b in binds])
+
+    async def _claim_all(self, conn: Any, claims: list[tuple[str, dict[str, Any] | None]]) -> None:
+        """Claim runs (one ``SELECT`` for all, an ``UPDATE`` each), then add to conversations."""
+        ids = list({workflow_id for workflow_id, _ in claims})
+        found = await conn.execute(select(RUNS).where(RUNS.c.workflow_id.in_(ids)))
+        pending = {r.workflow_id: r for r in found if r.applied_at is None}
+        deltas = _Deltas()
+        for workflow_id, bind in claims:
+            row = pending.pop(workflow_id, None)
+            if row is not None:
+                await self._claim(conn, row, bind, deltas)
+        await self._add_to_conversations(conn, deltas)
+
+    async def _claim(
+        self, conn: Any, row: Any, bind: dict[str, Any] | None, deltas: _Deltas
+    ) -> None:
+        """Claim a run, once: whoever claims it first (``applied_at IS NULL`` -> now) adds its
+        tokens and cost to ``deltas`` (applied to conversations at the end of the transaction).
 
         ``bind`` is the binding the app's transaction made (its message is filled already);
         without one, a message the run named is filled here, where the app left it empty.
         """
-        row = (await conn.execute(select(RUNS).where(RUNS.c.workflow_id == workflow_id))).first()
-        if row is None or row.applied_at is not None:
-            return
+        workflow_id = row.workflow_id
+        await self._know_app_schema(conn)
         bind = bind or {}
         message_id = bind.get("message_id") or row.message_id
         claimed = await conn.execute(
@@ -487,29 +680,48 @@ class UsagePersistence:
         )
         if claimed.rowcount != 1:
             return
-        self.stats["applied"] += 1
         if not bind and row.message_id:
             await self._fill_named_message(conn, row)
         tokens = bind.get("total_tokens", row.total_tokens)
         cost = bind.get("cost", row.cost)
         conv = bind.get("conversation_id") or row.conversation_id
-        if conv is None or not (tokens or cost):
+        deltas.claimed += 1
+        if conv is not None and (tokens or cost):
+            total = deltas.setdefault(str(conv), [0, Decimal(0)])
+            total[0] += tokens or 0
+            total[1] += cost or Decimal(0)
+
+    async def _add_to_conversations(self, conn: Any, deltas: _Deltas) -> None:
+        """One ``UPDATE`` per conversation, last in the transaction (the app's own updates of
+        the row wait for its lock the shortest time) and in id order (two workers, two
+        processes, never deadlock on each other)."""
+        self.stats["applied"] += deltas.claimed
+        if not deltas:
+            return
+        if not self._conversations_ok:  # logged, not raised: a refused batch would block the rest
+            warn_once("ledger:conversations", "chatter-otel: table %r with columns %s is not in "
+                      "the usage database (%s); conversation totals are not updated until it is "
+                      "(see MessageMapping). Usage is still recorded per run in %s",
+                      self.mapping.conversations_table, sorted(self._conversation_columns()),
+                      self._url.render_as_string(hide_password=True), RUNS.name)  # fmt: skip
             return
         m = self.mapping
-        await conn.execute(
-            text(
-                f'UPDATE "{m.conversations_table}" SET '
-                f'"{m.conversation_total_tokens}" = "{m.conversation_total_tokens}" + :tokens, '
-                f'"{m.conversation_total_cost}" = "{m.conversation_total_cost}" + :cost '
-                f'WHERE "{m.conversation_pk}" = :conv'
-            ).bindparams(
-                # typed, so each dialect converts the Decimal its own way (sqlite3 cannot bind it)
-                bindparam("tokens", type_=BigInteger()),
-                bindparam("cost", type_=Numeric(20, 10)),
-                bindparam("conv", type_=String()),
-            ),
-            {"tokens": tokens or 0, "cost": cost or Decimal(0), "conv": str(conv)},
-        )
+        for conv in sorted(deltas):
+            tokens, cost = deltas[conv]
+            await conn.execute(
+                text(
+                    f'UPDATE "{m.conversations_table}" SET '
+                    f'"{m.conversation_total_tokens}" = "{m.conversation_total_tokens}" + :tokens, '
+                    f'"{m.conversation_total_cost}" = "{m.conversation_total_cost}" + :cost '
+                    f'WHERE "{m.conversation_pk}" = :conv'
+                ).bindparams(
+                    # typed: each dialect converts the Decimal its own way (sqlite3 cannot bind it)
+                    bindparam("tokens", type_=BigInteger()),
+                    bindparam("cost", type_=Numeric(20, 10)),
+                    bindparam("conv", type_=String()),
+                ),
+                {"tokens": tokens, "cost": cost, "conv": conv},
+            )
 
     async def _fill_named_message(self, conn: Any, run: Any) -> None:
         """Fill the message a run named, where the app left it empty or zero (it may have
@@ -551,8 +763,14 @@ class UsagePersistence:
                     ).limit(self.batch_size)
                 )
             ).scalars().all()  # fmt: skip
-            for workflow_id in due:
-                await self._claim(conn, workflow_id, None)
+            if due:
+                await self._claim_all(conn, [(workflow_id, None) for workflow_id in due])
+
+
+def _tokens(a: Any) -> tuple[Any, Any, Any]:
+    """Input, output and total tokens of a span; the total only if one of them was reported."""
+    tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
+    return tin, tout, None if tin is None and tout is None else (tin or 0) + (tout or 0)
 
 
 def _if_empty(col: Any, value: Any) -> Any:
@@ -561,30 +779,74 @@ def _if_empty(col: Any, value: Any) -> Any:
     return case((or_(col.is_(None), col == placeholder), value), else_=col)
 
 
-def _insert_ignore(conn: Any, table: Table, values: dict[str, Any], key: str) -> Any:
+def _insert_ignore(conn: Any, table: Table, key: str) -> Any:
+    """An insert that skips rows already there (a replay): ``ON CONFLICT DO NOTHING``."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
+    else:  # sqlite: the only other backend __init__ accepts
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing(index_elements=[key])
 
-        return insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
-    if conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return sqlite_insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
-    return table.insert().prefix_with("IGNORE").values(**values)
+def _fit(table: Table, record: dict[str, Any]) -> dict[str, Any]:
+    """Every column of ``table`` (one executemany needs the same keys), strings cut to the
+    column's length: an over-long id from a hostile header must not make PostgreSQL refuse it."""
+    out: dict[str, Any] = {}
+    for col in table.c:
+        value = record.get(col.name)
+        length = getattr(col.type, "length", None)
+        if length and isinstance(value, str) and len(value) > length:
+            value = value[:length]
+        out[col.name] = value
+    return out
+
+
+_SpoolRow = tuple[int, str, dict[str, Any]]
+
+
+class _Deltas(dict[str, list[Any]]):
+    """Conversation id -> [tokens, cost] to add, in one transaction; ``claimed`` runs in it."""
+
+    claimed = 0
+
+
+_SCHEMA_RECHECK_S = 1.0
+# How long a spool statement waits for a lock: another process sharing the file (two workers
+# left on the default path) holds its write lock only for one batch.
+_SPOOL_BUSY_S = 30.0
 
 
 class _Spool:
-    """A local SQLite file of pending records, in order; survives a restart.
+    """A local SQLite file of pending records, in order; survives a restart. Records the
+    database refused wait in its ``quarantine`` table, with the error, for a person to look at.
 
     ``count`` is kept in memory (a ``COUNT(*)`` per loop would cost more than the writes).
     """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path)
+        self._db = sqlite3.connect(path, timeout=_SPOOL_BUSY_S)
+        try:
+            self._prepare()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _prepare(self) -> None:
+        # WAL without a sync per commit: survives the app's crash or restart (what the spool is
+        # for), at the cost of the last commits on a power loss; a sync per batch would not.
+        # The mode is kept in the file; switching needs an exclusive lock for which SQLite does
+        # not wait, so it is done only when not yet set and the caller retries "locked".
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " kind TEXT NOT NULL, payload TEXT NOT NULL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS quarantine (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,"
+            " payload TEXT NOT NULL, error TEXT NOT NULL, at REAL NOT NULL)"
         )
         self._db.commit()
         self.count = int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
@@ -599,15 +861,27 @@ class _Spool:
             )
         self.count += len(batch)
 
-    def peek(self, n: int) -> list[tuple[int, str, dict[str, Any]]]:
+    def peek(self, n: int) -> list[_SpoolRow]:
         rows = self._db.execute(
             "SELECT id, kind, payload FROM spool ORDER BY id LIMIT ?", (n,)
         ).fetchall()
+        if not rows:  # another process sharing the file may have written (and removed) ours
+            self.count = 0
         return [(i, kind, _decode(json.loads(p))) for i, kind, p in rows]
 
     def delete(self, upto: int) -> None:
         with self._db:
             gone = self._db.execute("DELETE FROM spool WHERE id <= ?", (upto,)).rowcount
+        self.count = max(self.count - gone, 0)
+
+    def quarantine(self, row_id: int, error: str) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO quarantine (id, kind, payload, error, at)"
+                " SELECT id, kind, payload, ?, ? FROM spool WHERE id = ?",
+                (error[:2000], time.time(), row_id),
+            )  # fmt: skip
+            gone = self._db.execute("DELETE FROM spool WHERE id = ?", (row_id,)).rowcount
         self.count = max(self.count - gone, 0)
 
     def close(self) -> None:
@@ -647,20 +921,20 @@ class LedgerSpanProcessor(SpanProcessor):
         a = span.attributes or {}
         ok = span.status.status_code is not StatusCode.ERROR
         if a.get(GEN_AI_OPERATION_NAME) == _CHAT:
-            tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
+            tin, tout, total = _tokens(a)
             reasons = a.get(GEN_AI_RESPONSE_FINISH_REASONS) or ()
             persistence.submit("llm", {
-                "span_id": format(span.context.span_id, "016x"),
-                "trace_id": format(span.context.trace_id, "032x"),
+                "span_id": format_span_id(span.context.span_id),
+                "trace_id": format_trace_id(span.context.trace_id),
                 "workflow_id": workflow_id,
                 "conversation_id": a.get(GEN_AI_CONVERSATION_ID),
                 "message_id": a.get(CHATTER_MESSAGE_ID),
                 "correlation_id": a.get(CHATTER_CORRELATION_ID),
                 "user_id": a.get(USER_ID),
                 "provider": a.get(GEN_AI_PROVIDER_NAME),
-                "model": a.get(GEN_AI_RESPONSE_MODEL) or a.get(GEN_AI_REQUEST_MODEL),
+                "model": model_of(a),
                 "input_tokens": tin, "output_tokens": tout,
-                "total_tokens": None if tin is None and tout is None else (tin or 0) + (tout or 0),
+                "total_tokens": total,
                 "cache_read_tokens": a.get(GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS),
                 "cache_creation_tokens": a.get(GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS),
                 "reasoning_tokens": a.get(GEN_AI_USAGE_REASONING_OUTPUT_TOKENS),
@@ -669,22 +943,22 @@ class LedgerSpanProcessor(SpanProcessor):
                 "cost_source": a.get(GEN_AI_USAGE_COST_SOURCE),
                 "finish_reason": reasons[0] if reasons else None,
                 "started_at": (span.start_time or 0) / 1e9,
-                "duration_ms": ((span.end_time or 0) - (span.start_time or 0)) / 1e6,
+                "duration_ms": duration_ns(span) / 1e6,
                 "status": "ok" if ok else "error",
             })  # fmt: skip
         if closes:
-            tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
+            tin, tout, total = _tokens(a)
             cost = a.get(GEN_AI_USAGE_COST_AMOUNT)
             persistence.submit("run", {
                 "workflow_id": workflow_id,
-                "trace_id": format(span.context.trace_id, "032x"),
+                "trace_id": format_trace_id(span.context.trace_id),
                 "conversation_id": a.get(GEN_AI_CONVERSATION_ID),
                 "message_id": a.get(CHATTER_MESSAGE_ID),
                 "input_tokens": tin, "output_tokens": tout,
-                "total_tokens": None if tin is None and tout is None else (tin or 0) + (tout or 0),
+                "total_tokens": total,
                 "cost": Decimal(str(cost)) if cost is not None else None,
                 "status": "ok" if ok else "error",
-                "response_time_ms": ((span.end_time or 0) - (span.start_time or 0)) // 1_000_000,
+                "response_time_ms": duration_ns(span) // 1_000_000,
                 "finished_at": (span.end_time or 0) / 1e9,
                 "applied_at": None,
             })  # fmt: skip

@@ -90,6 +90,7 @@ class Message(Base):
     cost: Mapped[Decimal | None] = mapped_column(Numeric(18, 10))
     provider_used: Mapped[str | None] = mapped_column(String(64))
     model_used: Mapped[str | None] = mapped_column(String(128))
+    finish_reason: Mapped[str | None] = mapped_column(String(64))
     response_time_ms: Mapped[int | None] = mapped_column(Integer)
 
 
@@ -129,7 +130,8 @@ def _message_json(m: Message) -> dict[str, Any]:
         "sequence_number": m.sequence_number, "prompt_tokens": m.prompt_tokens,
         "completion_tokens": m.completion_tokens, "total_tokens": m.total_tokens,
         "cost": str(m.cost) if m.cost is not None else None, "provider_used": m.provider_used,
-        "model_used": m.model_used, "response_time_ms": m.response_time_ms,
+        "model_used": m.model_used, "finish_reason": m.finish_reason,
+        "response_time_ms": m.response_time_ms,
     }  # fmt: skip
 
 
@@ -173,6 +175,7 @@ class _ChatService:
                 cost=u.cost,
                 provider_used=u.provider,
                 model_used=u.model,
+                finish_reason=u.finish_reason,
                 response_time_ms=u.response_time_ms,
             )
         )

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
@@ -300,3 +304,38 @@ def otlp_grpc() -> Iterator[Received]:
         yield received
     finally:
         server.stop(grace=None)
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    """Until something accepts connections on 127.0.0.1:port; fails the test otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+@contextmanager
+def rotel_forwarding(grpc_port: int, http_port: int, to: str, log_dir: Any) -> Iterator[None]:
+    """The rotel collector binary: OTLP/gRPC and OTLP/HTTP receivers on loopback, forwarding
+    over gRPC to the receiver at ``to``; up (both ports listening) inside the block."""
+    import rotel
+
+    exe = os.path.join(os.path.dirname(rotel.__file__), "rotel-agent")
+    proc = subprocess.Popen(
+        [exe, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
+         "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
+         "--otlp-exporter-endpoint", to, "--otlp-exporter-protocol", "grpc",
+         "--pid-file", str(log_dir / "rotel.pid"), "--log-file", str(log_dir / "rotel.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(grpc_port)
+        wait_port(http_port)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)

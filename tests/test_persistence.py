@@ -1,16 +1,20 @@
 """Usage lands in a host app's messages and conversations, on real PostgreSQL and on SQLite.
 
-The host app is reproduced as it really behaves: it runs the graph, then (same task) inserts the
-assistant message with zeros in the usage columns and updates its aggregates with +0; its
-streaming endpoint saves no message at all. It never tells anyone the message id in advance.
+The host app is reproduced as it really behaves, on the reference app's models (26-character
+ids, the role stored by its enum name, nullable usage columns, NOT NULL totals): it runs the
+graph, then (same task) inserts the assistant message with zeros in the usage columns and updates
+its aggregates with +0; its streaming endpoint saves no message at all. It never tells anyone the
+message id in advance.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import json
+import sqlite3
 import threading
 import uuid
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -23,67 +27,24 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import (
     Engine,
-    ForeignKey,
-    Integer,
-    Numeric,
-    String,
-    Text,
     event,
     func,
     select,
     update,
 )
-from sqlalchemy import Enum as SAEnum
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from chatter_otel import _safety, configure, track_workflow
+from chatter_otel import _safety, configure, persistence, track_workflow
 from chatter_otel.demo import build_chat_graph
 from chatter_otel.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.persistence import LEDGER, RUNS, UsagePersistence
+from chatter_otel.reference_app import Base, Conversation, Message, new_id
+from chatter_otel.reference_app import MessageRole as Role
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/{db}"
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Role(enum.Enum):
-    USER = "user"
-    ASSISTANT = "assistant"
-
-
-class Conversation(Base):
-    __tablename__ = "conversations"
-    id: Mapped[str] = mapped_column(String(26), primary_key=True)
-    total_tokens: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
-    total_cost: Mapped[Decimal] = mapped_column(Numeric(18, 10), default=0, nullable=False)
-    message_count: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
-
-
-class Message(Base):
-    __tablename__ = "messages"
-    id: Mapped[str] = mapped_column(String(26), primary_key=True)
-    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"))
-    role: Mapped[Role] = mapped_column(SAEnum(Role))
-    content: Mapped[str] = mapped_column(Text)
-    sequence_number: Mapped[int] = mapped_column(Integer)
-    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
-    completion_tokens: Mapped[int | None] = mapped_column(Integer)
-    total_tokens: Mapped[int | None] = mapped_column(Integer)
-    cost: Mapped[Decimal | None] = mapped_column(Numeric(18, 10))
-    provider_used: Mapped[str | None] = mapped_column(String(64))
-    model_used: Mapped[str | None] = mapped_column(String(128))
-    finish_reason: Mapped[str | None] = mapped_column(String(64))
-    response_time_ms: Mapped[int | None] = mapped_column(Integer)
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex[:26].upper()
 
 
 async def _pg_admin(sql: str) -> None:
@@ -169,15 +130,39 @@ class Host:
             return list(await conn.execute(select(table)))
 
 
-async def _configure(url: str, tmp_path: Any, **kw: Any) -> tuple[Any, UsagePersistence]:
+async def _configure(url: Any, tmp_path: Any, **kw: Any) -> tuple[Any, UsagePersistence]:
     persistence = UsagePersistence(url, spool_path=tmp_path / "spool.db", **kw)
     tel = configure(tracer_provider=TracerProvider(), persistence=persistence,
                     prices=LOCAL_MODEL_PRICES)  # fmt: skip
     return tel, persistence
 
 
+@asynccontextmanager
+async def _hosted(
+    url: str, tmp_path: Any, **kw: Any
+) -> AsyncIterator[tuple[Host, UsagePersistence]]:
+    """The host app on its database, with telemetry and usage persistence configured."""
+    host = Host(url)
+    await host.setup()
+    tel, p = await _configure(url, tmp_path, **kw)
+    try:
+        yield host, p
+    finally:
+        tel.shutdown()
+        await host.engine.dispose()
+
+
 async def _flush(p: UsagePersistence) -> None:
     assert await asyncio.to_thread(p.flush, 20), p.stats
+
+
+async def _until_applied(host: Host, p: UsagePersistence, cid: str) -> None:
+    """Wait (bounded) until the worker has added a run to the conversation (after grace_s)."""
+    for _ in range(200):
+        await _flush(p)
+        if (await host.conversation(cid)).total_tokens:
+            return
+        await asyncio.sleep(0.05)
 
 
 def _approx(value: Any) -> Any:
@@ -187,7 +172,7 @@ def _approx(value: Any) -> Any:
 async def test_unwrapped_run_fills_the_message_and_the_totals(database: str, tmp_path: Any) -> None:
     host = Host(database)
     await host.setup()
-    tel, p = await _configure(database, tmp_path)
+    tel, p = await _configure(host.engine, tmp_path)  # pointed at the app's engine
     try:
         cid = await host.new_conversation()
         mid = await host.chat(cid, "What is the weather in Paris?")
@@ -213,10 +198,7 @@ async def test_unwrapped_run_fills_the_message_and_the_totals(database: str, tmp
 
 
 async def test_wrapped_run_binds_to_the_named_message(database: str, tmp_path: Any) -> None:
-    host = Host(database)
-    await host.setup()
-    tel, p = await _configure(database, tmp_path)
-    try:
+    async with _hosted(database, tmp_path) as (host, p):
         cid, mid = await host.new_conversation(), new_id()
         async with track_workflow("chat", conversation_id=cid, message_id=mid):
             out = await host.graph.ainvoke({"messages": [HumanMessage("weather in Oslo")]})
@@ -228,37 +210,39 @@ async def test_wrapped_run_binds_to_the_named_message(database: str, tmp_path: A
         assert by_id[mid].total_tokens > 0
         conv = await host.conversation(cid)
         assert conv.total_tokens == by_id[mid].total_tokens and conv.message_count == 2
-    finally:
-        tel.shutdown()
-        await host.engine.dispose()
+
+
+async def test_graph_metadata_names_the_message(database: str, tmp_path: Any) -> None:
+    """Unwrapped, but the graph's config names the message (``metadata.message_id``): the row
+    with that id is filled, not the first assistant row saved after the run."""
+    async with _hosted(database, tmp_path) as (host, p):
+        cid, mid = await host.new_conversation(), new_id()
+        config = {"configurable": {"thread_id": cid}, "metadata": {"message_id": mid}}
+        out = await host.graph.ainvoke({"messages": [HumanMessage("weather in Oslo")]}, config)
+        other = await host.save_assistant(cid, "a note saved first")
+        await host.save_assistant(cid, str(out["messages"][-1].content), message_id=mid)
+        await _flush(p)
+        by_id = {m.id: m for m in await host.messages(cid)}
+        ledger = await host.rows(LEDGER)
+        assert by_id[other].total_tokens == 0
+        assert by_id[mid].total_tokens == sum(r.total_tokens for r in ledger) > 0
+        assert {r.message_id for r in ledger} == {mid}
+        assert (await host.conversation(cid)).total_tokens == by_id[mid].total_tokens
 
 
 async def test_streaming_run_without_a_message(database: str, tmp_path: Any) -> None:
-    host = Host(database)
-    await host.setup()
-    tel, p = await _configure(database, tmp_path, grace_s=0.3)
-    try:
+    async with _hosted(database, tmp_path, grace_s=0.3) as (host, p):
         cid = await host.new_conversation()
         await host.stream(cid, "What is the weather in Tokyo?")
-        for _ in range(100):  # the grace period passes, the worker applies the run
-            await _flush(p)
-            if (await host.conversation(cid)).total_tokens:
-                break
-            await asyncio.sleep(0.1)
+        await _until_applied(host, p, cid)  # the grace period passes, the worker applies the run
         conv = await host.conversation(cid)
         ledger = await host.rows(LEDGER)
         assert conv.total_tokens == sum(r.total_tokens for r in ledger) > 0
         assert conv.message_count == 0 and await host.messages(cid) == []
-    finally:
-        tel.shutdown()
-        await host.engine.dispose()
 
 
 async def test_failed_run_records_status_and_invents_nothing(database: str, tmp_path: Any) -> None:
-    host = Host(database)
-    await host.setup()
-    tel, p = await _configure(database, tmp_path)
-    try:
+    async with _hosted(database, tmp_path) as (host, p):
         cid = await host.new_conversation()
         with pytest.raises(RuntimeError):
             async with track_workflow("chat", conversation_id=cid):
@@ -268,16 +252,10 @@ async def test_failed_run_records_status_and_invents_nothing(database: str, tmp_
         assert run.status == "error" and run.total_tokens is None and run.cost is None
         assert await host.rows(LEDGER) == []
         assert (await host.conversation(cid)).total_tokens == 0
-    finally:
-        tel.shutdown()
-        await host.engine.dispose()
 
 
 async def test_fifty_concurrent_chats_into_one_conversation(database: str, tmp_path: Any) -> None:
-    host = Host(database)
-    await host.setup()
-    tel, p = await _configure(database, tmp_path)
-    try:
+    async with _hosted(database, tmp_path) as (host, p):
         cid = await host.new_conversation()
         cities = ["Paris", "Oslo", "Tokyo", "Lima", "Rome"]
         await asyncio.gather(
@@ -293,9 +271,6 @@ async def test_fifty_concurrent_chats_into_one_conversation(database: str, tmp_p
         runs = await host.rows(RUNS)
         assert len(runs) == 50 and len({r.message_id for r in runs}) == 50
         assert len(await host.rows(LEDGER)) == 100
-    finally:
-        tel.shutdown()
-        await host.engine.dispose()
 
 
 async def test_database_outage_then_recovery_and_restart(tmp_path: Any) -> None:
@@ -328,11 +303,7 @@ async def test_database_outage_then_recovery_and_restart(tmp_path: Any) -> None:
         for _ in range(2):  # restarted twice: the second replay must change nothing
             tel, p = await _configure(url, tmp_path, grace_s=0.2)
             try:
-                for _ in range(100):
-                    await _flush(p)
-                    if (await host.conversation(cid)).total_tokens:
-                        break
-                    await asyncio.sleep(0.1)
+                await _until_applied(host, p, cid)
                 await asyncio.sleep(0.5)
                 await _flush(p)
             finally:
@@ -541,10 +512,7 @@ async def test_a_full_spool_drops_and_counts(tmp_path: Any, caplog: Any, monkeyp
 async def test_a_named_message_saved_before_the_run_ends(database: str, tmp_path: Any) -> None:
     """The app saves its placeholder row (zeros) first and runs the graph afterwards, inside
     ``track_workflow(message_id=...)``: the worker fills that row where it is still empty."""
-    host = Host(database)
-    await host.setup()
-    tel, p = await _configure(database, tmp_path, grace_s=0.3)
-    try:
+    async with _hosted(database, tmp_path, grace_s=0.3) as (host, p):
         cid, mid = await host.new_conversation(), new_id()
         async with track_workflow("chat", conversation_id=cid, message_id=mid):
             await host.save_assistant(cid, "", message_id=mid)
@@ -562,9 +530,6 @@ async def test_a_named_message_saved_before_the_run_ends(database: str, tmp_path
         assert msg.finish_reason == "stop" and msg.response_time_ms is not None
         conv = await host.conversation(cid)
         assert (conv.total_tokens, conv.message_count) == (msg.total_tokens, 1)
-    finally:
-        tel.shutdown()
-        await host.engine.dispose()
 
 
 async def test_no_database_io_on_the_request_path(database: str, tmp_path: Any) -> None:
@@ -603,10 +568,7 @@ async def test_an_app_that_keeps_its_own_totals_is_not_counted_twice(
 ) -> None:
     """Like the reference app: it names the message, writes the run's usage itself and adds it
     to the conversation itself. The ledger records the run and claims it without a delta."""
-    host = Host(database)
-    await host.setup()
-    tel, p = await _configure(database, tmp_path, grace_s=0.2)
-    try:
+    async with _hosted(database, tmp_path, grace_s=0.2) as (host, p):
         cid, mid = await host.new_conversation(), new_id()
         async with track_workflow("chat", conversation_id=cid, message_id=mid) as run:
             await host.graph.ainvoke({"messages": [HumanMessage("weather in Paris")]})
@@ -635,6 +597,199 @@ async def test_an_app_that_keeps_its_own_totals_is_not_counted_twice(
         assert row.applied_at is not None and row.message_id == mid
         (msg,) = await host.messages(cid)
         assert msg.model_used == "chatter-local-1"  # the columns it left empty are filled
+
+
+async def test_chat_openai_streamed_over_http_lands_in_the_conversation(
+    database: str, tmp_path: Any, openai_server: Any
+) -> None:
+    """A real ``ChatOpenAI`` (streamed, ``stream_usage=True``) against an OpenAI-compatible
+    server on loopback, run by the host's streaming endpoint, which saves no message."""
+    from langchain_openai import ChatOpenAI
+
+    host = Host(database)
+    host.graph = build_chat_graph(
+        ChatOpenAI(model="gpt-4o-mini", base_url=openai_server.url, api_key="sk-loopback",
+                   max_retries=0, streaming=True, stream_usage=True)
+    )  # fmt: skip
+    await host.setup()
+    tel, p = await _configure(database, tmp_path, grace_s=0.2)
+    try:
+        cid = await host.new_conversation()
+        await host.stream(cid, "Say hello")
+        await _until_applied(host, p, cid)
+        (row,) = await host.rows(LEDGER)
+        assert (row.provider, row.model) == ("openai", openai_server.model)
+        assert (row.input_tokens, row.output_tokens, row.cache_read_tokens) == (23, 7, 4)
+        assert (row.currency, row.cost_source, row.finish_reason) == ("USD", "local", "stop")
+        assert row.conversation_id == cid and row.status == "ok"
+        conv = await host.conversation(cid)
+        assert conv.total_tokens == 30 and row.cost > 0
+        assert float(conv.total_cost) == _approx(row.cost)
     finally:
         tel.shutdown()
+        await host.engine.dispose()
+
+
+def _llm_record(span_id: str, **overrides: Any) -> dict[str, Any]:
+    """A ledger record as the span processor submits it."""
+    record = {
+        "span_id": span_id, "trace_id": "ab" * 16, "workflow_id": None, "conversation_id": "c",
+        "message_id": None, "correlation_id": None, "user_id": None, "provider": "openai",
+        "model": "gpt-4o-mini", "input_tokens": 3, "output_tokens": 2, "total_tokens": 5,
+        "cache_read_tokens": None, "cache_creation_tokens": None, "reasoning_tokens": None,
+        "cost": Decimal("0.000001"), "currency": "USD", "cost_source": "local",
+        "finish_reason": "stop", "started_at": 1.0, "duration_ms": 2.0, "status": "ok",
+    }  # fmt: skip
+    record.update(overrides)
+    return record
+
+
+async def test_a_record_the_database_refuses_is_quarantined_and_the_rest_flow(
+    database: str, tmp_path: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    """One record the database refuses (here: NOT NULL) must not hold up those behind it; it is
+    kept aside with the error, logged and counted. Over-long strings (a hostile header's id) are
+    cut to the column, not refused (PostgreSQL would refuse them)."""
+    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
+    host = Host(database)
+    await host.setup()
+    reader = InMemoryMetricReader()
+    p = UsagePersistence(database, spool_path=tmp_path / "spool.db")
+    tel = configure(tracer_provider=TracerProvider(), persistence=p, prices=LOCAL_MODEL_PRICES,
+                    meter_provider=MeterProvider(metric_readers=[reader]))  # fmt: skip
+    try:
+        p.submit("llm", _llm_record("00000000000000aa", trace_id=None))
+        p.submit("llm", _llm_record("00000000000000bb", conversation_id="x" * 5000))
+        cid = await host.new_conversation()
+        await host.chat(cid, "weather in Paris")
+        await _flush(p)
+        ledger = {r.span_id: r for r in await host.rows(LEDGER)}
+        assert "00000000000000aa" not in ledger
+        assert ledger["00000000000000bb"].conversation_id == "x" * 256
+        chat = [r for r in ledger.values() if r.conversation_id == cid]
+        assert len(ledger) == 3 and len(chat) == 2  # the chat's two LLM calls went through
+        assert (await host.conversation(cid)).total_tokens == sum(r.total_tokens for r in chat) > 0
+        assert p.stats["quarantined"] == 1
+        assert _metric(reader, "chatter.usage.ledger.quarantined") == 1
+        assert "the usage database refused a llm record" in caplog.text
+        with sqlite3.connect(tmp_path / "spool.db") as db:
+            ((kind, payload, error),) = db.execute("SELECT kind, payload, error FROM quarantine")
+            (pending,) = db.execute("SELECT COUNT(*) FROM spool").fetchone()
+        assert kind == "llm" and json.loads(payload)["span_id"] == "00000000000000aa"
+        assert "trace_id" in error and pending == 0
+    finally:
+        tel.shutdown()
+        await host.engine.dispose()
+
+
+async def test_usage_database_without_the_apps_tables_until_the_app_creates_them(
+    tmp_path: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    """The conversations table is not there (a wrong mapping, or the app creates it later): the
+    ledger keeps writing, says so once, and does not retry the batch forever; once the table
+    exists, totals are applied again."""
+    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
+    url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
+    host = Host(url)
+    tel, p = await _configure(url, tmp_path, grace_s=0.2)
+    try:
+        await host.stream("CONV-NOT-YET", "weather in Rome")
+        for _ in range(100):
+            await _flush(p)
+            if p.stats["applied"]:
+                break
+            await asyncio.sleep(0.05)
+        (run,) = await host.rows(RUNS)
+        ledger = await host.rows(LEDGER)
+        assert run.applied_at is not None and len(ledger) == 2
+        assert run.total_tokens == sum(r.total_tokens for r in ledger) > 0
+        assert p.stats["failures"] == 0
+        assert "conversation totals are not updated until it is" in caplog.text
+        assert "'conversations'" in caplog.text
+
+        await host.setup()
+        cid = await host.new_conversation()
+        await asyncio.sleep(1.1)  # the worker looks for the app's tables again once a second
+        await host.stream(cid, "weather in Rome")
+        await _until_applied(host, p, cid)
+        runs = [r for r in await host.rows(RUNS) if r.conversation_id == cid]
+        assert (await host.conversation(cid)).total_tokens == runs[0].total_tokens > 0
+    finally:
+        tel.shutdown()
+        await host.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite:///usage.db", "needs an async driver"),
+        ("postgresql+psycopg2://postgres@127.0.0.1/test", "needs an async driver"),
+        ("mysql+aiomysql://root@127.0.0.1/app", "supports PostgreSQL and SQLite, not 'mysql'"),
+    ],
+)
+def test_an_unsupported_database_url_is_refused_at_startup(url: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says.replace("(", r"\(")):
+        UsagePersistence(url)
+
+
+async def test_two_workers_share_one_spool_file(database: str, tmp_path: Any) -> None:
+    """Two worker processes left on the default spool path: each may write the other's records;
+    primary keys keep them once, and each one's flush() still returns."""
+    host = Host(database)
+    await host.setup()
+    first = UsagePersistence(database, spool_path=tmp_path / "shared.db", batch_delay_s=0.05)
+    second = UsagePersistence(database, spool_path=tmp_path / "shared.db", batch_delay_s=0.05)
+    first.start()
+    second.start()
+    try:
+        for i in range(300):
+            (first if i % 2 else second).submit("llm", _llm_record(f"{i:016x}"))
+        assert await asyncio.to_thread(first.flush, 20), first.stats
+        assert await asyncio.to_thread(second.flush, 20), second.stats
+        ledger = await host.rows(LEDGER)
+        assert sorted(r.span_id for r in ledger) == [f"{i:016x}" for i in range(300)]
+        assert first.stats["spooled"] == second.stats["spooled"] == 0
+        assert first.stats["written"] + second.stats["written"] >= 300
+    finally:
+        first.close()
+        second.close()
+        await host.engine.dispose()
+
+
+async def test_a_locked_spool_file_delays_records_and_loses_none(
+    database: str, tmp_path: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    """Another process holds the spool file locked, first while the worker opens it, then while
+    it writes a batch: the worker says so, keeps the records and writes them all, once, when the
+    lock goes (it used to die on the first "database is locked")."""
+    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
+    monkeypatch.setattr(persistence, "_SPOOL_BUSY_S", 0.1)
+    host = Host(database)
+    await host.setup()
+    path = tmp_path / "spool.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # a fresh file: the worker cannot even switch it to WAL
+    p = UsagePersistence(database, spool_path=path, batch_delay_s=0.05)
+    p.start()
+    try:
+        p.submit("llm", _llm_record("0000000000000001"))
+        assert not await asyncio.to_thread(p.flush, 1.5)
+        assert "usage spool at" in caplog.text and "cannot be opened" in caplog.text
+        other.execute("COMMIT")
+        assert await asyncio.to_thread(p.flush, 10), p.stats
+
+        other.execute("BEGIN IMMEDIATE")  # now the worker has it open; hold the write lock
+        for i in range(2, 12):
+            p.submit("llm", _llm_record(f"{i:016x}"))
+        assert not await asyncio.to_thread(p.flush, 1.5)
+        assert "cannot be written" in caplog.text and "held in memory, retrying" in caplog.text
+        other.execute("COMMIT")
+        assert await asyncio.to_thread(p.flush, 10), p.stats
+
+        ledger = await host.rows(LEDGER)
+        assert sorted(r.span_id for r in ledger) == [f"{i:016x}" for i in range(1, 12)]
+        assert (p.stats["dropped"], p.stats["spooled"], p.stats["written"]) == (0, 0, 11)
+    finally:
+        other.close()
+        p.close()
         await host.engine.dispose()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
@@ -18,18 +16,16 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import rotel
 import uvicorn
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from chatter_otel.reference_app import create_app, create_tables
-from tests.conftest import start_grpc_receiver
+from tests.conftest import rotel_forwarding, start_grpc_receiver
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-ROTEL = os.path.join(os.path.dirname(rotel.__file__), "rotel-agent")
 ENV = (
     "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_TRACES_EXPORTER",
     "OTEL_BSP_MAX_QUEUE_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_SCHEDULE_DELAY",
@@ -43,35 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
-
-
 @pytest.fixture
 def collector(otlp_grpc: Any, tmp_path: Any) -> Iterator[dict[str, Any]]:
     """rotel listening on gRPC and HTTP, forwarding to the receiver over gRPC."""
     grpc_port, http_port = _free_port(), _free_port()
-    proc = subprocess.Popen(
-        [ROTEL, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
-         "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
-         "--otlp-exporter-endpoint", otlp_grpc.endpoint, "--otlp-exporter-protocol", "grpc",
-         "--pid-file", str(tmp_path / "rotel.pid"), "--log-file", str(tmp_path / "rotel.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        _wait_port(grpc_port)
-        _wait_port(http_port)
+    with rotel_forwarding(grpc_port, http_port, otlp_grpc.endpoint, tmp_path):
         yield {"grpc": grpc_port, "http": http_port, "receiver": otlp_grpc}
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 class Served:
@@ -162,6 +135,7 @@ def test_chat_through_rotel_to_the_receiver(serve: Any, collector: Any, protocol
         assert m["prompt_tokens"] == turn["usage"]["prompt_tokens"] > 0
         assert m["total_tokens"] == m["prompt_tokens"] + m["completion_tokens"]
         assert m["provider_used"] == "chatter.local" and m["model_used"] == "chatter-local-1"
+        assert m["finish_reason"] == "stop"
         assert m["cost"] is not None and float(m["cost"]) > 0
         assert m["response_time_ms"] is not None
     assert conv["message_count"] == 4

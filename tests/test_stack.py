@@ -265,16 +265,13 @@ def test_rotel_on_the_compose_ports_and_protocols(
 ) -> None:
     """The app's OTLP settings from the compose file, sent through a real collector binary
     (rotel) listening on the collector's OTLP ports from otel-collector.yaml."""
-    import os
     import socket
-    import subprocess
-    import time
 
-    import rotel
     from langchain_core.messages import HumanMessage
 
     from chatter_otel import configure, track_workflow
     from chatter_otel.demo import build_chat_graph
+    from tests.conftest import rotel_forwarding
 
     protocols = otel["receivers"]["otlp"]["protocols"]
     grpc_port = _hostport(protocols["grpc"]["endpoint"])[1]
@@ -282,21 +279,7 @@ def test_rotel_on_the_compose_ports_and_protocols(
     for port in (grpc_port, http_port):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} is taken on this machine"
-    exe = os.path.join(os.path.dirname(rotel.__file__), "rotel-agent")
-    proc = subprocess.Popen(
-        [exe, "start", "--otlp-grpc-endpoint", f"127.0.0.1:{grpc_port}",
-         "--otlp-http-endpoint", f"127.0.0.1:{http_port}", "--exporter", "otlp",
-         "--otlp-exporter-endpoint", otlp_grpc.endpoint, "--otlp-exporter-protocol", "grpc",
-         "--pid-file", str(tmp_path / "r.pid"), "--log-file", str(tmp_path / "r.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", grpc_port)) == 0:
-                    break
-            time.sleep(0.05)
+    with rotel_forwarding(grpc_port, http_port, otlp_grpc.endpoint, tmp_path):
         env = compose["services"]["app"]["environment"]
         _, port = _hostport(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
@@ -310,9 +293,6 @@ def test_rotel_on_the_compose_ports_and_protocols(
             got = otlp_grpc.wait_for(8, timeout=20)
         finally:
             tel.shutdown()
-    finally:
-        proc.terminate()
-        proc.wait(10)
     assert len(got) == 8
     assert {span.trace_id.hex() for _, span in got} == {run.trace_id}
     assert {res["service.name"] for res, _ in got} == {"chatter-reference-app"}
