@@ -78,6 +78,7 @@ from sqlalchemy.orm import Session
 from chatter_otel._lifecycle import WorkflowScopes, duration_ns, model_of
 from chatter_otel._runs import current_workflow, last_run
 from chatter_otel._safety import guarded, warn_once
+from chatter_otel._sqlite import connect_wal
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
     CHATTER_MESSAGE_ID,
@@ -417,15 +418,11 @@ class UsagePersistence:
         """The spool, retried with backoff while it cannot be opened (locked by another process,
         unwritable directory); records wait in the bounded queue meanwhile. None when asked to
         stop first."""
-        backoff = 0.05
+        backoff = 0.5
         while True:
             try:
                 return _Spool(self.spool_path)
             except (sqlite3.Error, OSError) as exc:
-                if backoff < 0.4:  # another worker switching the file to WAL: a moment
-                    await asyncio.sleep(backoff)
-                    backoff *= 2
-                    continue
                 if self._stop.is_set():
                     _log.error("chatter-otel: usage spool at %s cannot be opened (%s); %d "
                                "queued record(s) are not written", self.spool_path, exc,
@@ -824,8 +821,7 @@ class _Spool:
     """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=_SPOOL_BUSY_S)
+        self._db = connect_wal(path, timeout_s=_SPOOL_BUSY_S)
         try:
             self._prepare()
         except BaseException:
@@ -833,13 +829,6 @@ class _Spool:
             raise
 
     def _prepare(self) -> None:
-        # WAL without a sync per commit: survives the app's crash or restart (what the spool is
-        # for), at the cost of the last commits on a power loss; a sync per batch would not.
-        # The mode is kept in the file; switching needs an exclusive lock for which SQLite does
-        # not wait, so it is done only when not yet set and the caller retries "locked".
-        if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " kind TEXT NOT NULL, payload TEXT NOT NULL)"

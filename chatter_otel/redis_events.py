@@ -61,8 +61,9 @@ class RedisEventBridge:
             event = await self._sub.get()
             if event.metadata.get("origin") not in (None, self.origin):
                 continue  # came from Redis: do not send it back
-            payload = json.dumps({"origin": self.origin, "event": event.to_dict()}, default=str)
-            try:
+            try:  # any failure skips this event only: the task must outlive it
+                payload = json.dumps({"origin": self.origin, "event": event.to_dict()},
+                                     default=str)  # fmt: skip
                 await self._redis.publish(self.channel, payload)
                 self.sent += 1
             except Exception:

@@ -28,6 +28,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 
+from chatter_otel._sqlite import connect_wal
 from chatter_otel._tree import SpanRecord, from_readable
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
@@ -152,10 +153,7 @@ class LocalTraceStore:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn = connect_wal(self.path, timeout_s=10, check_same_thread=False)
             conn.executescript(_SCHEMA)
             self._conn = conn
         return self._conn

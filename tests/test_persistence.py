@@ -773,7 +773,7 @@ async def test_a_locked_spool_file_delays_records_and_loses_none(
     p.start()
     try:
         p.submit("llm", _llm_record("0000000000000001"))
-        assert not await asyncio.to_thread(p.flush, 1.5)
+        assert not await asyncio.to_thread(p.flush, 3)
         assert "usage spool at" in caplog.text and "cannot be opened" in caplog.text
         other.execute("COMMIT")
         assert await asyncio.to_thread(p.flush, 10), p.stats

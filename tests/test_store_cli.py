@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -145,3 +146,33 @@ def test_writes_are_idempotent_and_retention_is_bounded(tmp_path: Any) -> None:
     assert store.trace("c" * 32) == []
     assert len(store.trace("a" * 32)) + len(store.trace("b" * 32)) == 50
     assert store.trace("a" * 32) == []  # the oldest went first
+
+
+def test_processes_starting_together_on_a_new_store_all_write(tmp_path: Any) -> None:
+    """Several app workers (here: threads with their own connections) open one new store file
+    at the same moment: SQLite refuses, without waiting, all but one switch to WAL; none of them
+    may lose its first batch to that."""
+    for attempt in range(10):
+        path = tmp_path / f"s{attempt}.db"
+        start = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def worker(n: int, path: Any = path, start: Any = start, errors: Any = errors) -> None:
+            store = LocalTraceStore(path)
+            start.wait()
+            try:
+                store.write([_rec(f"{n:032x}", f"{i:016x}", time.time_ns()) for i in range(20)])
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                store.close()
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        store = LocalTraceStore(path)
+        assert [len(store.trace(f"{n:032x}")) for n in range(4)] == [20] * 4
+        store.close()
