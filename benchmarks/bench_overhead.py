@@ -1,22 +1,26 @@
 """Instrumentation overhead against a bare LangGraph run, measured in one process run.
 
 The graph is the reference workflow (2 LLM calls, 1 tool call, the local chat model), run with
-``invoke`` and ``ainvoke`` in four modes, in interleaved rounds so that drift in the machine's
-speed hits all alike:
+``invoke`` and ``ainvoke`` in five modes:
 
 * ``bare``: no instrumentation, no callback handler;
 * ``noop_handler``: one do-nothing inline LangChain callback handler, the cost LangChain itself
   adds as soon as any handler listens (a floor no callback-based instrumentation can go under);
-* ``min_spans``: a handler that only opens and closes the same 7 spans, nothing else (the floor
-  for this span tree with the OpenTelemetry SDK);
+* ``spans_no_export``: a handler that only opens and closes the same 7 spans, with a tracer
+  provider that has no span processor (the SDK's span objects alone);
+* ``min_spans``: the same, through the SDK's ``BatchSpanProcessor`` (the floor for this span
+  tree with the OpenTelemetry SDK as every exporting app runs it);
 * ``chatter_otel``: ``LangGraphInstrumentor`` with pricing, roll-ups and ids.
 
-Spans go through the SDK's ``BatchSpanProcessor`` to an exporter that drops them: export runs
-off the request path and is not counted. Reported: the median over rounds of each round's mean
-µs per run, the added µs against ``bare`` and the ratio. It also checks that async runs make no
-thread hop (the handler must run on the event loop's thread).
+Spans go through ``BatchSpanProcessor`` to an exporter that drops them: export runs off the
+request path. Rounds are short and the modes run in a new random order in each (seeded), so
+that this VM's drift in speed hits all alike and no mode always follows the same other one.
+Reported per mode: the median over rounds of the round's mean µs per run, and the added µs
+against ``bare`` as the mean of the per-round differences with its standard error (the rounds
+pair up the modes). It also checks that async runs make no thread hop (the handler must run on
+the event loop's thread).
 
-    python -m benchmarks.bench_overhead [--runs N] [--rounds R] [--json PATH]
+    python -m benchmarks.bench_overhead [--runs N] [--rounds R] [--seed S] [--json PATH]
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import threading
 import time
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 INPUT = {"messages": [HumanMessage("What is the weather in Paris?")]}
-MODES = ("bare", "noop_handler", "min_spans", "chatter_otel")
+MODES = ("bare", "noop_handler", "spans_no_export", "min_spans", "chatter_otel")
 
 
 class _Drop(SpanExporter):
@@ -116,7 +121,7 @@ async def _async_round(graph: Any, runs: int, config: Any) -> float:
     return (time.perf_counter() - t0) / runs * 1e6
 
 
-def measure(runs: int = 200, rounds: int = 7) -> dict[str, Any]:
+def measure(runs: int = 25, rounds: int = 60, seed: int = 1) -> dict[str, Any]:
     graph = build_chat_graph()
     exporter = _Drop()
     provider = TracerProvider()
@@ -124,15 +129,17 @@ def measure(runs: int = 200, rounds: int = 7) -> dict[str, Any]:
     configs = {
         "bare": None,
         "noop_handler": {"callbacks": [_Noop()]},
+        "spans_no_export": {"callbacks": [_MinSpans(TracerProvider().get_tracer("bench"))]},
         "min_spans": {"callbacks": [_MinSpans(provider.get_tracer("bench"))]},
         "chatter_otel": None,
     }
     inst = LangGraphInstrumentor()
     loop = asyncio.new_event_loop()
     threads: set[int] = set()
+    hops: list[bool] = []
     times: dict[str, dict[str, list[float]]] = {m: {"invoke": [], "ainvoke": []} for m in MODES}
 
-    def round_(mode: str, n: int) -> None:
+    def round_(mode: str, method: str, n: int) -> None:
         if mode == "chatter_otel":
             inst.instrument(tracer_provider=provider, prices=LOCAL_MODEL_PRICES)
             handler = inst.handler
@@ -143,59 +150,64 @@ def measure(runs: int = 200, rounds: int = 7) -> dict[str, Any]:
                 return orig(*a, **k)
 
             handler.on_chat_model_start = spy  # type: ignore[method-assign]
+            threads.clear()
         try:
             cfg = configs[mode]
-            times[mode]["invoke"].append(_sync_round(graph, n, cfg))
-            threads.clear()
-            times[mode]["ainvoke"].append(loop.run_until_complete(_async_round(graph, n, cfg)))
-            if mode == "chatter_otel":
-                hop = bool(threads - {threading.get_ident()})
-                times[mode].setdefault("hop", []).append(float(hop))
+            if method == "invoke":
+                times[mode][method].append(_sync_round(graph, n, cfg))
+            else:
+                times[mode][method].append(loop.run_until_complete(_async_round(graph, n, cfg)))
+                if mode == "chatter_otel":
+                    hops.append(bool(threads - {threading.get_ident()}))
         finally:
             if mode == "chatter_otel":
                 inst.uninstrument()
 
-    for mode in MODES:  # warm-up: imports, caches, genai-prices' snapshot
-        round_(mode, 20)
-    for m in times.values():
-        m["invoke"].clear()
-        m["ainvoke"].clear()
-    for _ in range(rounds):
-        for mode in MODES:
-            round_(mode, runs)
+    order = random.Random(seed)
+    for method in ("invoke", "ainvoke"):
+        for mode in MODES:  # warm-up: imports, caches, genai-prices' snapshot
+            round_(mode, method, 20)
+            times[mode][method].clear()
+        for _ in range(rounds):
+            for mode in order.sample(MODES, len(MODES)):
+                round_(mode, method, runs)
     loop.close()
     provider.shutdown()
 
-    out: dict[str, Any] = {"runs_per_round": runs, "rounds": rounds}
+    out: dict[str, Any] = {"runs_per_round": runs, "rounds": rounds, "seed": seed}
     for method in ("invoke", "ainvoke"):
-        bare = statistics.median(times["bare"][method])
+        bare = times["bare"][method]
+        base = statistics.median(bare)
         out[method] = {}
         for mode in MODES:
-            med = statistics.median(times[mode][method])
+            own = times[mode][method]
+            diffs = [x - b for x, b in zip(own, bare, strict=True)]
             out[method][mode] = {
-                "us": round(med, 1),
-                "added_us": round(med - bare, 1),
-                "ratio": round(med / bare, 3),
+                "us": round(statistics.median(own), 1),
+                "added_us": round(statistics.mean(diffs), 1),
+                "added_se_us": round(statistics.stdev(diffs) / len(diffs) ** 0.5, 1),
+                "ratio": round(statistics.median(own) / base, 3),
             }
-    out["async_thread_hop"] = any(times["chatter_otel"].get("hop", []))
+    out["async_thread_hop"] = any(hops)
     out["spans_exported"] = exporter.count
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    res = measure(args.runs, args.rounds)
-    print(f"runs per round: {res['runs_per_round']}, rounds: {res['rounds']} (medians)")
-    print(f"{'method':<8} {'mode':<13} {'µs/run':>9} {'added µs':>9} {'ratio':>6}")
+    res = measure(args.runs, args.rounds, args.seed)
+    print(f"runs per round: {res['runs_per_round']}, rounds: {res['rounds']} (shuffled order)")
+    print(f"{'method':<8} {'mode':<16} {'µs/run':>9} {'added µs':>9} {'± se':>6} {'ratio':>6}")
     for method in ("invoke", "ainvoke"):
         for mode in MODES:
             r = res[method][mode]
-            row = (method, mode, r["us"], r["added_us"], r["ratio"])
-            print("{:<8} {:<13} {:>9} {:>9} {:>6}".format(*row))
+            row = (method, mode, r["us"], r["added_us"], r["added_se_us"], r["ratio"])
+            print("{:<8} {:<16} {:>9} {:>9} {:>6} {:>6}".format(*row))
     print(f"async thread hop: {res['async_thread_hop']}; spans exported: {res['spans_exported']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
