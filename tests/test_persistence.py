@@ -286,7 +286,7 @@ async def test_database_outage_then_recovery_and_restart(tmp_path: Any) -> None:
         for i in range(3):  # streaming-style runs: no message, totals from the ledger
             await graph.ainvoke({"messages": [HumanMessage(f"weather in Oslo {i}")]},
                                 {"configurable": {"thread_id": cid}})  # fmt: skip
-        for _ in range(100):
+        for _ in range(300):
             if p.stats["spooled"] >= 9 and p.stats["failures"]:
                 break
             await asyncio.sleep(0.05)
@@ -458,7 +458,7 @@ async def test_database_outage_in_the_middle_of_a_run(
                                        {"callbacks": [cutter]})  # fmt: skip
         assert cutter.done
         second = await host.save_assistant(cid, str(out["messages"][-1].content))
-        for _ in range(100):
+        for _ in range(300):
             if p.stats["failures"] and p.stats["spooled"]:
                 break
             await asyncio.sleep(0.05)
@@ -498,7 +498,7 @@ async def test_a_full_spool_drops_and_counts(tmp_path: Any, caplog: Any, monkeyp
         graph = build_chat_graph()
         for i in range(3):  # 3 runs x (2 LLM calls + 1 run) = 9 records, room for 5
             await graph.ainvoke({"messages": [HumanMessage(f"weather in Lima {i}")]})
-        for _ in range(100):
+        for _ in range(300):
             if p.stats["dropped"] + p.stats["spooled"] == 9:
                 break
             await asyncio.sleep(0.05)
@@ -517,7 +517,7 @@ async def test_a_named_message_saved_before_the_run_ends(database: str, tmp_path
         async with track_workflow("chat", conversation_id=cid, message_id=mid):
             await host.save_assistant(cid, "", message_id=mid)
             await host.graph.ainvoke({"messages": [HumanMessage("weather in Rome")]})
-        for _ in range(100):  # no binding comes: the grace period passes, the worker fills it
+        for _ in range(300):  # no binding comes: the grace period passes, the worker fills it
             await _flush(p)
             if (await host.messages(cid))[0].total_tokens:
                 break
@@ -694,7 +694,7 @@ async def test_usage_database_without_the_apps_tables_until_the_app_creates_them
     tel, p = await _configure(url, tmp_path, grace_s=0.2)
     try:
         await host.stream("CONV-NOT-YET", "weather in Rome")
-        for _ in range(100):
+        for _ in range(300):
             await _flush(p)
             if p.stats["applied"]:
                 break
