@@ -52,6 +52,25 @@ def _config_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[1] if len(args) > 1 else kwargs.get("config")
 
 
+try:  # LangGraph's own runnables inside every node; private modules, so optional
+    from langgraph.graph._branch import BranchSpec
+    from langgraph.pregel._write import ChannelWrite
+
+    _ROUTE: Any = BranchSpec._route
+    _WRITE: Any = ChannelWrite
+except (ImportError, AttributeError):  # pragma: no cover - a LangGraph that moved them
+    _ROUTE = _WRITE = object()  # matches nothing: every callable gets the node context
+
+
+def _runs_no_app_code(runnable: Any) -> bool:
+    """LangGraph's channel writes and branch routing (6 of the 9 callables of the reference
+    run) run no app code: a conditional edge's own function is a runnable of its own, wrapped
+    itself. Making the node span current around them would only cost time."""
+    return type(runnable) is _WRITE or (
+        runnable.name == "_route" and getattr(runnable.func, "__func__", None) is _ROUTE
+    )
+
+
 class _ActiveHandlerVar:
     """Stands in for the ``ContextVar`` that ``register_configure_hook`` reads.
 
@@ -115,6 +134,8 @@ class _NodeContext:
         self._handler = handler
 
     def __call__(self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        if _runs_no_app_code(instance):
+            return wrapped(*args, **kwargs)
         ctx = self._handler.context_for(_config_arg(args, kwargs))
         if ctx is None:
             return wrapped(*args, **kwargs)
@@ -129,6 +150,8 @@ class _NodeContextAsync(_NodeContext):
     async def __call__(  # type: ignore[override]
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
+        if _runs_no_app_code(instance):
+            return await wrapped(*args, **kwargs)
         ctx = self._handler.context_for(_config_arg(args, kwargs))
         if ctx is None:
             return await wrapped(*args, **kwargs)

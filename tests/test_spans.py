@@ -228,22 +228,34 @@ def test_user_spans_inside_a_node_are_children_of_the_node(spans: Any) -> None:
             await asyncio.sleep(0)
         return {"n": state["n"] + 1}
 
+    def route(state: Count) -> str:  # a conditional edge's function runs in the node it leaves
+        with tracer.start_as_current_span("app.route"):
+            return END
+
     g = StateGraph(Count)
     g.add_node("work", work)
     g.add_edge(START, "work")
-    g.add_edge("work", END)
+    g.add_conditional_edges("work", route, [END])
     graph = g.compile()
     assert graph.invoke({"n": 1}) == {"n": 2}
     node = spans.one("invoke_node work")
     assert spans.parent_of(spans.one("app.lookup")) is node
     assert spans.parent_of(spans.one("app.inner")) is spans.one("app.lookup")
+    assert spans.parent_of(spans.one("app.route")) is node
+
+    async def aroute(state: Count) -> str:
+        with tracer.start_as_current_span("app.aroute"):
+            await asyncio.sleep(0)
+            return END
 
     g2 = StateGraph(Count)
     g2.add_node("awork", awork)
     g2.add_edge(START, "awork")
-    g2.add_edge("awork", END)
+    g2.add_conditional_edges("awork", aroute, [END])
     assert asyncio.run(g2.compile().ainvoke({"n": 1})) == {"n": 2}
-    assert spans.parent_of(spans.one("app.alookup")) is spans.one("invoke_node awork")
+    anode = spans.one("invoke_node awork")
+    assert spans.parent_of(spans.one("app.alookup")) is anode
+    assert spans.parent_of(spans.one("app.aroute")) is anode
 
 
 def _subgraph() -> Any:
