@@ -13,9 +13,11 @@ _WAL_TRIES = 6  # 20 ms, doubling: ~0.6 s in all
 
 
 def connect_wal(
-    path: Path, *, timeout_s: float, check_same_thread: bool = True
+    path: Path, *, timeout_s: float, schema: str, check_same_thread: bool = True
 ) -> sqlite3.Connection:
-    """A connection to ``path`` (created with its folder) in WAL mode, ``synchronous=NORMAL``.
+    """A connection to ``path`` (created with its folder) in WAL mode, ``synchronous=NORMAL``,
+    with ``schema`` (``CREATE ... IF NOT EXISTS`` statements) applied; closed again if any of
+    that fails, so a caller that retries leaks nothing.
 
     WAL without a sync per commit survives the process crashing or restarting, at the cost of
     the last commits on a power loss. The mode is kept in the file; switching a new file to it
@@ -36,6 +38,7 @@ def connect_wal(
                     raise
                 time.sleep(0.02 * 2**attempt)
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(schema)
     except BaseException:
         conn.close()
         raise

@@ -360,8 +360,7 @@ class UsagePersistence:
             target = self._submitted
         with self._settle:
             self._flush_target = max(self._flush_target, target)
-        self._hurry.set()
-        with self._settle:
+            self._hurry.set()
             return self._settle.wait_for(lambda: self._settled >= target, timeout_s)
 
     def _mark_taken(self, n: int) -> None:
@@ -444,15 +443,23 @@ class UsagePersistence:
         return create_async_engine(self._url, pool_pre_ping=True, connect_args=connect_args)
 
     def _spool_held(self, spool: _Spool, held: list[tuple[str, dict[str, Any]]]) -> bool:
-        """Move ``held`` into the spool (FIFO: new work waits behind it). False, records kept,
-        when the spool cannot be written (disk full, file locked too long)."""
+        """Move ``held`` into the spool (FIFO: new work waits behind it), as far as ``max_spool``
+        leaves room (the rest is dropped and counted). False, records kept, when the spool
+        cannot be written (disk full, file locked too long)."""
+        room = max(self.max_spool - spool.count, 0)
         try:
-            self._spool_batch(spool, held)
+            spool.add(held[:room])
         except sqlite3.Error as exc:
             warn_once("ledger:spool-write", "chatter-otel: usage spool at %s cannot be written "
                       "(%s); %d record(s) held in memory, retrying", self.spool_path, exc,
                       len(held))  # fmt: skip
             return False
+        self.stats["spooled"] = spool.count
+        if room < len(held):
+            self.stats["dropped"] += len(held) - room
+            warn_once("ledger:spool", "chatter-otel: usage spool at %s is full (%d records); "
+                      "%d record(s) dropped so far", self.spool_path, self.max_spool,
+                      self.stats["dropped"])  # fmt: skip
         self._mark_taken(len(held))
         held.clear()
         return True
@@ -532,16 +539,6 @@ class UsagePersistence:
         except queue.Empty:
             pass
         return batch
-
-    def _spool_batch(self, spool: _Spool, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        room = max(self.max_spool - spool.count, 0)
-        spool.add(batch[:room])  # raises before anything is counted: the caller retries
-        self.stats["spooled"] = spool.count
-        if room < len(batch):
-            self.stats["dropped"] += len(batch) - room
-            warn_once("ledger:spool", "chatter-otel: usage spool at %s is full (%d records); "
-                      "%d record(s) dropped so far", self.spool_path, self.max_spool,
-                      self.stats["dropped"])  # fmt: skip
 
     async def _ensure_tables(self, engine: Any) -> None:
         if not self._ready:
@@ -811,6 +808,12 @@ _SCHEMA_RECHECK_S = 1.0
 # How long a spool statement waits for a lock: another process sharing the file (two workers
 # left on the default path) holds its write lock only for one batch.
 _SPOOL_BUSY_S = 30.0
+_SPOOL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
+    payload TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+    payload TEXT NOT NULL, error TEXT NOT NULL, at REAL NOT NULL);
+"""
 
 
 class _Spool:
@@ -821,23 +824,7 @@ class _Spool:
     """
 
     def __init__(self, path: Path) -> None:
-        self._db = connect_wal(path, timeout_s=_SPOOL_BUSY_S)
-        try:
-            self._prepare()
-        except BaseException:
-            self._db.close()
-            raise
-
-    def _prepare(self) -> None:
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS spool (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-            " kind TEXT NOT NULL, payload TEXT NOT NULL)"
-        )
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS quarantine (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,"
-            " payload TEXT NOT NULL, error TEXT NOT NULL, at REAL NOT NULL)"
-        )
-        self._db.commit()
+        self._db = connect_wal(path, timeout_s=_SPOOL_BUSY_S, schema=_SPOOL_SCHEMA)
         self.count = int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
 
     def add(self, batch: list[tuple[str, dict[str, Any]]]) -> None:

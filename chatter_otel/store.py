@@ -153,8 +153,7 @@ class LocalTraceStore:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = connect_wal(self.path, timeout_s=10, check_same_thread=False)
-            conn.executescript(_SCHEMA)
+            conn = connect_wal(self.path, timeout_s=10, schema=_SCHEMA, check_same_thread=False)
             self._conn = conn
         return self._conn
 
