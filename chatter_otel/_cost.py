@@ -141,7 +141,7 @@ class Pricer:
         """Cost of one call. ``models``: response model first, then the requested one."""
         if usage.provider_cost is not None:
             return Cost(usage.provider_cost, CURRENCY, SOURCE_PROVIDER)
-        if not usage.reported:
+        if not usage.priceable:  # no counts, or a total alone: cannot be priced, never 0
             return None
         for model in models:
             if model:

@@ -22,6 +22,7 @@ from chatter_otel.attributes import (
     CHATTER_LLM_CALLS,
     CHATTER_MESSAGE_ID,
     CHATTER_TOOL_CALLS,
+    CHATTER_USAGE_TOTAL_TOKENS,
     GEN_AI_USAGE_COST_AMOUNT,
     GEN_AI_USAGE_COST_CURRENCY,
     GEN_AI_USAGE_COST_SOURCE,
@@ -32,8 +33,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.trace import Span
 
-    from chatter_otel._cost import Cost
-    from chatter_otel._usage import TokenUsage
+    from chatter_otel.instrumentation.records import LLMCallRecord
 
 __all__ = ["RunIds", "RunUsage", "WorkflowRun", "last_run"]
 
@@ -126,6 +126,8 @@ class WorkflowRun:
     error_type: str | None = None
     finished_at: float | None = None  # time.time() when it ended
     bound_message_id: str | None = None  # set once its usage landed on an app message row
+    # The workflow id of the outermost run this one belongs to (its own, when outermost).
+    root_id: str | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -146,35 +148,28 @@ class WorkflowRun:
 
     # -- accumulation (called by the instrumentation; parallel nodes call it from threads) --
 
-    def add_llm_call(
-        self,
-        usage: TokenUsage,
-        cost: Cost | None,
-        provider: str | None,
-        model: str | None,
-        finish_reason: str | None = None,
-    ) -> None:
+    def add_llm_call(self, call: LLMCallRecord) -> None:
         with self._lock:
             u = self.usage
             u.llm_calls += 1
-            if not usage.reported:
+            if not call.usage_reported:
                 u.usage_missing_calls += 1
-            u.prompt_tokens = _add(u.prompt_tokens, usage.input_tokens)
-            u.completion_tokens = _add(u.completion_tokens, usage.output_tokens)
-            u.total_tokens = _add(u.total_tokens, usage.total_tokens)
-            u.cache_read_tokens = _add(u.cache_read_tokens, usage.cache_read_input_tokens)
-            u.cache_creation_tokens = _add(
-                u.cache_creation_tokens, usage.cache_creation_input_tokens
-            )
-            u.reasoning_tokens = _add(u.reasoning_tokens, usage.reasoning_output_tokens)
-            if cost is not None:
-                u.cost = cost.amount if u.cost is None else u.cost + cost.amount
-                u.cost_currency = cost.currency
+            u.prompt_tokens = _add(u.prompt_tokens, call.input_tokens)
+            u.completion_tokens = _add(u.completion_tokens, call.output_tokens)
+            u.total_tokens = _add(u.total_tokens, call.total_tokens)
+            u.cache_read_tokens = _add(u.cache_read_tokens, call.cache_read_tokens)
+            u.cache_creation_tokens = _add(u.cache_creation_tokens, call.cache_creation_tokens)
+            u.reasoning_tokens = _add(u.reasoning_tokens, call.reasoning_tokens)
+            if call.cost is not None:
+                u.cost = call.cost if u.cost is None else u.cost + call.cost
+                u.cost_currency = call.cost_currency
                 # Any locally computed part makes the sum an estimate.
-                u.cost_source = cost.source if u.cost_source in (None, cost.source) else "local"
-            u.provider = provider or u.provider
-            u.model = model or u.model
-            u.finish_reason = finish_reason or u.finish_reason
+                src = call.cost_source
+                u.cost_source = src if u.cost_source in (None, src) else "local"
+            u.provider = call.provider or u.provider
+            u.model = call.model or u.model
+            reasons = call.finish_reasons
+            u.finish_reason = (reasons[-1] if reasons else None) or u.finish_reason
 
     def add_tool_call(self) -> None:
         with self._lock:
@@ -210,6 +205,7 @@ class WorkflowRun:
             CHATTER_TOOL_CALLS: u.tool_calls,
         }
         for key, value in (
+            (CHATTER_USAGE_TOTAL_TOKENS, u.total_tokens),
             (GEN_AI_USAGE_INPUT_TOKENS, u.prompt_tokens),
             (GEN_AI_USAGE_OUTPUT_TOKENS, u.completion_tokens),
             (GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, u.cache_read_tokens),

@@ -54,23 +54,54 @@ def warn_once(key: str, msg: str, *args: Any, exc_info: bool = False) -> None:
     _log.warning(msg, *args, exc_info=exc_info)
 
 
-def guarded(fn: F) -> F:
-    """Run ``fn``; an exception is logged (rate-limited) and swallowed, never raised to the app.
+class InternalErrors:
+    """Faults inside the instrumentation: counted, logged (rate-limited) in production.
 
-    Only for instrumentation code: the app's own exceptions never pass through here.
+    ``strict`` (the test suite sets it) keeps each one in ``seen`` so a test fixture fails the
+    test that caused it, the way logfire re-raises its internal errors under pytest. They are
+    never raised here: the app's call stack is on the other side of most of these frames, and
+    LangChain would swallow a raise from a callback anyway. ``seen`` is bounded.
     """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.strict = False
+        self.seen: list[str] = []
+
+    def report(self, where: str) -> None:
+        self.count += 1
+        if self.strict and len(self.seen) < 100:
+            import traceback
+
+            self.seen.append(f"{where}: {traceback.format_exc(limit=8)}")
+        warn_once(
+            f"guard:{where}",
+            "chatter-otel: internal error in %s; telemetry for this run may be incomplete",
+            where,
+            exc_info=True,
+        )
+
+
+internal_errors = InternalErrors()
+
+
+def internal_error(where: str) -> None:
+    """Call from an ``except Exception`` block of instrumentation code."""
+    internal_errors.report(where)
+
+
+def guarded(fn: F) -> F:
+    """Run ``fn``; an exception is logged (rate-limited), counted and swallowed, never raised to
+    the app. Only for instrumentation code: the app's own exceptions never pass through here.
+    """
+    where = fn.__qualname__
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except Exception:
-            warn_once(
-                f"guard:{fn.__qualname__}",
-                "chatter-otel: internal error in %s; telemetry for this run may be incomplete",
-                fn.__qualname__,
-                exc_info=True,
-            )
+            internal_errors.report(where)
             return None
 
     return wrapper  # type: ignore[return-value]

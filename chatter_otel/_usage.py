@@ -39,6 +39,16 @@ class TokenUsage:
 
     @property
     def reported(self) -> bool:
+        """Any count came back (a provider may report a total alone)."""
+        return (
+            self.input_tokens is not None
+            or self.output_tokens is not None
+            or self.total_tokens is not None
+        )
+
+    @property
+    def priceable(self) -> bool:
+        """Input or output counts came back: what a per-token price needs."""
         return self.input_tokens is not None or self.output_tokens is not None
 
 
@@ -157,7 +167,11 @@ def _from_mapping(m: Mapping[str, Any]) -> TokenUsage | None:
 
 
 def _finalize(usage: TokenUsage) -> TokenUsage:
-    if usage.total_tokens is None and usage.reported:
+    """The one rule for a call's total (docs/decisions.md, "Totals"): the provider's own total
+    when it reports one (it may count tokens that are in neither input nor output), else input +
+    output when either is reported, else unknown. Every total downstream (run, message, ledger,
+    conversation) is a sum of these."""
+    if usage.total_tokens is None and usage.priceable:
         usage.total_tokens = (usage.input_tokens or 0) + (usage.output_tokens or 0)
     return usage
 
@@ -175,7 +189,10 @@ def extract_usage(message: Any, llm_output: Mapping[str, Any] | None) -> TokenUs
         candidates.append(u)
     if not candidates:
         return TokenUsage()
-    best = next((c for c in candidates if c.reported), candidates[0])
+    best = next(
+        (c for c in candidates if c.priceable),
+        next((c for c in candidates if c.reported), candidates[0]),
+    )
     # A provider cost may sit beside normalized usage_metadata in the raw payload.
     if best.provider_cost is None:
         best.provider_cost = next(

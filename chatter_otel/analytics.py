@@ -21,44 +21,36 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
-    GEN_AI_CONVERSATION_ID,
     GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
     GEN_AI_REQUEST_MODEL,
     GEN_AI_RESPONSE_MODEL,
-    GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
     GEN_AI_TOKEN_TYPE,
-    GEN_AI_USAGE_INPUT_TOKENS,
-    GEN_AI_USAGE_OUTPUT_TOKENS,
-    GenAiOperationNameValues,
     GenAiTokenTypeValues,
 )
-from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
 from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
     GEN_AI_CLIENT_OPERATION_DURATION,
     GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK,
     GEN_AI_CLIENT_TOKEN_USAGE,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.trace import StatusCode, format_trace_id
 
-from chatter_otel._lifecycle import duration_ns, model_of
-from chatter_otel._safety import guarded
-from chatter_otel._worker import SinkWorker
-from chatter_otel.attributes import CHATTER_CORRELATION_ID, COST_METRIC, GEN_AI_USAGE_COST_AMOUNT
+from chatter_otel.attributes import COST_METRIC
+from chatter_otel.instrumentation.records import LLMCallRecord
+from chatter_otel.sinks.dispatch import RecordSpanProcessor
+from chatter_otel.sinks.worker import SinkWorker
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from opentelemetry.metrics import MeterProvider
-    from opentelemetry.sdk.trace import ReadableSpan
+
+    from chatter_otel.instrumentation.records import Record
 
 __all__ = ["COST_METRIC", "AnalyticsSpanProcessor", "LLMCompletion", "LiveAnalytics"]
 
-_CHAT = GenAiOperationNameValues.CHAT.value
 # The GenAI conventions' advised bucket boundaries.
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864]  # fmt: skip
@@ -156,7 +148,7 @@ class LiveAnalytics:
         }
 
 
-class AnalyticsSpanProcessor(SpanProcessor):
+class AnalyticsSpanProcessor(RecordSpanProcessor):
     """``chat`` spans -> GenAI metrics, ``LiveAnalytics`` and the app's push hook."""
 
     def __init__(
@@ -191,51 +183,51 @@ class AnalyticsSpanProcessor(SpanProcessor):
             COST_METRIC, unit="USD", description="Cost of GenAI calls, where it could be priced."
         )
 
-    @guarded
-    def on_end(self, span: ReadableSpan) -> None:
-        a = span.attributes or {}
-        if a.get(GEN_AI_OPERATION_NAME) != _CHAT:
+    def ended(self, rec: Record) -> None:
+        if not isinstance(rec, LLMCallRecord):
             return
-        failed = span.status.status_code is StatusCode.ERROR
-        error = str(a.get(ERROR_TYPE) or "_OTHER") if failed else None
-        attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: _CHAT}
-        for key in (GEN_AI_PROVIDER_NAME, GEN_AI_REQUEST_MODEL, GEN_AI_RESPONSE_MODEL):
-            if key in a:
-                attrs[key] = a[key]
+        error = (rec.error_type or "_OTHER") if rec.failed else None
+        attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: rec.operation}
+        if rec.provider:
+            attrs[GEN_AI_PROVIDER_NAME] = rec.provider
+        if rec.request_model:
+            attrs[GEN_AI_REQUEST_MODEL] = rec.request_model
+        if rec.response_model:
+            attrs[GEN_AI_RESPONSE_MODEL] = rec.response_model
         if error:
             attrs[ERROR_TYPE] = error
-        duration = duration_ns(span) / 1e9
+        duration = rec.duration_s
         self._duration.record(duration, attrs)
-        tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
+        tin, tout = rec.input_tokens, rec.output_tokens
         if tin is not None:
             self._tokens.record(tin, {**attrs, GEN_AI_TOKEN_TYPE: GenAiTokenTypeValues.INPUT.value})
         if tout is not None:
             out_type = GenAiTokenTypeValues.COMPLETION.value  # "output"
             self._tokens.record(tout, {**attrs, GEN_AI_TOKEN_TYPE: out_type})
-        ttfc = a.get(GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK)
+        ttfc = rec.time_to_first_chunk_s
         if ttfc is not None:
             self._ttfc.record(ttfc, attrs)
-        cost = a.get(GEN_AI_USAGE_COST_AMOUNT)
+        cost = float(rec.cost) if rec.cost is not None else None
         if cost is not None:
             self._cost.add(cost, attrs)
         if self.analytics is None and self.worker is None:
             return
+        ids = rec.ids
         completion = LLMCompletion(
-            timestamp=(span.end_time or 0) / 1e9, provider=a.get(GEN_AI_PROVIDER_NAME),
-            model=model_of(a),
-            user_id=a.get(USER_ID), conversation_id=a.get(GEN_AI_CONVERSATION_ID),
-            correlation_id=a.get(CHATTER_CORRELATION_ID),
-            trace_id=format_trace_id(span.context.trace_id), input_tokens=tin,
+            timestamp=rec.end_ns / 1e9, provider=rec.provider, model=rec.model,
+            user_id=ids.user_id, conversation_id=ids.conversation_id,
+            correlation_id=ids.correlation_id, trace_id=rec.trace_id, input_tokens=tin,
             output_tokens=tout, cost=cost, duration_s=duration, time_to_first_chunk_s=ttfc,
             error_type=error,
         )  # fmt: skip
         if self.analytics is not None:
             self.analytics.record(completion)
         if self.worker is not None and self.record_completion is not None:
-            self.worker.submit(self.record_completion, completion)
+            self.worker.call(self.record_completion, completion)
 
-    def repoint(
-        self, analytics: LiveAnalytics | None, record_completion: Callable[..., Any] | None,
+    def repoint(  # type: ignore[override]
+        self, analytics: LiveAnalytics | None = None,
+        record_completion: Callable[..., Any] | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:  # fmt: skip
         """New sinks from a new ``configure`` on the same provider (the meters stay)."""

@@ -17,6 +17,7 @@ __all__ = [
     "CHATTER_MESSAGE_ID",
     "CHATTER_TOOL_CALLS",
     "CHATTER_USAGE_MISSING",
+    "CHATTER_USAGE_TOTAL_TOKENS",
     "CHATTER_WORKFLOW_ID",
     "COST_METRIC",
     "GEN_AI_USAGE_COST_AMOUNT",
@@ -42,6 +43,10 @@ CHATTER_WORKFLOW_ID: Final = "chatter.workflow.id"
 
 CHATTER_USAGE_MISSING: Final = "chatter.usage.missing"
 """``True`` on a ``chat`` span whose provider reported no token usage; no zeros are invented."""
+
+CHATTER_USAGE_TOTAL_TOKENS: Final = "chatter.usage.total_tokens"
+"""Total tokens of a call or a run, by the one rule of docs/decisions.md ("Totals"): the
+provider's total when it reports one, else input + output. The conventions define no total."""
 
 CHATTER_LLM_CALLS: Final = "chatter.llm.calls"
 """Roll-up on ``invoke_workflow``: LLM calls made inside the workflow, nested workflows included."""

@@ -23,39 +23,20 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
-    GEN_AI_CONVERSATION_ID,
-    GEN_AI_OPERATION_NAME,
-    GEN_AI_PROVIDER_NAME,
-    GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
-    GEN_AI_TOOL_CALL_ID,
-    GEN_AI_TOOL_NAME,
-    GEN_AI_USAGE_INPUT_TOKENS,
-    GEN_AI_USAGE_OUTPUT_TOKENS,
-    GEN_AI_WORKFLOW_NAME,
-    GenAiOperationNameValues,
+from chatter_otel._safety import warn_once
+from chatter_otel.instrumentation.records import (
+    LLMCallRecord,
+    NodeRecord,
+    ToolCallRecord,
+    WorkflowRecord,
 )
-from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
-from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.trace import StatusCode
-
-from chatter_otel._lifecycle import WorkflowScopes, duration_ns, model_of
-from chatter_otel._safety import guarded, warn_once
-from chatter_otel.attributes import (
-    CHATTER_CORRELATION_ID,
-    CHATTER_LLM_CALLS,
-    CHATTER_MESSAGE_ID,
-    CHATTER_TOOL_CALLS,
-    GEN_AI_USAGE_COST_AMOUNT,
-    LANGGRAPH_NODE_NAME,
-)
+from chatter_otel.sinks.dispatch import RecordSpanProcessor
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from opentelemetry.context import Context
-    from opentelemetry.sdk.trace import ReadableSpan, Span
+    from chatter_otel._runs import RunIds
+    from chatter_otel.instrumentation.records import Record, WorkflowStart
 
 __all__ = [
     "EventBus",
@@ -66,10 +47,6 @@ __all__ = [
     "UnifiedEvent",
     "sse_response",
 ]
-
-_WORKFLOW = GenAiOperationNameValues.INVOKE_WORKFLOW.value
-_CHAT = GenAiOperationNameValues.CHAT.value
-_TOOL = GenAiOperationNameValues.EXECUTE_TOOL.value
 
 
 class EventCategory(str, Enum):
@@ -261,97 +238,84 @@ class _NoBus:
         pass
 
 
-def _hex(value: int, width: int) -> str:
-    return format(value, f"0{width}x")
-
-
-class EventSpanProcessor(SpanProcessor):
-    """Spans -> lifecycle events on ``bus`` (anything with ``publish`` and, optionally,
-    ``has_subscribers``)."""
+class EventSpanProcessor(RecordSpanProcessor):
+    """Records of our spans -> lifecycle events on ``bus`` (anything with ``publish`` and,
+    optionally, ``has_subscribers``)."""
 
     def __init__(self, bus: Any) -> None:
         self.bus = bus
-        self._scopes = WorkflowScopes()
 
     def _listening(self) -> bool:
         return bool(getattr(self.bus, "has_subscribers", True))
 
-    def _event(self, span: Any, event_type: str, workflow_id: str | None, **data: Any) -> None:
-        a = span.attributes or {}
-        ctx = span.get_span_context() if hasattr(span, "get_span_context") else span.context
+    def _event(  # noqa: PLR0917 - internal, one line per event kind
+        self, ids: RunIds, trace_id: str, span_id: str, workflow_id: str | None,
+        span_name: str, event_type: str, **data: Any,
+    ) -> None:  # fmt: skip
         self.bus.publish(
             UnifiedEvent(
                 category=EventCategory.WORKFLOW,
                 event_type=event_type,
-                correlation_id=a.get(CHATTER_CORRELATION_ID),
-                trace_id=_hex(ctx.trace_id, 32),
-                span_id=_hex(ctx.span_id, 16),
-                conversation_id=a.get(GEN_AI_CONVERSATION_ID),
-                user_id=a.get(USER_ID),
+                correlation_id=ids.correlation_id,
+                trace_id=trace_id,
+                span_id=span_id,
+                conversation_id=ids.conversation_id,
+                user_id=ids.user_id,
                 workflow_id=workflow_id,
                 priority="high" if event_type == "workflow_failed" else "normal",
                 data={k: v for k, v in data.items() if v is not None},
-                metadata={"message_id": a.get(CHATTER_MESSAGE_ID), "span_name": span.name},
+                metadata={"message_id": ids.message_id, "span_name": span_name},
             )
         )
 
-    @guarded
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        workflow_id, outermost = self._scopes.enter(span)
-        if outermost and self._listening():
-            a = span.attributes or {}
-            self._event(span, "workflow_started", workflow_id,
-                        workflow_name=a.get(GEN_AI_WORKFLOW_NAME))  # fmt: skip
+    def workflow_started(self, start: WorkflowStart, span_id: str, trace_id: str) -> None:
+        if start.outermost and self._listening():
+            self._event(start.ids, trace_id, span_id, span_id, f"invoke_workflow {start.name}",
+                        "workflow_started", workflow_name=start.name)  # fmt: skip
 
-    @guarded
-    def on_end(self, span: ReadableSpan) -> None:
-        workflow_id, closes = self._scopes.leave(span)
+    def ended(self, rec: Record) -> None:
         if not self._listening():
             return
-        a = span.attributes or {}
-        op = a.get(GEN_AI_OPERATION_NAME)
-        duration_ms = duration_ns(span) / 1e6
-        failed = span.status.status_code is StatusCode.ERROR
-        error = (
-            {"error_type": a.get(ERROR_TYPE), "error": span.status.description} if failed else {}
-        )
-        if op == _WORKFLOW and closes:
+        error = {"error_type": rec.error_type, "error": rec.error_message} if rec.failed else {}
+        duration_ms = (rec.end_ns - rec.start_ns) / 1e6
+        common = (rec.ids, rec.trace_id, rec.span_id, rec.workflow_id)
+        if isinstance(rec, WorkflowRecord):
+            if not rec.outermost:
+                return
             self._event(
-                span, "workflow_failed" if failed else "workflow_completed", workflow_id,
-                workflow_name=a.get(GEN_AI_WORKFLOW_NAME), duration_ms=duration_ms,
-                input_tokens=a.get(GEN_AI_USAGE_INPUT_TOKENS),
-                output_tokens=a.get(GEN_AI_USAGE_OUTPUT_TOKENS),
-                cost=a.get(GEN_AI_USAGE_COST_AMOUNT), llm_calls=a.get(CHATTER_LLM_CALLS),
-                tool_calls=a.get(CHATTER_TOOL_CALLS), **error,
+                *common, f"invoke_workflow {rec.name}",
+                event_type="workflow_failed" if rec.failed else "workflow_completed",
+                workflow_name=rec.name, duration_ms=duration_ms, input_tokens=rec.input_tokens,
+                output_tokens=rec.output_tokens, total_tokens=rec.total_tokens,
+                cost=float(rec.cost) if rec.cost is not None else None,
+                llm_calls=rec.llm_calls, tool_calls=rec.tool_calls, **error,
             )  # fmt: skip
-        elif op == _CHAT:
+        elif isinstance(rec, LLMCallRecord):
+            name = f"{rec.operation} {rec.request_model}" if rec.request_model else rec.operation
             self._event(
-                span, "llm_call_completed", workflow_id, duration_ms=duration_ms,
-                provider=a.get(GEN_AI_PROVIDER_NAME),
-                model=model_of(a),
-                input_tokens=a.get(GEN_AI_USAGE_INPUT_TOKENS),
-                output_tokens=a.get(GEN_AI_USAGE_OUTPUT_TOKENS),
-                cost=a.get(GEN_AI_USAGE_COST_AMOUNT),
-                time_to_first_chunk=a.get(GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK), **error,
+                *common, name, event_type="llm_call_completed", duration_ms=duration_ms,
+                provider=rec.provider, model=rec.model, input_tokens=rec.input_tokens,
+                output_tokens=rec.output_tokens, total_tokens=rec.total_tokens,
+                cost=float(rec.cost) if rec.cost is not None else None,
+                time_to_first_chunk=rec.time_to_first_chunk_s, **error,
             )  # fmt: skip
-        elif op == _TOOL:
+        elif isinstance(rec, ToolCallRecord):
             self._event(
-                span, "tool_called", workflow_id, tool_name=a.get(GEN_AI_TOOL_NAME),
-                tool_call_id=a.get(GEN_AI_TOOL_CALL_ID), duration_ms=duration_ms, **error,
+                *common, f"execute_tool {rec.name}", event_type="tool_called",
+                tool_name=rec.name, tool_call_id=rec.call_id, duration_ms=duration_ms, **error,
             )  # fmt: skip
-        elif LANGGRAPH_NODE_NAME in a:
+        elif isinstance(rec, NodeRecord):
             self._event(
-                span, "node_completed", workflow_id, node=a.get(LANGGRAPH_NODE_NAME),
+                *common, f"invoke_node {rec.name}", event_type="node_completed", node=rec.name,
                 duration_ms=duration_ms, **error,
             )  # fmt: skip
 
-    def repoint(self, bus: Any) -> None:
+    def repoint(self, bus: Any = None, **_: Any) -> None:
         self.bus = bus
 
     def detach(self) -> None:
         """Stop publishing (processors cannot be removed from a provider)."""
         self.bus = _NoBus()
-        self._scopes.clear()
 
     def shutdown(self) -> None:
         self.detach()

@@ -29,15 +29,16 @@ from opentelemetry.trace import get_tracer
 from wrapt import wrap_function_wrapper
 
 from chatter_otel._cost import Pricer, warm_up
-from chatter_otel._handler import (
+from chatter_otel._runs import new_slot
+from chatter_otel._safety import warn_once
+from chatter_otel._settings import Settings
+from chatter_otel.instrumentation.callbacks import (
     OtelCallbackHandler,
     active_handler,
     ids_from_config,
     set_active_handler,
 )
-from chatter_otel._runs import new_slot
-from chatter_otel._safety import warn_once
-from chatter_otel._settings import Settings
+from chatter_otel.instrumentation.sampling import always_record
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
@@ -189,8 +190,12 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             max_run_age_s=kwargs.get("max_run_age_s"),
             prices=kwargs.get("prices"),
         )
-        tracer = get_tracer(
-            "chatter_otel", __version__, kwargs.get("tracer_provider"), schema_url=SCHEMA_URL
+        # Recorded whatever the sampler says (at least RECORD_ONLY): the processors see every
+        # run of ours; only sampled spans are exported (instrumentation/sampling.py).
+        tracer = always_record(
+            get_tracer(
+                "chatter_otel", __version__, kwargs.get("tracer_provider"), schema_url=SCHEMA_URL
+            )
         )
         handler = OtelCallbackHandler(tracer, settings, Pricer(settings.prices))
         warm_up()

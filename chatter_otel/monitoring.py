@@ -23,33 +23,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
-    GEN_AI_CONVERSATION_ID,
-    GEN_AI_OPERATION_NAME,
-    GEN_AI_PROVIDER_NAME,
-    GEN_AI_USAGE_INPUT_TOKENS,
-    GEN_AI_USAGE_OUTPUT_TOKENS,
-    GEN_AI_WORKFLOW_NAME,
-    GenAiOperationNameValues,
+from chatter_otel.instrumentation.records import (
+    LLMCallRecord,
+    ToolCallRecord,
+    WorkflowRecord,
 )
-from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
-from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.trace import StatusCode
-
-from chatter_otel._lifecycle import WorkflowScopes, duration_ns, model_of
-from chatter_otel._safety import guarded
-from chatter_otel._worker import SinkWorker
-from chatter_otel.attributes import CHATTER_CORRELATION_ID, GEN_AI_USAGE_COST_AMOUNT
+from chatter_otel.sinks.dispatch import RecordSpanProcessor
+from chatter_otel.sinks.worker import SinkWorker
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
-    from opentelemetry.sdk.trace import ReadableSpan, Span
+    from chatter_otel.instrumentation.records import Record, WorkflowStart
 
 __all__ = ["LLMMetrics", "MonitoringService", "MonitoringSpanProcessor", "WorkflowMetrics"]
 
-_CHAT = GenAiOperationNameValues.CHAT.value
-_TOOL = GenAiOperationNameValues.EXECUTE_TOOL.value
+_MAX_OPEN = 50_000  # runs open at once in the processor's id map
 _MAX_KEYS = 1_000  # providers/models tracked before the rest count as "other"
 
 
@@ -202,30 +189,58 @@ class MonitoringService:
             }
 
 
-class MonitoringSpanProcessor(SpanProcessor):
-    """Spans -> calls into ``service`` (any object with the monitoring API), off-thread."""
+class MonitoringSpanProcessor(RecordSpanProcessor):
+    """Records of our spans -> calls into ``service`` (any object with the monitoring API),
+    off-thread, in order."""
 
     def __init__(self, service: Any, worker: SinkWorker | None = None) -> None:
         self.service = service
         self.worker = worker or SinkWorker("monitoring")
-        self._scopes = WorkflowScopes()
-        self._ids: dict[str, Any] = {}  # our workflow id -> the service's (worker thread only)
+        # our workflow id -> the service's; only the worker thread touches it. Bounded: a run
+        # whose finish never came is forgotten once _MAX_OPEN newer ones started.
+        self._ids: OrderedDict[str, Any] = OrderedDict()
 
-    @guarded
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        workflow_id, opens = self._scopes.enter(span)
-        if opens:
-            a = span.attributes or {}
-            self.worker.submit(
-                self._start, workflow_id, str(a.get(USER_ID) or ""),
-                str(a.get(GEN_AI_CONVERSATION_ID) or ""), str(a.get(CHATTER_CORRELATION_ID) or ""),
-                {"workflow_name": a.get(GEN_AI_WORKFLOW_NAME)},
+    def workflow_started(self, start: WorkflowStart, span_id: str, trace_id: str) -> None:
+        if start.outermost:
+            ids = start.ids
+            self.worker.call(
+                self._start, span_id, ids.user_id or "", ids.conversation_id or "",
+                ids.correlation_id or "", {"workflow_name": start.name},
             )  # fmt: skip
+
+    def ended(self, record: Record) -> None:
+        workflow_id = record.workflow_id
+        if workflow_id is None:
+            return
+        call = self.worker.call
+        if isinstance(record, LLMCallRecord):
+            provider = record.provider or "unknown"
+            metrics = LLMMetrics(
+                timestamp=datetime.fromtimestamp(record.end_ns / 1e9, tz=timezone.utc),
+                provider=provider, model=record.model or "", operation=record.operation,
+                input_tokens=record.input_tokens or 0, output_tokens=record.output_tokens or 0,
+                duration_ms=(record.end_ns - record.start_ns) / 1e6,
+                cost_estimate=float(record.cost) if record.cost is not None else None,
+                correlation_id=record.ids.correlation_id or "",
+            )  # fmt: skip
+            call(self.service.record_llm_operation, metrics)
+            if record.total_tokens is not None:
+                usage = {provider: record.total_tokens}
+                call(self._call, workflow_id, "update_workflow_metrics", token_usage=usage)
+        elif isinstance(record, ToolCallRecord):
+            call(self._call, workflow_id, "update_workflow_metrics", tool_calls=1)
+        closes = isinstance(record, WorkflowRecord) and record.outermost
+        if record.failed and (closes or isinstance(record, LLMCallRecord | ToolCallRecord)):
+            call(self._call, workflow_id, "update_workflow_metrics", error=record.error_type)
+        if closes:
+            call(self._finish, workflow_id)
 
     def _start(self, ours: str, user: str, conversation: str, correlation: str, cfg: Any) -> None:
         self._ids[ours] = self.service.start_workflow_tracking(
             user, conversation, workflow_config=cfg, correlation_id=correlation
         )
+        while len(self._ids) > _MAX_OPEN:
+            self._ids.popitem(last=False)
 
     def _call(self, ours: str, method: str, *args: Any, **kwargs: Any) -> None:
         theirs = self._ids.get(ours)
@@ -237,39 +252,7 @@ class MonitoringSpanProcessor(SpanProcessor):
         if theirs is not None:
             self.service.finish_workflow_tracking(theirs)
 
-    @guarded
-    def on_end(self, span: ReadableSpan) -> None:
-        workflow_id, closes = self._scopes.leave(span)
-        if workflow_id is None:
-            return
-        a = span.attributes or {}
-        op = a.get(GEN_AI_OPERATION_NAME)
-        error = a.get(ERROR_TYPE) if span.status.status_code is StatusCode.ERROR else None
-        submit = self.worker.submit
-        if op == _CHAT:
-            provider = str(a.get(GEN_AI_PROVIDER_NAME) or "unknown")
-            tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
-            metrics = LLMMetrics(
-                timestamp=datetime.fromtimestamp((span.end_time or 0) / 1e9, tz=timezone.utc),
-                provider=provider,
-                model=str(model_of(a) or ""),
-                operation=_CHAT, input_tokens=int(tin or 0), output_tokens=int(tout or 0),
-                duration_ms=duration_ns(span) / 1e6,
-                cost_estimate=a.get(GEN_AI_USAGE_COST_AMOUNT),
-                correlation_id=str(a.get(CHATTER_CORRELATION_ID) or ""),
-            )  # fmt: skip
-            submit(self.service.record_llm_operation, metrics)
-            if tin is not None or tout is not None:
-                usage = {provider: int(tin or 0) + int(tout or 0)}
-                submit(self._call, workflow_id, "update_workflow_metrics", token_usage=usage)
-        elif op == _TOOL:
-            submit(self._call, workflow_id, "update_workflow_metrics", tool_calls=1)
-        if error and (op in (_CHAT, _TOOL) or closes):
-            submit(self._call, workflow_id, "update_workflow_metrics", error=str(error))
-        if closes:
-            submit(self._finish, workflow_id)
-
-    def repoint(self, service: Any) -> None:
+    def repoint(self, service: Any = None, **_: Any) -> None:
         """Report to ``service`` from now on (a new ``configure`` on the same provider)."""
         if self.worker.stopped:
             self.worker = SinkWorker("monitoring")
@@ -278,7 +261,6 @@ class MonitoringSpanProcessor(SpanProcessor):
     def detach(self) -> None:
         """Stop reporting (processors cannot be removed from a provider); ends the worker."""
         self.service = _NoService()
-        self._scopes.clear()
         self.worker.stop()
 
     def shutdown(self) -> None:

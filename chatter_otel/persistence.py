@@ -38,21 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import Observation
-from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
-    GEN_AI_CONVERSATION_ID,
-    GEN_AI_OPERATION_NAME,
-    GEN_AI_PROVIDER_NAME,
-    GEN_AI_RESPONSE_FINISH_REASONS,
-    GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS,
-    GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
-    GEN_AI_USAGE_INPUT_TOKENS,
-    GEN_AI_USAGE_OUTPUT_TOKENS,
-    GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
-    GenAiOperationNameValues,
-)
-from opentelemetry.semconv._incubating.attributes.user_attributes import USER_ID
-from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -75,37 +60,32 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from chatter_otel._lifecycle import WorkflowScopes, duration_ns, model_of
 from chatter_otel._runs import current_workflow, last_run
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel._sqlite import connect_wal
 from chatter_otel.attributes import (
-    CHATTER_CORRELATION_ID,
-    CHATTER_MESSAGE_ID,
-    GEN_AI_USAGE_COST_AMOUNT,
-    GEN_AI_USAGE_COST_CURRENCY,
-    GEN_AI_USAGE_COST_SOURCE,
     LEDGER_DROPPED_METRIC,
     LEDGER_QUARANTINED_METRIC,
     LEDGER_SPOOLED_METRIC,
     LEDGER_WRITTEN_METRIC,
 )
+from chatter_otel.instrumentation.records import LLMCallRecord, WorkflowRecord
+from chatter_otel.sinks.dispatch import RecordSpanProcessor
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from opentelemetry.metrics import MeterProvider
-    from opentelemetry.sdk.trace import ReadableSpan
     from sqlalchemy import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from chatter_otel._runs import WorkflowRun
+    from chatter_otel.instrumentation.records import Record
 
 __all__ = ["MessageMapping", "UsagePersistence"]
 
 _log = logging.getLogger("chatter_otel")
-_CHAT = GenAiOperationNameValues.CHAT.value
 
 metadata = MetaData()
 LEDGER = Table(
@@ -761,12 +741,6 @@ class UsagePersistence:
                 await self._claim_all(conn, [(workflow_id, None) for workflow_id in due])
 
 
-def _tokens(a: Any) -> tuple[Any, Any, Any]:
-    """Input, output and total tokens of a span; the total only if one of them was reported."""
-    tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
-    return tin, tout, None if tin is None and tout is None else (tin or 0) + (tout or 0)
-
-
 def _if_empty(col: Any, value: Any) -> Any:
     """``value`` where the column is NULL, zero or empty (the app's placeholders), else as is."""
     placeholder = "" if isinstance(value, str) else 0
@@ -870,71 +844,53 @@ def _decode(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-class LedgerSpanProcessor(SpanProcessor):
-    """``chat`` spans -> ledger records; outermost workflow spans -> run records."""
+class LedgerSpanProcessor(RecordSpanProcessor):
+    """LLM call records -> ledger rows; outermost workflow records -> run rows."""
 
     def __init__(self, persistence: UsagePersistence | None) -> None:
         self.persistence = persistence
-        self._scopes = WorkflowScopes()
 
-    def repoint(self, persistence: UsagePersistence | None) -> None:
+    def repoint(self, persistence: UsagePersistence | None = None, **_: Any) -> None:
         self.persistence = persistence
 
     def detach(self) -> None:
         self.persistence = None
-        self._scopes.clear()
 
-    @guarded
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        self._scopes.enter(span)
-
-    @guarded
-    def on_end(self, span: ReadableSpan) -> None:
-        workflow_id, closes = self._scopes.leave(span)
+    def ended(self, rec: Record) -> None:
         persistence = self.persistence
         if persistence is None:
             return
-        a = span.attributes or {}
-        ok = span.status.status_code is not StatusCode.ERROR
-        if a.get(GEN_AI_OPERATION_NAME) == _CHAT:
-            tin, tout, total = _tokens(a)
-            reasons = a.get(GEN_AI_RESPONSE_FINISH_REASONS) or ()
-            persistence.submit("llm", {
-                "span_id": format_span_id(span.context.span_id),
-                "trace_id": format_trace_id(span.context.trace_id),
-                "workflow_id": workflow_id,
-                "conversation_id": a.get(GEN_AI_CONVERSATION_ID),
-                "message_id": a.get(CHATTER_MESSAGE_ID),
-                "correlation_id": a.get(CHATTER_CORRELATION_ID),
-                "user_id": a.get(USER_ID),
-                "provider": a.get(GEN_AI_PROVIDER_NAME),
-                "model": model_of(a),
-                "input_tokens": tin, "output_tokens": tout,
-                "total_tokens": total,
-                "cache_read_tokens": a.get(GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS),
-                "cache_creation_tokens": a.get(GEN_AI_USAGE_CACHE_CREATION_INPUT_TOKENS),
-                "reasoning_tokens": a.get(GEN_AI_USAGE_REASONING_OUTPUT_TOKENS),
-                "cost": a.get(GEN_AI_USAGE_COST_AMOUNT),
-                "currency": a.get(GEN_AI_USAGE_COST_CURRENCY),
-                "cost_source": a.get(GEN_AI_USAGE_COST_SOURCE),
-                "finish_reason": reasons[0] if reasons else None,
-                "started_at": (span.start_time or 0) / 1e9,
-                "duration_ms": duration_ns(span) / 1e6,
-                "status": "ok" if ok else "error",
-            })  # fmt: skip
-        if closes:
-            tin, tout, total = _tokens(a)
-            cost = a.get(GEN_AI_USAGE_COST_AMOUNT)
-            persistence.submit("run", {
-                "workflow_id": workflow_id,
-                "trace_id": format_trace_id(span.context.trace_id),
-                "conversation_id": a.get(GEN_AI_CONVERSATION_ID),
-                "message_id": a.get(CHATTER_MESSAGE_ID),
-                "input_tokens": tin, "output_tokens": tout,
-                "total_tokens": total,
-                "cost": Decimal(str(cost)) if cost is not None else None,
-                "status": "ok" if ok else "error",
-                "response_time_ms": duration_ns(span) // 1_000_000,
-                "finished_at": (span.end_time or 0) / 1e9,
-                "applied_at": None,
-            })  # fmt: skip
+        if isinstance(rec, LLMCallRecord):
+            persistence.submit("llm", ledger_row(rec))
+        elif isinstance(rec, WorkflowRecord) and rec.outermost:
+            persistence.submit("run", run_row(rec))
+
+
+def ledger_row(rec: LLMCallRecord) -> dict[str, Any]:
+    ids = rec.ids
+    return {
+        "span_id": rec.span_id, "trace_id": rec.trace_id, "workflow_id": rec.workflow_id,
+        "conversation_id": ids.conversation_id, "message_id": ids.message_id,
+        "correlation_id": ids.correlation_id, "user_id": ids.user_id,
+        "provider": rec.provider, "model": rec.model,
+        "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
+        "total_tokens": rec.total_tokens, "cache_read_tokens": rec.cache_read_tokens,
+        "cache_creation_tokens": rec.cache_creation_tokens,
+        "reasoning_tokens": rec.reasoning_tokens, "cost": rec.cost,
+        "currency": rec.cost_currency, "cost_source": rec.cost_source,
+        "finish_reason": rec.finish_reasons[0] if rec.finish_reasons else None,
+        "started_at": rec.start_ns / 1e9, "duration_ms": (rec.end_ns - rec.start_ns) / 1e6,
+        "status": "error" if rec.failed else "ok",
+    }  # fmt: skip
+
+
+def run_row(rec: WorkflowRecord, applied_at: float | None = None) -> dict[str, Any]:
+    return {
+        "workflow_id": rec.span_id, "trace_id": rec.trace_id,
+        "conversation_id": rec.ids.conversation_id, "message_id": rec.ids.message_id,
+        "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
+        "total_tokens": rec.total_tokens, "cost": rec.cost,
+        "status": "error" if rec.failed else "ok",
+        "response_time_ms": (rec.end_ns - rec.start_ns) // 1_000_000,
+        "finished_at": rec.end_ns / 1e9, "applied_at": applied_at,
+    }  # fmt: skip

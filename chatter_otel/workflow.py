@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from opentelemetry import context, trace
-from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
-    GEN_AI_OPERATION_NAME,
-    GEN_AI_WORKFLOW_NAME,
-    GenAiOperationNameValues,
-)
-from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from chatter_otel._handler import active_handler, clean_id, error_type, is_cancel
 from chatter_otel._runs import RunIds, WorkflowRun, current_workflow, set_last_run
-from chatter_otel._safety import guarded
-from chatter_otel.attributes import CHATTER_CANCELLED, CHATTER_WORKFLOW_ID
+from chatter_otel._safety import internal_error
+from chatter_otel.instrumentation.callbacks import active_handler, ambient_ids, clean_id
+from chatter_otel.instrumentation.invocations import WorkflowInvocation
+from chatter_otel.instrumentation.sampling import always_record
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
     from contextvars import Token
     from types import TracebackType
-
-    from opentelemetry.trace import Span
 
 __all__ = ["track_workflow"]
 
@@ -41,9 +32,10 @@ class track_workflow:
         run.usage.total_tokens, run.usage.cost, run.trace_id
 
     It starts an ``invoke_workflow {name}`` span (the parent of every graph run inside, whose
-    totals roll up into it) and makes the ids known to every span inside. On exit ``run.usage``
-    is final, ``run.status`` is ``ok``, ``error`` or ``cancelled``, and ``last_run()`` returns
-    the run. Exceptions pass through unchanged.
+    totals roll up into it) and makes the ids known to every span inside. It is the same
+    workflow invocation a graph run gets: one lifecycle, one record. On exit ``run.usage`` is
+    final, ``run.status`` is ``ok``, ``error``, ``interrupted`` or ``cancelled``, and
+    ``last_run()`` returns the run. Exceptions pass through unchanged.
     """
 
     def __init__(
@@ -62,72 +54,47 @@ class track_workflow:
             clean_id(user_id),
             clean_id(correlation_id),
         )
-        self.run = WorkflowRun(
-            name=name or _DEFAULT_NAME, ids=ids.merged_over(outer.ids if outer else None)
-        )
+        self._name = name or _DEFAULT_NAME
+        # Over the enclosing run's ids, and the request's correlation id from baggage: the
+        # records carry every id the spans do.
+        self._ids = ambient_ids(ids)
         self._outer = outer
-        self._span: Span | None = None
+        # Usable even if starting the span fails: the app always gets a run back.
+        self.run = WorkflowRun(name=self._name, ids=self._ids)
+        self._inv: WorkflowInvocation | None = None
         self._ctx_token: object | None = None
         self._wf_token: Token[WorkflowRun | None] | None = None
-        self._started_ns = 0
 
-    @guarded
     def _start(self) -> None:
-        handler = active_handler()
-        tracer = (
-            handler.tracer
-            if handler is not None
-            else trace.get_tracer("chatter_otel", __version__, schema_url=SCHEMA_URL)
-        )
-        run = self.run
-        attrs = {
-            GEN_AI_OPERATION_NAME: GenAiOperationNameValues.INVOKE_WORKFLOW.value,
-            GEN_AI_WORKFLOW_NAME: run.name,
-            **run.ids.attributes(),
-        }
-        span = tracer.start_span(
-            f"invoke_workflow {run.name}", kind=SpanKind.INTERNAL, attributes=attrs
-        )
-        run.bind_span(span)
-        if self._outer is None and run.workflow_id and span.is_recording():
-            span.set_attribute(CHATTER_WORKFLOW_ID, run.workflow_id)
-        self._span = span
-        self._started_ns = time.monotonic_ns()
-        self._ctx_token = context.attach(trace.set_span_in_context(span))
+        try:
+            handler = active_handler()
+            tracer = (
+                handler.tracer
+                if handler is not None
+                else always_record(trace.get_tracer("chatter_otel", __version__,
+                                                    schema_url=SCHEMA_URL))
+            )  # fmt: skip
+            inv = WorkflowInvocation(None, self._name, self._ids, tracer, outer=self._outer)
+            self._inv, self.run = inv, inv.run
+            self._ctx_token = context.attach(trace.set_span_in_context(inv.span))
+        except Exception:
+            internal_error("track_workflow.start")
 
-    @guarded
     def _finish(self, exc: BaseException | None) -> None:
-        run = self.run
-        run.usage.response_time_ms = (time.monotonic_ns() - self._started_ns) // 1_000_000
-        run.finished_at = time.time()
-        span = self._span
-        if exc is None:
-            run.status = "ok"
-        elif is_cancel(exc):
-            run.status = "cancelled"
-        else:
-            run.status = "error"
-            run.error_type = error_type(exc)
-        if span is not None:
-            if span.is_recording():
-                span.set_attributes(run.rollup_attributes())
-                if run.status == "cancelled":
-                    span.set_attribute(CHATTER_CANCELLED, True)
-                elif run.status == "error" and exc is not None:
-                    span.set_attribute(ERROR_TYPE, run.error_type or "")
-                    span.set_status(Status(StatusCode.ERROR, f"{run.error_type}: {exc}"[:256]))
-                    span.record_exception(exc)
-            span.end()
         if self._ctx_token is not None:
-            context.detach(self._ctx_token)  # type: ignore[arg-type]
-        if self._outer is not None:
-            self._outer.merge_child(run)
-        else:
-            set_last_run(run)
+            try:
+                context.detach(self._ctx_token)  # type: ignore[arg-type]
+            except Exception:
+                internal_error("track_workflow.detach")
+        inv = self._inv
+        if inv is not None:
+            inv.stop(exc)  # never raises; rolls up into the outer run if there is one
+        if self._outer is None:
+            set_last_run(self.run)
 
     def __enter__(self) -> WorkflowRun:
-        self._wf_token = current_workflow.set(self.run)
         self._start()
+        self._wf_token = current_workflow.set(self.run)
         return self.run
 
     def __exit__(

@@ -61,6 +61,27 @@ class Spans:
         self.exporter.clear()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "internal_errors: the test injects faults into the instrumentation on purpose"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A fault inside the instrumentation fails the test that caused it (production only logs
+    it): the suite sees internal errors the way logfire's re-raise under pytest does."""
+    from chatter_otel import _safety
+
+    errors = _safety.internal_errors
+    errors.strict = True
+    errors.seen.clear()
+    yield
+    seen, errors.seen[:] = list(errors.seen), []
+    if seen and request.node.get_closest_marker("internal_errors") is None:
+        pytest.fail("internal errors in chatter-otel:\n" + "\n".join(seen), pytrace=False)
+
+
 @pytest.fixture
 def instrument() -> Iterator[Any]:
     """Instrument with a fresh SDK provider; call it with options; always uninstrumented after."""

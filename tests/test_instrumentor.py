@@ -71,6 +71,7 @@ def test_registry_is_bounded_and_orphans_end_with_error_type(
         gen.close()
 
 
+@pytest.mark.internal_errors
 def test_internal_fault_never_reaches_the_app(
     spans: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

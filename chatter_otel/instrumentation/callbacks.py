@@ -1,0 +1,404 @@
+"""The LangChain callback handler: thin. It maps callbacks to invocations and nothing more.
+
+Spans are parented explicitly from LangChain's ``parent_run_id``; runs that get no span of their
+own (plain chains, routers, channel writes, retrievers) alias their nearest ancestor's
+invocation, so a chat model called three runnables deep still lands under its node. The handler
+runs inline (``run_inline = True``): no executor hop in async code. Every callback is guarded, so
+a fault here is counted and logged and never reaches the app; the app's own exceptions only ever
+pass through.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from opentelemetry import baggage, trace
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GenAiOperationNameValues,
+)
+
+from chatter_otel._providers import provider_name
+from chatter_otel._registry import Registry
+from chatter_otel._runs import EMPTY_IDS, RunIds, RunSlot, current_workflow
+from chatter_otel._safety import guarded, warn_once
+from chatter_otel.attributes import CHATTER_CORRELATION_ID
+from chatter_otel.instrumentation.calls import LLMInvocation, ToolInvocation
+from chatter_otel.instrumentation.invocations import (
+    Invocation,
+    NodeInvocation,
+    Orphaned,
+    WorkflowInvocation,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Tracer
+
+    from chatter_otel._cost import Pricer
+    from chatter_otel._settings import Settings
+
+_OP_CHAT = GenAiOperationNameValues.CHAT.value
+_OP_TEXT = GenAiOperationNameValues.TEXT_COMPLETION.value
+_HIDDEN_NODES = frozenset({"__start__"})  # LangGraph's input-writing pseudo node
+_MAX_ID_LEN = 256
+
+
+def clean_id(value: Any) -> str | None:
+    if (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, UUID):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        return None
+    if len(value) > _MAX_ID_LEN:
+        warn_once("ids:long", "chatter-otel: ignoring an id over %d chars", _MAX_ID_LEN)
+        return None
+    return value
+
+
+def ids_from_config(config: Mapping[str, Any] | None) -> RunIds:
+    """App ids from a LangGraph config: ``metadata`` first, then ``configurable``.
+
+    ``conversation_id`` falls back to LangGraph's ``thread_id``.
+    """
+    if not config:
+        return EMPTY_IDS
+    md = config.get("metadata") or {}
+    conf = config.get("configurable") or {}
+
+    def pick(*keys: str) -> str | None:
+        for source in (md, conf):
+            for key in keys:
+                if (value := clean_id(source.get(key))) is not None:
+                    return value
+        return None
+
+    ids = RunIds(
+        conversation_id=pick("conversation_id", "thread_id"),
+        message_id=pick("message_id"),
+        user_id=pick("user_id"),
+        correlation_id=pick("correlation_id"),
+    )
+    if any((ids.conversation_id, ids.message_id, ids.user_id, ids.correlation_id)):
+        return ids
+    return EMPTY_IDS
+
+
+def ambient_ids(ids: RunIds) -> RunIds:
+    """``ids`` over the enclosing ``track_workflow``'s, with the correlation id from baggage."""
+    outer = current_workflow.get()
+    ids = ids.merged_over(outer.ids if outer is not None else None)
+    if ids.correlation_id is None:
+        corr = clean_id(baggage.get_baggage(CHATTER_CORRELATION_ID))
+        if corr is not None:
+            ids = RunIds(ids.conversation_id, ids.message_id, ids.user_id, corr)
+    return ids
+
+
+class OtelCallbackHandler(BaseCallbackHandler):
+    """The one LangChain callback handler that records spans for every run."""
+
+    run_inline = True  # called in the caller's thread or task: no executor hop
+    raise_error = False
+    # ignore_agent stays False: LangChain gates on_tool_start/end/error on it too.
+    ignore_retry = True
+    ignore_custom_event = True
+
+    def __init__(self, tracer: Tracer, settings: Settings, pricer: Pricer) -> None:
+        super().__init__()
+        self.tracer = tracer
+        self.settings = settings
+        self.pricer = pricer
+        self.enabled = True
+        self._runs: Registry[Invocation] = Registry(
+            settings.max_runs, settings.max_run_age_s, self._evict
+        )
+        # Graph runs announced by the Pregel.stream/astream wrapper, by run id.
+        self._graphs: OrderedDict[UUID, tuple[str, RunIds, RunSlot]] = OrderedDict()
+
+    # -- announced by the instrumentor ---------------------------------------------------------
+
+    def expect_graph(self, run_id: UUID, name: str, ids: RunIds, slot: RunSlot) -> None:
+        graphs = self._graphs
+        graphs[run_id] = (name, ids, slot)
+        while len(graphs) > self.settings.max_runs:
+            graphs.popitem(last=False)
+
+    def context_for(self, config: Mapping[str, Any] | None) -> Context | None:
+        """The context making the running node's span current, or None to leave it alone."""
+        if not config:
+            return None
+        parent_id = getattr(config.get("callbacks"), "parent_run_id", None)
+        inv = self._runs.get(parent_id)
+        if inv is None or isinstance(inv, LLMInvocation):
+            return None
+        node = inv.node if isinstance(inv, WorkflowInvocation) else None
+        span = node.span if node is not None else inv.span
+        if trace.get_current_span() is span:
+            return None
+        return trace.set_span_in_context(span)
+
+    def _evict(self, run_id: UUID, inv: Invocation) -> None:
+        if inv.run_id != run_id:  # an alias entry; its owner is evicted on its own
+            return
+        warn_once(
+            "registry:evict",
+            "chatter-otel: ending a run that never finished (registry size/age cap)",
+        )
+        self._stop(inv, None, Orphaned())
+
+    def close_all(self) -> None:
+        """End every open span (at uninstrument), as orphaned."""
+        for run_id, inv in self._runs.drain():
+            self._evict(run_id, inv)
+
+    def _stop(self, inv: Invocation, output: Any, error: BaseException | None) -> None:
+        if isinstance(inv, LLMInvocation):
+            inv.stop(output, error, self.pricer, self.settings)
+        elif isinstance(inv, ToolInvocation):
+            inv.stop(output, error, self.settings)
+        elif isinstance(inv, NodeInvocation | WorkflowInvocation):
+            inv.stop(error)
+
+    # -- chains: graphs and nodes ---------------------------------------------------------------
+
+    @guarded
+    def on_chain_start(
+        self,
+        serialized: dict[str, Any] | None,
+        inputs: Any,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        tags: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        graph = self._graphs.pop(run_id, None) if self._graphs else None
+        if not self.enabled:
+            return
+        parent = self._runs.get(parent_run_id)
+        node_name: str | None = None
+        if (
+            parent is not None
+            and isinstance(parent, WorkflowInvocation)
+            and parent.run_id == parent_run_id
+            and metadata is not None
+            and "langgraph_node" in metadata
+        ):
+            node_name = str(kwargs.get("name") or metadata["langgraph_node"])
+        if graph is None:
+            if node_name is not None and node_name not in _HIDDEN_NODES:
+                assert parent is not None and metadata is not None
+                self._runs.put(run_id, self._node(run_id, node_name, parent, metadata))
+            elif parent is not None:
+                self._runs.put(run_id, parent)  # alias: no span of its own
+            return
+        name, ids, slot = graph
+        node = None
+        if node_name is not None:  # a compiled subgraph added as a node: node, then workflow
+            assert parent is not None and metadata is not None
+            node = self._node(run_id, str(kwargs.get("name") or name), parent, metadata)
+        under = node or parent
+        if under is not None:
+            outer = under.workflow
+            ids = ids.merged_over(under.ids)
+        else:
+            outer = current_workflow.get()
+            ids = ambient_ids(ids)
+        inv = WorkflowInvocation(
+            run_id, name, ids, self.tracer, parent=under, outer=outer, node=node
+        )
+        inv.slot = slot
+        self._runs.put(run_id, inv)
+
+    def _node(
+        self, run_id: UUID, name: str, parent: Invocation, metadata: Mapping[str, Any]
+    ) -> NodeInvocation:
+        step = metadata.get("langgraph_step")
+        step = step if isinstance(step, int) and not isinstance(step, bool) else None
+        return NodeInvocation(run_id, parent, name, step, self.tracer)
+
+    @guarded
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id, None, None)
+
+    @guarded
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id, None, error)
+
+    def _end(self, run_id: UUID, output: Any, error: BaseException | None) -> None:
+        inv = self._runs.pop(run_id)
+        if inv is not None and inv.run_id == run_id:  # not unknown, not an alias
+            self._stop(inv, output, error)
+
+    # -- LLM calls ------------------------------------------------------------------------------
+
+    @guarded
+    def on_chat_model_start(
+        self,
+        serialized: dict[str, Any] | None,
+        messages: list[list[Any]],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.enabled:
+            self._start_llm(_OP_CHAT, serialized, messages, run_id, parent_run_id, metadata,
+                            kwargs)  # fmt: skip
+
+    @guarded
+    def on_llm_start(
+        self,
+        serialized: dict[str, Any] | None,
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self.enabled:
+            self._start_llm(_OP_TEXT, serialized, prompts, run_id, parent_run_id, metadata,
+                            kwargs)  # fmt: skip
+
+    def _start_llm(  # noqa: PLR0917 - one internal call site per callback
+        self,
+        operation: str,
+        serialized: Mapping[str, Any] | None,
+        inputs: list[Any],
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        metadata: Mapping[str, Any] | None,
+        kwargs: Mapping[str, Any],
+    ) -> None:
+        parent = self._runs.get(parent_run_id)
+        md = metadata or {}
+        params = kwargs.get("invocation_params") or {}
+        class_name = None
+        if serialized and isinstance(serialized.get("id"), list) and serialized["id"]:
+            class_name = str(serialized["id"][-1])
+        provider = provider_name(md.get("ls_provider"), class_name or params.get("_type"))
+        model = (
+            params.get("model") or params.get("model_name") or params.get("model_id")
+            or md.get("ls_model_name")
+        )  # fmt: skip
+        model = model if isinstance(model, str) and model else None
+        ids = parent.ids if parent is not None else self._ambient(md)
+        workflow = parent.workflow if parent is not None else current_workflow.get()
+        inv = LLMInvocation(
+            run_id, ids, parent, workflow, self.tracer, operation=operation, provider=provider,
+            model=model, streaming=bool(params.get("stream") or params.get("streaming")),
+            metadata=md, settings=self.settings, inputs=inputs,
+        )  # fmt: skip
+        self._runs.put(run_id, inv)
+
+    @staticmethod
+    def _ambient(metadata: Mapping[str, Any]) -> RunIds:
+        """Ids for an LLM or tool call made outside any graph run."""
+        return ambient_ids(ids_from_config({"metadata": metadata}))
+
+    @guarded
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        inv = self._runs.get(run_id)
+        if isinstance(inv, LLMInvocation):
+            inv.chunk()
+
+    @guarded
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end_llm(run_id, response, None)
+
+    @guarded
+    def on_llm_error(
+        self, error: BaseException, *, run_id: UUID, response: Any = None, **kwargs: Any
+    ) -> None:
+        self._end_llm(run_id, response, error)
+
+    def _end_llm(self, run_id: UUID, response: Any, error: BaseException | None) -> None:
+        inv = self._runs.pop(run_id)
+        if isinstance(inv, LLMInvocation) and inv.run_id == run_id:
+            inv.stop(response, error, self.pricer, self.settings)
+
+    # -- tools ----------------------------------------------------------------------------------
+
+    @guarded
+    def on_tool_start(
+        self,
+        serialized: dict[str, Any] | None,
+        input_str: str,
+        *,
+        run_id: UUID,
+        parent_run_id: UUID | None = None,
+        metadata: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not self.enabled:
+            return
+        parent = self._runs.get(parent_run_id)
+        ser = serialized or {}
+        call_id = kwargs.get("tool_call_id")
+        description = ser.get("description")
+        inv = ToolInvocation(
+            run_id,
+            parent.ids if parent is not None else self._ambient(metadata or {}),
+            parent,
+            parent.workflow if parent is not None else current_workflow.get(),
+            self.tracer,
+            name=str(kwargs.get("name") or ser.get("name") or "tool"),
+            call_id=call_id if isinstance(call_id, str) and call_id else None,
+            description=description if isinstance(description, str) and description else None,
+            arguments=inputs if inputs is not None else input_str,
+            settings=self.settings,
+        )
+        self._runs.put(run_id, inv)
+
+    @guarded
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end_tool(run_id, output, None)
+
+    @guarded
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end_tool(run_id, None, error)
+
+    def _end_tool(self, run_id: UUID, output: Any, error: BaseException | None) -> None:
+        inv = self._runs.pop(run_id)
+        if isinstance(inv, ToolInvocation) and inv.run_id == run_id:
+            inv.stop(output, error, self.settings)
+
+    # -- retrievers: no span yet, but their children keep their place in the tree --------------
+
+    @guarded
+    def on_retriever_start(
+        self, serialized: Any, query: str, *, run_id: UUID, parent_run_id: UUID | None = None,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
+        parent = self._runs.get(parent_run_id)
+        if parent is not None and self.enabled:
+            self._runs.put(run_id, parent)
+
+    @guarded
+    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._runs.pop(run_id)
+
+    @guarded
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._runs.pop(run_id)
+
+
+_active: OtelCallbackHandler | None = None
+
+
+def active_handler() -> OtelCallbackHandler | None:
+    """The handler of the instrumentor currently installed, if any."""
+    return _active
+
+
+def set_active_handler(handler: OtelCallbackHandler | None) -> None:
+    global _active  # noqa: PLW0603 - one process-wide instrumentation, like BaseInstrumentor
+    _active = handler

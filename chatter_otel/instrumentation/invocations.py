@@ -1,0 +1,248 @@
+"""One invocation object per operation: it owns its span and ends it in ``finally``.
+
+A workflow (graph run or ``track_workflow``), a graph node, an LLM call and a tool call each get
+an invocation when they start. Ending one runs the steps that can fail (usage, pricing, content,
+attributes) each under its own guard, builds the operation's frozen record, and ends the span
+with the record in ``finally``: a fault in any step is counted and logged, and never leaves a
+span open, a record unsent or a roll-up missing (util-genai's ``_finish`` pattern).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from langgraph.errors import GraphBubbleUp, GraphInterrupt
+from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_WORKFLOW_NAME,
+    GenAiOperationNameValues,
+)
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+
+from chatter_otel._runs import RunIds, WorkflowRun
+from chatter_otel._safety import internal_error
+from chatter_otel.attributes import (
+    CHATTER_CANCELLED,
+    CHATTER_INTERRUPTED,
+    CHATTER_WORKFLOW_ID,
+    LANGGRAPH_NODE_NAME,
+    LANGGRAPH_STEP,
+    ORPHANED_ERROR_TYPE,
+)
+from chatter_otel.instrumentation import records as r
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span, Tracer
+
+    from chatter_otel._runs import RunSlot
+
+_OP_WORKFLOW = GenAiOperationNameValues.INVOKE_WORKFLOW.value
+_MAX_DESC_LEN = 256
+
+
+class Orphaned(Exception):
+    """Stands in for the missing end of a run evicted from the registry."""
+
+
+def error_type(error: BaseException) -> str:
+    cls = type(error)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def is_cancel(error: BaseException) -> bool:
+    return isinstance(error, asyncio.CancelledError | GeneratorExit)
+
+
+class Invocation:
+    """What every operation has: its span, ids, parent, the workflow it rolls up into."""
+
+    __slots__ = (
+        "error_id", "ids", "parent", "run_id", "span", "span_id", "start_mono_ns", "start_ns",
+        "trace_id", "workflow",
+    )  # fmt: skip
+
+    def __init__(
+        self, run_id: Any, ids: RunIds, parent: Invocation | None, workflow: WorkflowRun | None
+    ) -> None:
+        self.run_id = run_id
+        self.ids = ids
+        self.parent = parent
+        self.workflow = workflow  # the workflow this operation rolls up into (its own, for one)
+        self.span: Span = _NOT_STARTED
+        self.span_id = self.trace_id = ""
+        self.start_ns = time.time_ns()
+        self.start_mono_ns = time.monotonic_ns()
+        self.error_id = 0  # id() of the exception a child already recorded
+
+    @property
+    def workflow_id(self) -> str | None:
+        return self.workflow.root_id if self.workflow is not None else None
+
+    def _open(
+        self, tracer: Tracer, name: str, kind: SpanKind, attrs: dict[str, Any],
+        context: Context | None = None,
+    ) -> None:  # fmt: skip
+        # Attributes known at the start go in at the start: samplers and on_start see them.
+        if context is None and self.parent is not None:
+            context = set_span_in_context(self.parent.span)
+        self.span = tracer.start_span(
+            name, context=context, kind=kind, attributes=attrs, start_time=self.start_ns
+        )
+        ctx = self.span.get_span_context()
+        self.span_id, self.trace_id = format(ctx.span_id, "016x"), format(ctx.trace_id, "032x")
+
+    def outcome(self, error: BaseException | None) -> tuple[str, str | None, str | None]:
+        """Status, error type and message of an end; sets the span's status to match."""
+        if error is None:
+            return r.OK, None, None
+        span = self.span
+        if isinstance(error, GraphBubbleUp):
+            # LangGraph control flow (interrupt, Command to parent, drain) is not a failure.
+            if isinstance(error, GraphInterrupt):
+                span.set_attribute(CHATTER_INTERRUPTED, True)
+                return r.INTERRUPTED, None, None
+            return r.OK, None, None
+        if is_cancel(error):
+            span.set_attribute(CHATTER_CANCELLED, True)
+            return r.CANCELLED, None, None
+        if isinstance(error, Orphaned):
+            span.set_attribute(ERROR_TYPE, ORPHANED_ERROR_TYPE)
+            span.set_status(Status(StatusCode.ERROR, "run never finished"))
+            return r.ORPHANED, ORPHANED_ERROR_TYPE, "run never finished"
+        etype = error_type(error)
+        message = f"{etype}: {error}"[:_MAX_DESC_LEN]
+        span.set_attribute(ERROR_TYPE, etype)
+        span.set_status(Status(StatusCode.ERROR, message))
+        # One stack trace per exception: where it surfaced first, not on every ancestor.
+        if self.error_id != id(error):
+            span.record_exception(error)
+        if self.parent is not None:
+            self.parent.error_id = id(error)
+        return r.ERROR, etype, message
+
+    def _safe_outcome(self, error: BaseException | None) -> tuple[str, str | None, str | None]:
+        try:
+            return self.outcome(error)
+        except Exception:
+            internal_error(f"{type(self).__name__}.outcome")
+            return (r.OK, None, None) if error is None else (r.ERROR, error_type(error), None)
+
+    def _close(self, record: r.Record | None, end_ns: int) -> None:
+        """End the span with its record; never raises (an app's processor may)."""
+        try:
+            r.end_with(self.span, record, end_ns)
+        except Exception:
+            internal_error(f"{type(self).__name__}.end")
+
+
+class _NotStarted:
+    """The span of an invocation whose start failed: every call is a no-op."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+_NOT_STARTED: Any = _NotStarted()
+
+
+class NodeInvocation(Invocation):
+    __slots__ = ("name", "step")
+
+    def __init__(
+        self, run_id: Any, parent: Invocation, name: str, step: int | None, tracer: Tracer
+    ) -> None:
+        super().__init__(run_id, parent.ids, parent, parent.workflow)
+        self.name, self.step = name, step
+        attrs: dict[str, Any] = {LANGGRAPH_NODE_NAME: name, **parent.ids.attributes()}
+        if step is not None:
+            attrs[LANGGRAPH_STEP] = step
+        self._open(tracer, f"invoke_node {name}", SpanKind.INTERNAL, attrs)
+
+    def stop(self, error: BaseException | None) -> None:
+        end_ns = time.time_ns()
+        record = None
+        try:
+            status, etype, message = self._safe_outcome(error)
+            record = r.NodeRecord(
+                self.span_id, self.trace_id, self.workflow_id, self.ids, self.start_ns, end_ns,
+                status, etype, message, self.name, self.step,
+            )  # fmt: skip
+        except Exception:
+            internal_error("NodeInvocation.stop")
+        finally:
+            self._close(record, end_ns)
+
+
+class WorkflowInvocation(Invocation):
+    """A workflow: a compiled graph's run, or ``track_workflow``. Owns a ``WorkflowRun`` (what
+    the app gets back) and rolls it up into the enclosing workflow, if any, when it ends."""
+
+    __slots__ = ("node", "outer", "run", "slot")
+
+    def __init__(
+        self,
+        run_id: Any,
+        name: str,
+        ids: RunIds,
+        tracer: Tracer,
+        *,
+        parent: Invocation | None = None,
+        outer: WorkflowRun | None = None,
+        node: NodeInvocation | None = None,
+        context: Context | None = None,
+    ) -> None:
+        run = WorkflowRun(name=name, ids=ids)
+        super().__init__(run_id, ids, parent, run)
+        self.run = run
+        self.outer = outer  # the enclosing workflow, where this one's totals roll up
+        self.node = node  # the node span of a subgraph added as a node
+        self.slot: RunSlot | None = None  # where last_run() finds it, if outermost
+        attrs = {GEN_AI_OPERATION_NAME: _OP_WORKFLOW, GEN_AI_WORKFLOW_NAME: name}
+        attrs.update(ids.attributes())
+        start = r.WorkflowStart(name, outer is None, ids)
+        with r.carry_start(start):
+            self._open(tracer, f"invoke_workflow {name}", SpanKind.INTERNAL, attrs, context)
+        if self.span_id and self.span.get_span_context().is_valid:
+            run.trace_id, run.workflow_id = self.trace_id, self.span_id
+        run.root_id = outer.root_id if outer is not None else run.workflow_id
+        if outer is None and run.workflow_id:
+            self.span.set_attribute(CHATTER_WORKFLOW_ID, run.workflow_id)
+
+    def stop(self, error: BaseException | None) -> WorkflowRun:
+        end_ns = time.time_ns()
+        run = self.run
+        record = None
+        try:
+            status, etype, message = self._safe_outcome(error)
+            u = run.usage
+            u.response_time_ms = (time.monotonic_ns() - self.start_mono_ns) // 1_000_000
+            run.finished_at = time.time()
+            run.status = status if status != r.ORPHANED else r.ERROR
+            run.error_type = etype
+            record = r.WorkflowRecord(
+                self.span_id, self.trace_id, self.workflow_id, self.ids, self.start_ns, end_ns,
+                status, etype, message, run.name, self.outer is None, u.prompt_tokens,
+                u.completion_tokens, u.total_tokens, u.cost, u.cost_currency, u.provider,
+                u.model, u.llm_calls, u.tool_calls,
+            )  # fmt: skip
+            try:
+                if self.span.is_recording():
+                    self.span.set_attributes(run.rollup_attributes())
+            except Exception:
+                internal_error("WorkflowInvocation.attributes")
+        except Exception:
+            internal_error("WorkflowInvocation.stop")
+        finally:
+            self._close(record, end_ns)
+            if self.node is not None:
+                self.node.stop(error)
+            if self.outer is not None:
+                self.outer.merge_child(run)
+            elif self.slot is not None:
+                self.slot.run = run
+        return run
