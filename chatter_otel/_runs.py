@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.trace import Span
 
-    from chatter_otel.instrumentation.records import LLMCallRecord
+    from chatter_otel.instrumentation.records import LLMCallRecord, WorkflowRecord
 
 __all__ = ["RunIds", "RunUsage", "WorkflowRun", "last_run"]
 
@@ -72,6 +72,7 @@ class RunIds:
 
 
 EMPTY_IDS = RunIds()
+MAX_CALLS_KEPT = 10_000  # per run; calls beyond reach the ledger through its worker only
 
 
 @dataclass(slots=True)
@@ -128,6 +129,10 @@ class WorkflowRun:
     bound_message_id: str | None = None  # set once its usage landed on an app message row
     # The workflow id of the outermost run this one belongs to (its own, when outermost).
     root_id: str | None = field(default=None, repr=False)
+    # Its LLM calls' records (nested runs' included; bounded) and its own record once ended:
+    # what the ledger writes inside the app's transaction when the app saves the message.
+    calls: list[LLMCallRecord] = field(default_factory=list, repr=False)
+    record: WorkflowRecord | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -150,6 +155,8 @@ class WorkflowRun:
 
     def add_llm_call(self, call: LLMCallRecord) -> None:
         with self._lock:
+            if len(self.calls) < MAX_CALLS_KEPT:
+                self.calls.append(call)
             u = self.usage
             u.llm_calls += 1
             if not call.usage_reported:
@@ -179,6 +186,7 @@ class WorkflowRun:
         """Roll a finished nested workflow up into this one."""
         c = child.usage
         with self._lock:
+            self.calls.extend(child.calls[: max(MAX_CALLS_KEPT - len(self.calls), 0)])
             u = self.usage
             u.llm_calls += c.llm_calls
             u.tool_calls += c.tool_calls

@@ -206,7 +206,7 @@ class UsagePersistence:
         self.spool_path = Path(spool_path or Path(base) / "chatter-otel" / "usage-spool.db")
         self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=max_queue)
         self.stats = {"written": 0, "spooled": 0, "dropped": 0, "quarantined": 0, "applied": 0,
-                      "failures": 0}  # fmt: skip
+                      "failures": 0, "in_transaction": 0}  # fmt: skip
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         # flush() waits on these: records submitted, records the worker took off the queue, and
@@ -240,7 +240,8 @@ class UsagePersistence:
 
     def install(self, session_class: Any = Session) -> None:
         """Hook the app's sessions (all of SQLAlchemy's by default; AsyncSession included)."""
-        for name, fn in (("before_flush", self._before_flush), ("after_commit", self._after_commit),
+        for name, fn in (("before_flush", self._before_flush), ("after_flush", self._after_flush),
+                         ("after_commit", self._after_commit),
                          ("after_rollback", self._after_rollback)):  # fmt: skip
             event.listen(session_class, name, fn)
             self._installed.append((session_class, name, fn))
@@ -284,8 +285,68 @@ class UsagePersistence:
                     "cost": Decimal(0) if own else u.cost,
                 }
             )
+            session.info.setdefault("chatter_runs", {})[run.workflow_id] = run
             run.bound_message_id = str(getattr(msg, m.message_id))
             break  # one run, one message
+
+    @guarded
+    def _after_flush(self, session: Session, flush_context: Any) -> None:
+        """The message is in the app's transaction now: write the run's ledger rows, claim the
+        run and add it to its conversation in the same transaction, so the accounting commits
+        (or rolls back) with the app's message. Where that cannot be done (our tables not
+        ready, an old database), the binding goes to the worker after the commit instead."""
+        runs = session.info.get("chatter_runs")
+        if not runs:
+            return
+        for binding in session.info.get("chatter_bindings", ()):
+            run = runs.pop(binding["workflow_id"], None)
+            if run is not None and not binding.get("in_transaction"):
+                binding["in_transaction"] = self._write_in_transaction(session, binding, run)
+
+    def _write_in_transaction(self, session: Session, binding: dict[str, Any],
+                              run: WorkflowRun) -> bool:  # fmt: skip
+        record = run.record
+        if not (self._ready and self._conversations_ok) or record is None or not record.outermost:
+            return False
+        conn = session.connection()
+        savepoint = conn.begin_nested()  # a refusal of ours never aborts the app's transaction
+        try:
+            with suppress_instrumentation():  # the package's own writes are never traced
+                if run.calls:
+                    rows = [_fit(LEDGER, ledger_row(c)) for c in run.calls]
+                    conn.execute(_insert_ignore(conn, LEDGER, "span_id"), rows)
+                row = _fit(RUNS, run_row(record, applied_at=time.time()))
+                row["message_id"] = binding["message_id"]
+                claimed = conn.execute(_claim_upsert(conn), row).rowcount == 1
+                conv = binding["conversation_id"]
+                tokens, cost = binding["total_tokens"] or 0, binding["cost"] or Decimal(0)
+                if claimed and conv is not None and (tokens or cost):
+                    conn.execute(self._add_statement(), {"tokens": tokens, "cost": cost,
+                                                         "conv": str(conv)})  # fmt: skip
+            savepoint.commit()
+        except Exception as exc:
+            savepoint.rollback()
+            warn_once("ledger:in-transaction", "chatter-otel: cannot write the run's usage in the "
+                      "app's transaction (%s: %.300s); the ledger's worker writes it after the "
+                      "commit", type(exc).__name__, exc)  # fmt: skip
+            return False
+        self.stats["in_transaction"] += 1
+        return True
+
+    def _add_statement(self) -> Any:
+        """``UPDATE conversations SET total = total + :delta``: exact under concurrency."""
+        m = self.mapping
+        return text(
+            f'UPDATE "{m.conversations_table}" SET '
+            f'"{m.conversation_total_tokens}" = "{m.conversation_total_tokens}" + :tokens, '
+            f'"{m.conversation_total_cost}" = "{m.conversation_total_cost}" + :cost '
+            f'WHERE "{m.conversation_pk}" = :conv'
+        ).bindparams(
+            # typed: each dialect converts the Decimal its own way (sqlite3 cannot bind it)
+            bindparam("tokens", type_=BigInteger()),
+            bindparam("cost", type_=Numeric(20, 10)),
+            bindparam("conv", type_=String()),
+        )
 
     def _matches(self, run: WorkflowRun, msg: Any) -> bool:
         m = self.mapping
@@ -314,12 +375,15 @@ class UsagePersistence:
 
     @guarded
     def _after_commit(self, session: Session) -> None:
+        session.info.pop("chatter_runs", None)
         for binding in session.info.pop("chatter_bindings", ()):
-            self.submit("bind", binding)
+            if not binding.pop("in_transaction", False):  # else it committed with the app's
+                self.submit("bind", binding)
 
     @guarded
     def _after_rollback(self, session: Session) -> None:
         session.info.pop("chatter_bindings", None)
+        session.info.pop("chatter_runs", None)
 
     # -- the worker -----------------------------------------------------------------------------
 
@@ -456,19 +520,32 @@ class UsagePersistence:
                       "replaying", spool.count, self.spool_path)  # fmt: skip
         backoff, next_try, next_sweep, failing = 0.5, 0.0, 0.0, False
         held: list[tuple[str, dict[str, Any]]] = []  # taken, not yet in the spool
+        pending_since: float | None = None  # when the spool last got records not yet written
         try:
             while True:
                 stopping = self._stop.is_set()
                 if len(held) < self.batch_size:  # bounded: the queue fills (and counts) instead
-                    held += self._take(0.0 if stopping else 0.1)  # blocks only this loop
+                    held += self._take(0.0 if stopping else 0.05)  # blocks only this loop
+                # Into the spool at once, with no batching window: a record is durable a few
+                # milliseconds after its span ended (docs/decisions.md, "Exactly once").
                 if held and not self._spool_held(spool, held):
                     if stopping:
                         break
                     await asyncio.sleep(0.5)
                     continue
-                if time.monotonic() < next_try:
+                now = time.monotonic()
+                if spool.count and pending_since is None:
+                    pending_since = now
+                if now < next_try:
                     if stopping:
                         break
+                    continue
+                # The database in batches: one transaction per batch_delay_s (or a full batch,
+                # a flush, the sweep), not per record.
+                if not (stopping or self._hurry.is_set() or now >= next_sweep
+                        or spool.count >= self.batch_size
+                        or (pending_since is not None
+                            and now - pending_since >= self.batch_delay_s)):  # fmt: skip
                     continue
                 try:
                     await self._ensure_tables(engine)
@@ -480,6 +557,7 @@ class UsagePersistence:
                         _log.warning("chatter-otel: usage ledger reached the database again; "
                                      "%d spooled record(s) written", written)  # fmt: skip
                     backoff, failing = 0.5, False
+                    pending_since = None
                     if not spool.count:
                         self._mark_settled()
                 except Exception as exc:  # the database is down or refused the batch
@@ -504,16 +582,13 @@ class UsagePersistence:
             await engine.dispose()
 
     def _take(self, timeout_s: float) -> list[tuple[str, dict[str, Any]]]:
-        """Up to ``batch_size`` records. After the first, wait ``batch_delay_s`` for more unless
-        a batch is already there or a flush is asked: one spool and database write per batch,
-        not per record (each write takes interpreter time from the app's threads)."""
+        """Up to ``batch_size`` records: the first waited for up to ``timeout_s``, then what
+        else is queued already (no waiting for more: they go to the spool now)."""
         batch: list[tuple[str, dict[str, Any]]] = []
         try:
             batch.append(
                 self._queue.get(timeout=timeout_s) if timeout_s else self._queue.get_nowait()
             )
-            if self._queue.qsize() < self.batch_size - 1:
-                self._hurry.wait(self.batch_delay_s)
             while len(batch) < self.batch_size:
                 batch.append(self._queue.get_nowait())
         except queue.Empty:
@@ -526,6 +601,9 @@ class UsagePersistence:
                 async with engine.begin() as conn:
                     await conn.run_sync(metadata.create_all)
             self._ready = True
+        if not self._conversations_ok:  # known before the app's first message, when it can be
+            async with engine.connect() as conn:
+                await self._know_app_schema(conn)
 
     async def _know_app_schema(self, conn: Any) -> None:
         """Look at the app's tables; again (at most once a second) while one is missing, since
@@ -679,23 +757,10 @@ class UsagePersistence:
                       self.mapping.conversations_table, sorted(self._conversation_columns()),
                       self._url.render_as_string(hide_password=True), RUNS.name)  # fmt: skip
             return
-        m = self.mapping
+        statement = self._add_statement()
         for conv in sorted(deltas):
             tokens, cost = deltas[conv]
-            await conn.execute(
-                text(
-                    f'UPDATE "{m.conversations_table}" SET '
-                    f'"{m.conversation_total_tokens}" = "{m.conversation_total_tokens}" + :tokens, '
-                    f'"{m.conversation_total_cost}" = "{m.conversation_total_cost}" + :cost '
-                    f'WHERE "{m.conversation_pk}" = :conv'
-                ).bindparams(
-                    # typed: each dialect converts the Decimal its own way (sqlite3 cannot bind it)
-                    bindparam("tokens", type_=BigInteger()),
-                    bindparam("cost", type_=Numeric(20, 10)),
-                    bindparam("conv", type_=String()),
-                ),
-                {"tokens": tokens, "cost": cost, "conv": conv},
-            )
+            await conn.execute(statement, {"tokens": tokens, "cost": cost, "conv": conv})
 
     async def _fill_named_message(self, conn: Any, run: Any) -> None:
         """Fill the message a run named, where the app left it empty or zero (it may have
@@ -754,6 +819,21 @@ def _insert_ignore(conn: Any, table: Table, key: str) -> Any:
     else:  # sqlite: the only other backend __init__ accepts
         from sqlalchemy.dialects.sqlite import insert
     return insert(table).on_conflict_do_nothing(index_elements=[key])
+
+
+def _claim_upsert(conn: Any) -> Any:
+    """Insert the run row claimed, or claim the row the worker inserted first; rowcount 1 only
+    for whoever claims it (``applied_at IS NULL`` -> now), so a run is added once."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    stmt = insert(RUNS)
+    return stmt.on_conflict_do_update(
+        index_elements=[RUNS.c.workflow_id],
+        set_={"applied_at": stmt.excluded.applied_at, "message_id": stmt.excluded.message_id},
+        where=RUNS.c.applied_at.is_(None),
+    )
 
 
 def _fit(table: Table, record: dict[str, Any]) -> dict[str, Any]:

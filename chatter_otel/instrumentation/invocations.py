@@ -230,6 +230,7 @@ class WorkflowInvocation(Invocation):
                 u.completion_tokens, u.total_tokens, u.cost, u.cost_currency, u.provider,
                 u.model, u.llm_calls, u.tool_calls,
             )  # fmt: skip
+            run.record = record
             try:
                 if self.span.is_recording():
                     self.span.set_attributes(run.rollup_attributes())
