@@ -223,6 +223,7 @@ class UsagePersistence:
         self._message_columns: frozenset[str] = frozenset()
         self._conversations_ok = False
         self._schema_checked = -1e9  # monotonic time the app's tables were last looked at
+        self._first_check = threading.Event()  # the worker has tried the database once
 
     # -- the app's side -------------------------------------------------------------------------
 
@@ -396,6 +397,10 @@ class UsagePersistence:
         self._thread = threading.Thread(target=self._thread_main, name="chatter-otel-ledger",
                                         daemon=True)  # fmt: skip
         self._thread.start()
+        # At startup, not on a request: wait (bounded) for the worker's first look at the
+        # database, so the first messages already get their accounting in the app's own
+        # transaction. A database that is down or slow costs at most this wait.
+        self._first_check.wait(_STARTUP_WAIT_S)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait (bounded) until everything submitted so far is in the database (or was dropped
@@ -548,7 +553,10 @@ class UsagePersistence:
                             and now - pending_since >= self.batch_delay_s)):  # fmt: skip
                     continue
                 try:
-                    await self._ensure_tables(engine)
+                    try:
+                        await self._ensure_tables(engine)
+                    finally:
+                        self._first_check.set()
                     written = await self._drain(engine, spool)
                     if not stopping and time.monotonic() >= next_sweep:
                         await self._apply_due_runs(engine)
@@ -859,6 +867,7 @@ class _Deltas(dict[str, list[Any]]):
 
 
 _SCHEMA_RECHECK_S = 1.0
+_STARTUP_WAIT_S = 2.0
 # How long a spool statement waits for a lock: another process sharing the file (two workers
 # left on the default path) holds its write lock only for one batch.
 _SPOOL_BUSY_S = 30.0
