@@ -37,7 +37,7 @@ class Registry(Generic[V]):
         return len(self._entries)
 
     def get(self, key: UUID | None) -> V | None:
-        entry = self._entries.get(key) if key is not None else None  # type: ignore[arg-type]
+        entry = self._entries.get(key) if key is not None else None
         return entry[1] if entry is not None else None
 
     def pop(self, key: UUID) -> V | None:

@@ -61,7 +61,7 @@ def resolve_int(name: str, kwarg: int | None, default: int, *, minimum: int = 1)
     if value < minimum:
         _warn(name, raw, default, f"must be >= {minimum}")
         return default
-    return value
+    return int(value)
 
 
 def _load_prices_file(path: str) -> dict[str, Any]:

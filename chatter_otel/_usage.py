@@ -86,7 +86,7 @@ def _count(value: Any, field: str) -> int | None:
     if value < 0 or value > MAX_TOKENS:
         warn_once(f"usage:range:{field}", "chatter-otel: ignoring out-of-range %s=%r", field, value)
         return None
-    return value
+    return int(value)
 
 
 def _cost(value: Any) -> Decimal | None:

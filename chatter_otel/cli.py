@@ -23,7 +23,7 @@ import sqlite3
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,7 +47,7 @@ def _seconds(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2) or "s"]
 
 
-def _source(args: argparse.Namespace):
+def _source(args: argparse.Namespace) -> Any:
     from chatter_otel.sources import open_source
 
     return open_source(

@@ -58,7 +58,7 @@ def current_correlation_id() -> str | None:
     cid = _correlation.get()
     if cid is None:
         found = baggage.get_baggage(CHATTER_CORRELATION_ID)
-        cid = found if is_valid_correlation_id(found) else None
+        cid = found if isinstance(found, str) and is_valid_correlation_id(found) else None
     return cid
 
 
@@ -88,7 +88,7 @@ class CorrelationMiddleware:
     def _resolve(self, scope: Scope) -> str:
         raw = next((v for k, v in scope.get("headers") or () if k.lower() == _HEADER_KEY), None)
         if raw is not None:
-            value = raw.decode("latin-1")
+            value = str(raw.decode("latin-1"))
             if is_valid_correlation_id(value):
                 return value
             warn_once(

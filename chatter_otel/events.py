@@ -276,7 +276,9 @@ class EventSpanProcessor(RecordSpanProcessor):
     def ended(self, rec: Record) -> None:
         if not self._listening():
             return
-        error = {"error_type": rec.error_type, "error": rec.error_message} if rec.failed else {}
+        error: dict[str, Any] = (
+            {"error_type": rec.error_type, "error": rec.error_message} if rec.failed else {}
+        )
         duration_ms = (rec.end_ns - rec.start_ns) / 1e6
         common = (rec.ids, rec.trace_id, rec.span_id, rec.workflow_id)
         if isinstance(rec, WorkflowRecord):

@@ -23,7 +23,7 @@ from langchain_core.tracers.context import register_configure_hook
 from langgraph._internal._runnable import RunnableCallable
 from langgraph.pregel.main import Pregel
 from opentelemetry import context
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import get_tracer
 from wrapt import wrap_function_wrapper
@@ -148,7 +148,7 @@ class _NodeContext:
 
 
 class _NodeContextAsync(_NodeContext):
-    async def __call__(  # type: ignore[override]
+    async def __call__(
         self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
     ) -> Any:
         if _runs_no_app_code(instance):

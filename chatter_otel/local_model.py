@@ -117,7 +117,8 @@ class LocalChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         reply = self._reply(messages, kwargs.get("tools"))
-        words = reply.content.split(" ") if reply.content else []
+        text = reply.content if isinstance(reply.content, str) else ""
+        words = text.split(" ") if text else []
         for i, word in enumerate(words):
             piece = word if i == 0 else " " + word
             chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece, id=reply.id))

@@ -31,6 +31,7 @@ import queue
 import sqlite3
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -186,7 +187,7 @@ class UsagePersistence:
 
         # The app's engine gives its URL (password included); ours is a separate engine, on
         # the worker's own event loop, so its SQL is never mistaken for the app's.
-        url = make_url(getattr(database_url, "url", database_url))
+        url = make_url(getattr(database_url, "url", database_url))  # type: ignore[arg-type]
         if url.get_backend_name() not in ("postgresql", "sqlite"):
             raise ValueError(f"chatter-otel: usage persistence supports PostgreSQL and SQLite, "
                              f"not {url.get_backend_name()!r}")  # fmt: skip
@@ -224,6 +225,9 @@ class UsagePersistence:
         self._conversations_ok = False
         self._schema_checked = -1e9  # monotonic time the app's tables were last looked at
         self._first_check = threading.Event()  # the worker has tried the database once
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.WeakMethod(self._after_fork)
+            os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
 
     # -- the app's side -------------------------------------------------------------------------
 
@@ -394,13 +398,30 @@ class UsagePersistence:
             return
         self._register_metrics(meter_provider)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._thread_main, name="chatter-otel-ledger",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
+        self._start_thread()
         # At startup, not on a request: wait (bounded) for the worker's first look at the
         # database, so the first messages already get their accounting in the app's own
         # transaction. A database that is down or slow costs at most this wait.
         self._first_check.wait(_STARTUP_WAIT_S)
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._thread_main, name="chatter-otel-ledger",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child (servers that load the app, then fork workers): the parent's
+        worker thread is not here and its locks may have been held at the fork. New queue,
+        locks and thread; the spool file is shared safely (SQLite locking, idempotent replay);
+        records queued in the parent stay the parent's."""
+        self._queue = queue.Queue(maxsize=self._queue.maxsize)
+        self._count_lock = threading.Lock()
+        self._settle = threading.Condition()
+        self._hurry, self._stop = threading.Event(), threading.Event()
+        self._first_check = threading.Event()
+        self._submitted = self._taken = self._settled = self._flush_target = 0
+        if self._thread is not None:
+            self._start_thread()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait (bounded) until everything submitted so far is in the database (or was dropped
@@ -471,6 +492,8 @@ class UsagePersistence:
             try:
                 return _Spool(self.spool_path)
             except (sqlite3.Error, OSError) as exc:
+                if isinstance(exc, sqlite3.DatabaseError) and _set_aside(self.spool_path, exc):
+                    continue  # a fresh file at the same path, at once
                 if self._stop.is_set():
                     _log.error("chatter-otel: usage spool at %s cannot be opened (%s); %d "
                                "queued record(s) are not written", self.spool_path, exc,
@@ -499,8 +522,9 @@ class UsagePersistence:
         try:
             spool.add(held[:room])
         except sqlite3.Error as exc:
+            why = "the disk is full" if "full" in str(exc).lower() else str(exc)
             warn_once("ledger:spool-write", "chatter-otel: usage spool at %s cannot be written "
-                      "(%s); %d record(s) held in memory, retrying", self.spool_path, exc,
+                      "(%s); %d record(s) held in memory, retrying", self.spool_path, why,
                       len(held))  # fmt: skip
             return False
         self.stats["spooled"] = spool.count
@@ -545,12 +569,7 @@ class UsagePersistence:
                     if stopping:
                         break
                     continue
-                # The database in batches: one transaction per batch_delay_s (or a full batch,
-                # a flush, the sweep), not per record.
-                if not (stopping or self._hurry.is_set() or now >= next_sweep
-                        or spool.count >= self.batch_size
-                        or (pending_since is not None
-                            and now - pending_since >= self.batch_delay_s)):  # fmt: skip
+                if not (stopping or self._db_due(now, pending_since, next_sweep, spool.count)):
                     continue
                 try:
                     try:
@@ -579,15 +598,29 @@ class UsagePersistence:
                 if stopping:
                     break
         finally:
-            if held:
-                _log.error("chatter-otel: usage ledger stopped with %d record(s) it could not "
-                           "spool; they are not written", len(held))  # fmt: skip
-            if spool.count:
-                _log.warning("chatter-otel: usage ledger stopped with %d record(s) in the spool at "
-                             "%s; they are written when it next starts", spool.count,
-                             self.spool_path)  # fmt: skip
-            spool.close()
-            await engine.dispose()
+            await self._stopped(held, spool, engine)
+
+    async def _stopped(self, held: list[tuple[str, dict[str, Any]]], spool: _Spool,
+                       engine: Any) -> None:  # fmt: skip
+        """Say what a stopping worker leaves behind, then close the spool and the engine."""
+        if held:
+            _log.error("chatter-otel: usage ledger stopped with %d record(s) it could not "
+                       "spool; they are not written", len(held))  # fmt: skip
+        if spool.count:
+            _log.warning("chatter-otel: usage ledger stopped with %d record(s) in the spool at "
+                         "%s; they are written when it next starts", spool.count,
+                         self.spool_path)  # fmt: skip
+        spool.close()
+        await engine.dispose()
+
+    def _db_due(self, now: float, pending_since: float | None, next_sweep: float,
+                spooled: int) -> bool:  # fmt: skip
+        """The database in batches: one transaction per ``batch_delay_s`` (or a full batch, a
+        flush, the sweep), not per record: each write takes interpreter time from the app."""
+        return (
+            self._hurry.is_set() or now >= next_sweep or spooled >= self.batch_size
+            or (pending_since is not None and now - pending_since >= self.batch_delay_s)
+        )  # fmt: skip
 
     def _take(self, timeout_s: float) -> list[tuple[str, dict[str, Any]]]:
         """Up to ``batch_size`` records: the first waited for up to ``timeout_s``, then what
@@ -613,12 +646,12 @@ class UsagePersistence:
             async with engine.connect() as conn:
                 await self._know_app_schema(conn)
 
-    async def _know_app_schema(self, conn: Any) -> None:
-        """Look at the app's tables; again (at most once a second) while one is missing, since
-        the app may create them after the ledger started."""
+    async def _know_app_schema(self, conn: Any, *, now: bool = False) -> None:
+        """Look at the app's tables; again (at most once a second, or ``now``) while one is
+        missing, since the app may create them after the ledger started."""
         if self._message_columns and self._conversations_ok:
             return
-        if time.monotonic() - self._schema_checked < _SCHEMA_RECHECK_S:
+        if not now and time.monotonic() - self._schema_checked < _SCHEMA_RECHECK_S:
             return
         self._schema_checked = time.monotonic()
         self._message_columns, self._conversations_ok = await conn.run_sync(self._app_schema)
@@ -630,7 +663,7 @@ class UsagePersistence:
         messages: frozenset[str] = frozenset()
         if insp.has_table(m.messages_table):
             messages = frozenset(c["name"] for c in insp.get_columns(m.messages_table))
-        conversations = frozenset()
+        conversations: frozenset[str] = frozenset()
         if insp.has_table(m.conversations_table):
             conversations = frozenset(c["name"] for c in insp.get_columns(m.conversations_table))
         return messages, self._conversation_columns() <= conversations
@@ -644,8 +677,13 @@ class UsagePersistence:
         written = 0
         while True:
             rows = spool.peek(self.batch_size)
+            if spool.bad:
+                self.stats["quarantined"] += spool.bad
+                spool.bad = 0
             if not rows:
                 self.stats["spooled"] = spool.count
+                if not spool.count and written:
+                    spool.checkpoint()
                 return written
             try:
                 async with engine.begin() as conn:
@@ -758,6 +796,8 @@ class UsagePersistence:
         self.stats["applied"] += deltas.claimed
         if not deltas:
             return
+        if not self._conversations_ok:  # the app may have created it since the last look
+            await self._know_app_schema(conn, now=True)
         if not self._conversations_ok:  # logged, not raised: a refused batch would block the rest
             warn_once("ledger:conversations", "chatter-otel: table %r with columns %s is not in "
                       "the usage database (%s); conversation totals are not updated until it is "
@@ -825,7 +865,7 @@ def _insert_ignore(conn: Any, table: Table, key: str) -> Any:
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:  # sqlite: the only other backend __init__ accepts
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
     return insert(table).on_conflict_do_nothing(index_elements=[key])
 
 
@@ -887,6 +927,7 @@ class _Spool:
     """
 
     def __init__(self, path: Path) -> None:
+        self.bad = 0  # undecodable rows quarantined so far
         self._db = connect_wal(path, timeout_s=_SPOOL_BUSY_S, schema=_SPOOL_SCHEMA)
         self.count = int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
 
@@ -901,12 +942,31 @@ class _Spool:
         self.count += len(batch)
 
     def peek(self, n: int) -> list[_SpoolRow]:
+        """The oldest ``n`` rows, decoded. A row that does not decode (a corrupt payload) is
+        quarantined here, counted in ``bad`` and logged: it never holds up the rows behind it."""
         rows = self._db.execute(
             "SELECT id, kind, payload FROM spool ORDER BY id LIMIT ?", (n,)
         ).fetchall()
         if not rows:  # another process sharing the file may have written (and removed) ours
             self.count = 0
-        return [(i, kind, _decode(json.loads(p))) for i, kind, p in rows]
+        out: list[_SpoolRow] = []
+        for i, kind, payload in rows:
+            try:
+                record = _decode(json.loads(payload))
+                if kind not in ("llm", "run", "bind") or not isinstance(record, dict):
+                    raise ValueError(f"not a usage record: kind {kind!r}")
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                self.quarantine(i, f"undecodable: {type(exc).__name__}: {exc}")
+                self.bad += 1
+                _log.error("chatter-otel: an undecodable usage record in the spool (%s); kept "
+                           "aside in table 'quarantine'", exc)  # fmt: skip
+                continue
+            out.append((i, kind, record))
+        return out
+
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the file and truncate it: the spool's WAL stays small."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def delete(self, upto: int) -> None:
         with self._db:
@@ -927,7 +987,31 @@ class _Spool:
         self._db.close()
 
 
-def _decode(record: dict[str, Any]) -> dict[str, Any]:
+def _set_aside(path: Path, exc: sqlite3.DatabaseError) -> bool:
+    """Move an unusable spool file (corrupt, not a database, read-only) out of the way so a
+    fresh one can take its place; the old one is kept for a person to look at. False when the
+    error is only a lock (another process), or the file cannot be moved."""
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        return False
+    aside = path.with_name(f"{path.name}.unusable-{int(time.time())}")
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            src = path.with_name(path.name + suffix)
+            if src.exists():
+                src.rename(aside.with_name(aside.name + suffix))
+    except OSError as move_exc:
+        warn_once("ledger:spool-aside", "chatter-otel: usage spool at %s is unusable (%s) and "
+                  "cannot be moved aside (%s); retrying", path, exc, move_exc)  # fmt: skip
+        return False
+    _log.error("chatter-otel: usage spool at %s was unusable (%s: %s); moved to %s, a fresh "
+               "spool is used", path, type(exc).__name__, exc, aside)  # fmt: skip
+    return True
+
+
+def _decode(record: Any) -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise TypeError(f"a {type(record).__name__}, not an object")
     if record.get("cost") is not None:
         record["cost"] = Decimal(str(record["cost"]))
     return record

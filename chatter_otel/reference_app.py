@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from langchain_core.messages import AIMessage, HumanMessage
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from sqlalchemy import DateTime, Enum, ForeignKey, Integer, Numeric, String, Text, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -109,7 +109,7 @@ def _model_from_env() -> BaseChatModel:
     return ChatOpenAI(
         model=os.environ.get("CHATTER_MODEL", "gpt-4o-mini"),
         base_url=base_url,
-        api_key=os.environ.get("OPENAI_API_KEY", "unused"),
+        api_key=SecretStr(os.environ.get("OPENAI_API_KEY", "unused")),
         stream_usage=True,
     )
 

@@ -218,7 +218,8 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
 
 def _json_docs(text: str) -> list[dict[str, Any]]:
     """One JSON document, or several concatenated (a streamed grpc-gateway response)."""
-    decoder, docs, i = json.JSONDecoder(), [], 0
+    decoder, i = json.JSONDecoder(), 0
+    docs: list[dict[str, Any]] = []
     while True:
         while i < len(text) and text[i].isspace():
             i += 1
@@ -250,7 +251,8 @@ class _Http:
         req = urllib.request.Request(url, headers={"Accept": accept})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.read()
+                body: bytes = resp.read()
+                return body
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None

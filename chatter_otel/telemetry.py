@@ -367,7 +367,8 @@ def _attach(provider: TracerProvider, kind: str, cls: Any, **sinks: Any) -> Call
         mine[kind] = processor
     else:
         processor.repoint(**sinks)
-    return processor.detach
+    detach: Callable[[], None] = processor.detach
+    return detach
 
 
 def _instrument_app(

@@ -75,6 +75,8 @@ def _no_internal_errors(request: pytest.FixtureRequest) -> Iterator[None]:
 
     errors = _safety.internal_errors
     errors.strict = True
+    # Each test sees its own log lines: the once-a-minute limiter starts fresh.
+    _safety._limiter = _safety._RateLimiter()
     errors.seen.clear()
     yield
     seen, errors.seen[:] = list(errors.seen), []

@@ -538,12 +538,16 @@ async def test_a_named_message_saved_before_the_run_ends(database: str, tmp_path
 
 
 async def test_no_database_io_on_the_request_path(database: str, tmp_path: Any) -> None:
-    """Every statement on the ledger's tables runs on its worker thread; the app's thread runs
-    only the app's own statements (the binding sets attributes, it does not query)."""
+    """The app's thread runs nothing of ours outside its own transaction: no read, no
+    connection of ours. Inside it, right after the app's message insert and on the app's own
+    connection, the run's ledger rows, its claim and its conversation delta (atomic with the
+    app's commit). Everything else on the ledger's tables runs on its worker thread."""
     seen: list[tuple[str, str]] = []
+    conns: list[tuple[str, int, str]] = []
 
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         seen.append((threading.current_thread().name, statement))
+        conns.append((threading.current_thread().name, id(conn.connection), statement))
 
     event.listen(Engine, "before_cursor_execute", record)
     host = Host(database)
@@ -557,15 +561,19 @@ async def test_no_database_io_on_the_request_path(database: str, tmp_path: Any) 
         tel.shutdown()
         event.remove(Engine, "before_cursor_execute", record)
         await host.engine.dispose()
-    ours = [t for t, sql in seen if "chatter_usage" in sql]
-    assert ours and set(ours) == {"chatter-otel-ledger"}
-    app = {t for t, sql in seen if "chatter_usage" not in sql and "conversations" in sql}
-    assert "chatter-otel-ledger" in app  # the conversation deltas, on the worker too
-    app_thread = [sql for t, sql in seen if t != "chatter-otel-ledger"]
-    assert app_thread and not any("chatter_usage" in sql for sql in app_thread)
-    # the app's own statements: the conversation insert, then per chat one message insert and
-    # its aggregate update; nothing of ours in between
-    assert sum("INSERT INTO messages" in sql for sql in app_thread) == 5
+    ours = {t for t, sql in seen if "chatter_usage" in sql}
+    assert "chatter-otel-ledger" in ours  # replays (idempotent), sweeps, on the worker
+    app_thread = [(c, sql) for t, c, sql in conns if t != "chatter-otel-ledger"]
+    assert sum("INSERT INTO messages" in sql for _, sql in app_thread) == 5
+    mine = [(c, sql) for c, sql in app_thread if "chatter_usage" in sql]
+    # per chat: its 2 ledger rows (one executemany) and its run's claim, nothing read
+    assert sum("INSERT INTO chatter_usage_ledger" in sql for _, sql in mine) == 5
+    assert sum("INSERT INTO chatter_usage_runs" in sql for _, sql in mine) == 5
+    assert not any(sql.lstrip().upper().startswith("SELECT") for _, sql in mine)
+    for i, (conn, sql) in enumerate(app_thread):  # each on the connection of a message insert
+        if "chatter_usage" in sql:
+            before = [c for c, s in app_thread[:i] if "INSERT INTO messages" in s]
+            assert conn in before
 
 
 async def test_an_app_that_keeps_its_own_totals_is_not_counted_twice(

@@ -1,0 +1,89 @@
+"""A spool that cannot stop the ledger: a bad row is quarantined, an unusable file is set aside
+and a fresh one opened, the WAL is checkpointed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from typing import Any
+
+import pytest
+
+from chatter_otel import _safety
+from chatter_otel.persistence import LEDGER, UsagePersistence
+from tests.test_persistence import Host, _llm_record
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Any) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path}/app.db"
+
+
+async def test_a_malformed_spool_row_is_quarantined_and_the_rest_flow(
+    sqlite_url: str, tmp_path: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
+    host = Host(sqlite_url)
+    await host.setup()
+    path = tmp_path / "spool.db"
+    # An earlier run left 120 records, one of them corrupt, second in line.
+    p = UsagePersistence(sqlite_url, spool_path=path)
+    p.start()
+    assert await asyncio.to_thread(p.flush, 10)
+    p.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("INSERT INTO spool (kind, payload) VALUES ('llm', ?)", (
+            json.dumps(_llm_record("0000000000000001"), default=str),))  # fmt: skip
+        db.execute("INSERT INTO spool (kind, payload) VALUES ('llm', '{not json')")
+        db.executemany("INSERT INTO spool (kind, payload) VALUES ('llm', ?)", [
+            (json.dumps(_llm_record(f"{i:016x}"), default=str),)
+            for i in range(2, 120)
+        ])  # fmt: skip
+    db.close()
+    p = UsagePersistence(sqlite_url, spool_path=path)
+    p.start()
+    try:
+        for _ in range(300):  # the replay of what an earlier run left (bounded wait)
+            if p.stats["written"] + p.stats["quarantined"] >= 120:
+                break
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(p.flush, 15), p.stats
+        ledger = await host.rows(LEDGER)
+        assert len(ledger) == 119
+        assert (p.stats["written"], p.stats["quarantined"], p.stats["spooled"]) == (119, 1, 0)
+        assert "undecodable usage record" in caplog.text
+        db = sqlite3.connect(path)
+        (error,) = db.execute("SELECT error FROM quarantine").fetchone()
+        assert error.startswith("undecodable: JSONDecodeError")
+        # checkpointed: the WAL was folded back into the file
+        wal = path.with_name(path.name + "-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+        db.close()
+    finally:
+        p.close()
+        await host.engine.dispose()
+
+
+async def test_an_unusable_spool_file_is_set_aside(
+    sqlite_url: str, tmp_path: Any, caplog: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
+    host = Host(sqlite_url)
+    await host.setup()
+    path = tmp_path / "spool.db"
+    path.write_bytes(b"this is not a database, just garbage " * 200)  # a corrupt header
+    p = UsagePersistence(sqlite_url, spool_path=path)
+    p.start()
+    try:
+        for i in range(1, 6):
+            p.submit("llm", _llm_record(f"{i:016x}"))
+        assert await asyncio.to_thread(p.flush, 15), p.stats
+        assert len(await host.rows(LEDGER)) == 5
+        aside = list(tmp_path.glob("spool.db.unusable-*"))
+        assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not a database")
+        assert "was unusable" in caplog.text and "a fresh spool is used" in caplog.text
+    finally:
+        p.close()
+        await host.engine.dispose()
