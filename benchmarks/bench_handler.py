@@ -28,8 +28,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from benchmarks.bench_overhead import _Drop, _MinSpans
 from chatter_otel import LangGraphInstrumentor
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 
 _EVENTS = (
     "on_chain_start",

@@ -36,10 +36,10 @@ from sqlalchemy import Engine, event, update
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from chatter_otel import configure
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.persistence import UsagePersistence
-from chatter_otel.reference_app import Base, Conversation, Message, MessageRole, new_id
+from chatter_otel.reference.app import Base, Conversation, Message, MessageRole, new_id
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 
 PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "test"}
 LEDGER_THREAD = "chatter-otel-ledger"

@@ -26,9 +26,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from benchmarks.bench_overhead import _Drop
 from chatter_otel import configure
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
-from chatter_otel.monitoring import MonitoringService
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.sinks.monitoring import MonitoringService
 
 INPUT = {"messages": [HumanMessage("What is the weather in Paris?")]}
 

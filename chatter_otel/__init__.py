@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from chatter_otel._runs import RunIds, RunUsage, WorkflowRun, last_run
-from chatter_otel.instrumentor import LangGraphInstrumentor
-from chatter_otel.store import LocalTraceStore
+from chatter_otel.export.store import LocalTraceStore
+from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
+from chatter_otel.instrumentation.runs import RunIds, RunUsage, WorkflowRun, last_run
+from chatter_otel.instrumentation.workflow import track_workflow
 from chatter_otel.telemetry import Telemetry, configure
 from chatter_otel.version import __version__
-from chatter_otel.workflow import track_workflow
 
 __all__ = [
     "LangGraphInstrumentor",

@@ -61,7 +61,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from chatter_otel._runs import current_workflow, last_run
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel._sqlite import connect_wal
 from chatter_otel.attributes import (
@@ -71,6 +70,7 @@ from chatter_otel.attributes import (
     LEDGER_WRITTEN_METRIC,
 )
 from chatter_otel.instrumentation.records import LLMCallRecord, WorkflowRecord
+from chatter_otel.instrumentation.runs import current_workflow, last_run
 from chatter_otel.sinks.dispatch import RecordSpanProcessor
 from chatter_otel.version import SCHEMA_URL, __version__
 
@@ -81,8 +81,8 @@ if TYPE_CHECKING:
     from sqlalchemy import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from chatter_otel._runs import WorkflowRun
     from chatter_otel.instrumentation.records import Record
+    from chatter_otel.instrumentation.runs import WorkflowRun
 
 __all__ = ["MessageMapping", "UsagePersistence"]
 

@@ -41,14 +41,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-from chatter_otel._settings import resolve_bool
-from chatter_otel.analytics import AnalyticsSpanProcessor, LiveAnalytics
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
 from chatter_otel.correlation import CorrelationMiddleware, install_log_record_factory
-from chatter_otel.events import EventBus, EventSpanProcessor
-from chatter_otel.instrumentor import LangGraphInstrumentor
-from chatter_otel.monitoring import MonitoringService, MonitoringSpanProcessor
-from chatter_otel.store import LocalStoreExporter, LocalTraceStore
+from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
+from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
+from chatter_otel.instrumentation.settings import resolve_bool
+from chatter_otel.sinks.analytics import AnalyticsSpanProcessor, LiveAnalytics
+from chatter_otel.sinks.events import EventBus, EventSpanProcessor
+from chatter_otel.sinks.monitoring import MonitoringService, MonitoringSpanProcessor
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

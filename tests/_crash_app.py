@@ -11,8 +11,8 @@ import sys
 from opentelemetry.sdk.trace import TracerProvider
 
 from chatter_otel import configure
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.persistence import UsagePersistence
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 from tests.test_persistence import Host
 
 

@@ -104,7 +104,7 @@ def instrument() -> Iterator[Any]:
 
 @pytest.fixture
 def spans(instrument: Any) -> Spans:
-    from chatter_otel.local_model import LOCAL_MODEL_PRICES
+    from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 
     return instrument(prices=LOCAL_MODEL_PRICES)
 

@@ -26,8 +26,8 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from chatter_otel import configure, last_run
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.persistence import LEDGER, RUNS, UsagePersistence
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 from tests.test_persistence import Host, database
 
 __all__ = ["database"]  # the fixture, parametrized over SQLite and PostgreSQL

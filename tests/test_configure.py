@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import chatter_otel
 from chatter_otel import LocalTraceStore, configure, track_workflow
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

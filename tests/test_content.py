@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import HumanMessage
 
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LocalChatModel
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LocalChatModel
 
 if TYPE_CHECKING:
     import pytest

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from chatter_otel import configure
 from chatter_otel.correlation import CorrelationLogFilter, current_correlation_id
-from chatter_otel.demo import build_chat_graph
+from chatter_otel.reference.demo import build_chat_graph
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from chatter_otel.persistence import LEDGER, RUNS
-from chatter_otel.reference_app import Base, Conversation, Message, new_id
+from chatter_otel.reference.app import Base, Conversation, Message, new_id
 from tests.test_persistence import PG, _pg_admin
 
 KILLS = 20

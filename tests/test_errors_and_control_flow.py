@@ -15,8 +15,8 @@ from langgraph.types import Command, interrupt
 from opentelemetry.trace import StatusCode
 
 from chatter_otel import last_run
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LocalChatModel
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LocalChatModel
 
 
 class Count(TypedDict):

@@ -14,8 +14,8 @@ import pytest
 from langchain_core.messages import HumanMessage
 
 from chatter_otel import track_workflow
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.events import EventBus, EventSpanProcessor, UnifiedEvent
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.sinks.events import EventBus, EventSpanProcessor, UnifiedEvent
 
 Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
 
@@ -81,8 +81,8 @@ async def test_a_bad_emit_is_skipped(bus: EventBus, mode: str, caplog: Any) -> N
 SUBSCRIBER = textwrap.dedent(
     """
     import asyncio, json, sys
-    from chatter_otel.events import EventBus
-    from chatter_otel.redis_events import RedisEventBridge
+    from chatter_otel.sinks.events import EventBus
+    from chatter_otel.sinks.redis import RedisEventBridge
 
     async def main(channel, expected):
         bus = EventBus()
@@ -107,9 +107,9 @@ PUBLISHER = textwrap.dedent(
     from langchain_core.messages import HumanMessage
     from opentelemetry.sdk.trace import TracerProvider
     from chatter_otel import configure, track_workflow
-    from chatter_otel.demo import build_chat_graph
-    from chatter_otel.events import EventBus
-    from chatter_otel.redis_events import RedisEventBridge
+    from chatter_otel.reference.demo import build_chat_graph
+    from chatter_otel.sinks.events import EventBus
+    from chatter_otel.sinks.redis import RedisEventBridge
 
     async def main(channel):
         bus = EventBus()

@@ -14,11 +14,11 @@ from langchain_core.messages import HumanMessage
 from opentelemetry import trace
 
 from chatter_otel import track_workflow
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.events import EventBus, EventCategory, EventSpanProcessor, UnifiedEvent
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.sinks.events import EventBus, EventCategory, EventSpanProcessor, UnifiedEvent
 
 if TYPE_CHECKING:
-    from chatter_otel.events import Subscription
+    from chatter_otel.sinks.events import Subscription
 
 Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
 SEQUENCE = [
@@ -154,7 +154,7 @@ def test_no_subscriber_builds_nothing(bus: EventBus) -> None:
 
 
 def test_sse_endpoint_of_the_reference_app(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from chatter_otel.reference_app import create_app, create_tables
+    from chatter_otel.reference.app import create_app, create_tables
     from tests.test_reference_app import Served
 
     monkeypatch.setenv("CHATTER_OTEL_TRACE_STORE", str(tmp_path / "t.db"))

@@ -14,9 +14,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from chatter_otel import LangGraphInstrumentor, configure, track_workflow
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
-from chatter_otel.monitoring import MonitoringService
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.sinks.monitoring import MonitoringService
 
 Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
 TREE = [

@@ -16,8 +16,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from chatter_otel import LangGraphInstrumentor
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LocalChatModel
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LocalChatModel
 
 Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
 

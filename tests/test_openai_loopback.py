@@ -11,7 +11,7 @@ from langchain_openai import ChatOpenAI
 from opentelemetry.trace import SpanKind, StatusCode
 
 from chatter_otel import track_workflow
-from chatter_otel.demo import build_chat_graph
+from chatter_otel.reference.demo import build_chat_graph
 
 if TYPE_CHECKING:
     from decimal import Decimal

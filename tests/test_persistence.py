@@ -35,11 +35,11 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from chatter_otel import _safety, configure, persistence, track_workflow
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.persistence import LEDGER, RUNS, UsagePersistence
-from chatter_otel.reference_app import Base, Conversation, Message, new_id
-from chatter_otel.reference_app import MessageRole as Role
+from chatter_otel.reference.app import Base, Conversation, Message, new_id
+from chatter_otel.reference.app import MessageRole as Role
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -16,10 +16,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from chatter_otel import configure, track_workflow
-from chatter_otel.analytics import DURATION_BUCKETS, TOKEN_BUCKETS, LiveAnalytics
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
-from chatter_otel.monitoring import LLMMetrics, MonitoringService
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.sinks.analytics import DURATION_BUCKETS, TOKEN_BUCKETS, LiveAnalytics
+from chatter_otel.sinks.monitoring import LLMMetrics, MonitoringService
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

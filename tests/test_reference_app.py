@@ -20,7 +20,7 @@ import uvicorn
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from chatter_otel.reference_app import create_app, create_tables
+from chatter_otel.reference.app import create_app, create_tables
 from tests.conftest import rotel_forwarding, start_grpc_receiver
 
 if TYPE_CHECKING:

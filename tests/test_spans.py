@@ -13,8 +13,8 @@ from langgraph.types import Send
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LocalChatModel
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LocalChatModel
 
 QUESTION = {"messages": [HumanMessage("What is the weather in Paris?")]}
 

@@ -270,7 +270,7 @@ def test_rotel_on_the_compose_ports_and_protocols(
     from langchain_core.messages import HumanMessage
 
     from chatter_otel import configure, track_workflow
-    from chatter_otel.demo import build_chat_graph
+    from chatter_otel.reference.demo import build_chat_graph
     from tests.conftest import rotel_forwarding
 
     protocols = otel["receivers"]["otlp"]["protocols"]

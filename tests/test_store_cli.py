@@ -13,11 +13,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from chatter_otel import LangGraphInstrumentor, LocalTraceStore, track_workflow
-from chatter_otel._tree import SpanRecord
-from chatter_otel.cli import main
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
-from chatter_otel.store import LocalStoreExporter
+from chatter_otel.export.store import LocalStoreExporter
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.traces.cli import main
+from chatter_otel.traces.spans import SpanRecord
 
 
 @pytest.fixture

@@ -247,7 +247,7 @@ def test_provider_names_map_to_the_spec(spans: Any) -> None:
 def test_last_run_reads_usage_without_wrapping(spans: Any) -> None:
     from langchain_core.messages import HumanMessage
 
-    from chatter_otel.demo import build_chat_graph
+    from chatter_otel.reference.demo import build_chat_graph
 
     build_chat_graph().invoke({"messages": [HumanMessage("weather in Tokyo")]})
     run = chatter_otel.last_run()

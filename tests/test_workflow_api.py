@@ -11,7 +11,7 @@ from langchain_core.messages import HumanMessage
 from opentelemetry.trace import StatusCode
 
 from chatter_otel import WorkflowRun, last_run, track_workflow
-from chatter_otel.demo import build_chat_graph
+from chatter_otel.reference.demo import build_chat_graph
 
 Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
 IDS = {

@@ -10,7 +10,7 @@ from typing import Any
 
 SCRIPT = """
 from langchain_core.messages import HumanMessage
-from chatter_otel.demo import build_chat_graph
+from chatter_otel.reference.demo import build_chat_graph
 out = build_chat_graph().invoke({"messages": [HumanMessage("weather in Rome")]})
 print(out["messages"][-1].content)
 """

@@ -20,9 +20,6 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 
-from chatter_otel._providers import provider_name
-from chatter_otel._registry import Registry
-from chatter_otel._runs import EMPTY_IDS, RunIds, RunSlot, current_workflow
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
 from chatter_otel.instrumentation.calls import LLMInvocation, ToolInvocation
@@ -32,6 +29,9 @@ from chatter_otel.instrumentation.invocations import (
     Orphaned,
     WorkflowInvocation,
 )
+from chatter_otel.instrumentation.providers import provider_name
+from chatter_otel.instrumentation.registry import Registry
+from chatter_otel.instrumentation.runs import EMPTY_IDS, RunIds, RunSlot, current_workflow
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Tracer
 
-    from chatter_otel._cost import Pricer
-    from chatter_otel._settings import Settings
+    from chatter_otel.instrumentation.cost import Pricer
+    from chatter_otel.instrumentation.settings import Settings
 
 _OP_CHAT = GenAiOperationNameValues.CHAT.value
 _OP_TEXT = GenAiOperationNameValues.TEXT_COMPLETION.value

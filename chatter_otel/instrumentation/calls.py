@@ -33,9 +33,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
 )
 from opentelemetry.trace import SpanKind
 
-from chatter_otel import _content
 from chatter_otel._safety import internal_error
-from chatter_otel._usage import ResponseInfo, TokenUsage, extract_response
 from chatter_otel.attributes import (
     CHATTER_USAGE_MISSING,
     CHATTER_USAGE_TOTAL_TOKENS,
@@ -43,17 +41,19 @@ from chatter_otel.attributes import (
     GEN_AI_USAGE_COST_CURRENCY,
     GEN_AI_USAGE_COST_SOURCE,
 )
+from chatter_otel.instrumentation import content as _content
 from chatter_otel.instrumentation import records as r
 from chatter_otel.instrumentation.invocations import Invocation
+from chatter_otel.instrumentation.usage import ResponseInfo, TokenUsage, extract_response
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from opentelemetry.trace import Tracer
 
-    from chatter_otel._cost import Cost, Pricer
-    from chatter_otel._runs import RunIds, WorkflowRun
-    from chatter_otel._settings import Settings
+    from chatter_otel.instrumentation.cost import Cost, Pricer
+    from chatter_otel.instrumentation.runs import RunIds, WorkflowRun
+    from chatter_otel.instrumentation.settings import Settings
 
 _OP_TOOL = GenAiOperationNameValues.EXECUTE_TOOL.value
 _MAX_DESC_LEN = 256

@@ -22,7 +22,6 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
-from chatter_otel._runs import RunIds, WorkflowRun
 from chatter_otel._safety import internal_error
 from chatter_otel.attributes import (
     CHATTER_CANCELLED,
@@ -33,12 +32,13 @@ from chatter_otel.attributes import (
     ORPHANED_ERROR_TYPE,
 )
 from chatter_otel.instrumentation import records as r
+from chatter_otel.instrumentation.runs import RunIds, WorkflowRun
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span, Tracer
 
-    from chatter_otel._runs import RunSlot
+    from chatter_otel.instrumentation.runs import RunSlot
 
 _OP_WORKFLOW = GenAiOperationNameValues.INVOKE_WORKFLOW.value
 _MAX_DESC_LEN = 256

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from chatter_otel._runs import EMPTY_IDS, RunIds
+from chatter_otel.instrumentation.runs import EMPTY_IDS, RunIds
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

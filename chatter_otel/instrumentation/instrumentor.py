@@ -28,17 +28,17 @@ from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import get_tracer
 from wrapt import wrap_function_wrapper
 
-from chatter_otel._cost import Pricer, warm_up
-from chatter_otel._runs import new_slot
 from chatter_otel._safety import warn_once
-from chatter_otel._settings import Settings
 from chatter_otel.instrumentation.callbacks import (
     OtelCallbackHandler,
     active_handler,
     ids_from_config,
     set_active_handler,
 )
+from chatter_otel.instrumentation.cost import Pricer, warm_up
+from chatter_otel.instrumentation.runs import new_slot
 from chatter_otel.instrumentation.sampling import always_record
+from chatter_otel.instrumentation.settings import Settings
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:

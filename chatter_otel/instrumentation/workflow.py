@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import context, trace
 
-from chatter_otel._runs import RunIds, WorkflowRun, current_workflow, set_last_run
 from chatter_otel._safety import internal_error
 from chatter_otel.instrumentation.callbacks import active_handler, ambient_ids, clean_id
 from chatter_otel.instrumentation.invocations import WorkflowInvocation
+from chatter_otel.instrumentation.runs import RunIds, WorkflowRun, current_workflow, set_last_run
 from chatter_otel.instrumentation.sampling import always_record
 from chatter_otel.version import SCHEMA_URL, __version__
 

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 from genai_prices import Usage, calc_price, data_snapshot
 from genai_prices.types import ModelPrice, TieredPrices
 
-from chatter_otel._providers import PRICE_PROVIDER_IDS
 from chatter_otel._safety import warn_once
+from chatter_otel.instrumentation.providers import PRICE_PROVIDER_IDS
 
 if TYPE_CHECKING:
-    from chatter_otel._usage import TokenUsage
+    from chatter_otel.instrumentation.usage import TokenUsage
 
 SOURCE_PROVIDER = "provider"
 SOURCE_LOCAL = "local"

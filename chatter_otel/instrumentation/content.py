@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from chatter_otel._safety import warn_once
 
 if TYPE_CHECKING:
-    from chatter_otel._settings import Settings
+    from chatter_otel.instrumentation.settings import Settings
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"}
 _MARK = "…[truncated {} chars]"

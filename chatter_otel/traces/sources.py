@@ -33,9 +33,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status as PbStatus
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
-from chatter_otel._tree import SpanRecord
 from chatter_otel.attributes import CHATTER_CORRELATION_ID, CHATTER_MESSAGE_ID
-from chatter_otel.store import LocalTraceStore, TraceSummary
+from chatter_otel.export.store import LocalTraceStore, TraceSummary
+from chatter_otel.traces.spans import SpanRecord
 
 __all__ = ["JaegerSource", "SourceError", "TempoSource", "TraceSource", "normalize_trace_id"]
 
@@ -444,7 +444,7 @@ def open_source(kind: str, *, url: str | None, store: str | None, service: str |
         return JaegerSource(url or "", service=service, lookback_s=lookback_s)
     if kind == "tempo":
         return TempoSource(url or "", protobuf=protobuf, lookback_s=lookback_s)
-    from chatter_otel.store import default_store_path
+    from chatter_otel.export.store import default_store_path
 
     path = store or default_store_path()
     if not os.path.exists(path):

@@ -1,0 +1,276 @@
+"""The app's MonitoringService, driven from spans.
+
+``MonitoringSpanProcessor`` calls any object with the app's monitoring API:
+
+* ``start_workflow_tracking(user_id, conversation_id, provider_name="", model_name="",
+  workflow_config=None, correlation_id="") -> workflow_id`` once per run (its outermost workflow),
+* ``update_workflow_metrics(workflow_id, token_usage={provider: tokens}, tool_calls=n,
+  error="...")`` as LLM and tool calls finish (values add up),
+* ``record_llm_operation(LLMMetrics(...))`` once per LLM call,
+* ``finish_workflow_tracking(workflow_id)`` once per run.
+
+The calls run in order on a background worker, never on the app's thread: a service that raises
+is logged, one that is slow only backs up its own bounded queue. ``MonitoringService`` is the
+built-in, in-memory and bounded implementation, with ``get_workflow_stats()``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from chatter_otel.instrumentation.records import (
+    LLMCallRecord,
+    ToolCallRecord,
+    WorkflowRecord,
+)
+from chatter_otel.sinks.dispatch import RecordSpanProcessor
+from chatter_otel.sinks.worker import SinkWorker
+
+if TYPE_CHECKING:
+    from chatter_otel.instrumentation.records import Record, WorkflowStart
+
+__all__ = ["LLMMetrics", "MonitoringService", "MonitoringSpanProcessor", "WorkflowMetrics"]
+
+_MAX_OPEN = 50_000  # runs open at once in the processor's id map
+_MAX_KEYS = 1_000  # providers/models tracked before the rest count as "other"
+
+
+@dataclass(frozen=True)
+class LLMMetrics:
+    timestamp: datetime
+    provider: str
+    model: str
+    operation: str
+    input_tokens: int
+    output_tokens: int
+    duration_ms: float
+    cost_estimate: float | None
+    correlation_id: str
+
+
+@dataclass
+class WorkflowMetrics:
+    workflow_id: str
+    user_id: str
+    conversation_id: str
+    provider_name: str = ""
+    model_name: str = ""
+    correlation_id: str = ""
+    workflow_config: dict[str, Any] | None = None
+    start_time: float = field(default_factory=time.time)
+    end_time: float | None = None
+    token_usage: dict[str, int] = field(default_factory=dict)
+    tool_calls: int = 0
+    retrieval_context_size: int = 0
+    memory_usage_mb: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    user_satisfaction: float | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.token_usage.values())
+
+    @property
+    def duration_ms(self) -> float | None:
+        return None if self.end_time is None else (self.end_time - self.start_time) * 1000
+
+
+@dataclass
+class _Totals:
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    duration_ms: float = 0.0
+
+
+class MonitoringService:
+    """The built-in, in-memory MonitoringService. Bounded: at most ``max_active`` open runs
+    (the oldest is finished early when more start), the last ``history`` finished ones, and
+    ``_MAX_KEYS`` providers and models."""
+
+    def __init__(self, max_active: int = 10_000, history: int = 1_000) -> None:
+        self._active: OrderedDict[str, WorkflowMetrics] = OrderedDict()
+        self._finished: deque[WorkflowMetrics] = deque(maxlen=history)
+        self._max_active = max_active
+        self._by_provider: dict[str, _Totals] = {}
+        self._by_model: dict[str, _Totals] = {}
+        self._ops = {"started": 0, "finished": 0, "failed": 0, "evicted": 0}
+        self._lock = threading.Lock()
+        self._ids = 0
+
+    def start_workflow_tracking(  # noqa: PLR0917 - the app's monitoring API, as it is
+        self,
+        user_id: str,
+        conversation_id: str,
+        provider_name: str = "",
+        model_name: str = "",
+        workflow_config: dict[str, Any] | None = None,
+        correlation_id: str = "",
+    ) -> str:
+        with self._lock:
+            self._ids += 1
+            workflow_id = f"wf-{self._ids}"
+            self._active[workflow_id] = WorkflowMetrics(
+                workflow_id, user_id, conversation_id, provider_name, model_name, correlation_id,
+                workflow_config,
+            )  # fmt: skip
+            self._ops["started"] += 1
+            while len(self._active) > self._max_active:
+                _, old = self._active.popitem(last=False)
+                old.end_time = time.time()
+                self._finished.append(old)
+                self._ops["evicted"] += 1
+        return workflow_id
+
+    def update_workflow_metrics(  # noqa: PLR0917 - the app's monitoring API, as it is
+        self,
+        workflow_id: str,
+        token_usage: dict[str, int] | None = None,
+        tool_calls: int | None = None,
+        retrieval_context_size: int | None = None,
+        memory_usage_mb: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        with self._lock:
+            wf = self._active.get(workflow_id)
+            if wf is None:
+                return
+            for provider, tokens in (token_usage or {}).items():
+                wf.token_usage[provider] = wf.token_usage.get(provider, 0) + tokens
+            wf.tool_calls += tool_calls or 0
+            wf.retrieval_context_size += retrieval_context_size or 0
+            wf.memory_usage_mb += memory_usage_mb or 0
+            if error:
+                wf.errors.append(error)
+
+    def finish_workflow_tracking(
+        self, workflow_id: str, user_satisfaction: float | None = None
+    ) -> WorkflowMetrics | None:
+        with self._lock:
+            wf = self._active.pop(workflow_id, None)
+            if wf is None:
+                return None
+            wf.end_time = time.time()
+            wf.user_satisfaction = user_satisfaction
+            self._finished.append(wf)
+            self._ops["finished"] += 1
+            if wf.errors:
+                self._ops["failed"] += 1
+        return wf
+
+    def record_llm_operation(self, metrics: LLMMetrics) -> None:
+        with self._lock:
+            pairs = ((self._by_provider, metrics.provider), (self._by_model, metrics.model))
+            for table, name in pairs:
+                key = name if name in table or len(table) < _MAX_KEYS else "other"
+                t = table.setdefault(key, _Totals())
+                t.calls += 1
+                t.input_tokens += metrics.input_tokens
+                t.output_tokens += metrics.output_tokens
+                t.cost += metrics.cost_estimate or 0.0
+                t.duration_ms += metrics.duration_ms
+
+    def get_workflow_stats(self) -> dict[str, Any]:
+        def table(d: dict[str, _Totals]) -> dict[str, dict[str, Any]]:
+            return {k: vars(v).copy() for k, v in d.items()}
+
+        with self._lock:
+            return {
+                "workflow_ops": {**self._ops, "active": len(self._active)},
+                "providers": table(self._by_provider),
+                "models": table(self._by_model),
+                "recent": list(self._finished)[-20:],
+            }
+
+
+class MonitoringSpanProcessor(RecordSpanProcessor):
+    """Records of our spans -> calls into ``service`` (any object with the monitoring API),
+    off-thread, in order."""
+
+    def __init__(self, service: Any, worker: SinkWorker | None = None) -> None:
+        self.service = service
+        self.worker = worker or SinkWorker("monitoring")
+        # our workflow id -> the service's; only the worker thread touches it. Bounded: a run
+        # whose finish never came is forgotten once _MAX_OPEN newer ones started.
+        self._ids: OrderedDict[str, Any] = OrderedDict()
+
+    def workflow_started(self, start: WorkflowStart, span_id: str, trace_id: str) -> None:
+        if start.outermost:
+            ids = start.ids
+            self.worker.call(
+                self._start, span_id, ids.user_id or "", ids.conversation_id or "",
+                ids.correlation_id or "", {"workflow_name": start.name},
+            )  # fmt: skip
+
+    def ended(self, record: Record) -> None:
+        workflow_id = record.workflow_id
+        if workflow_id is None:
+            return
+        call = self.worker.call
+        if isinstance(record, LLMCallRecord):
+            provider = record.provider or "unknown"
+            metrics = LLMMetrics(
+                timestamp=datetime.fromtimestamp(record.end_ns / 1e9, tz=timezone.utc),
+                provider=provider, model=record.model or "", operation=record.operation,
+                input_tokens=record.input_tokens or 0, output_tokens=record.output_tokens or 0,
+                duration_ms=(record.end_ns - record.start_ns) / 1e6,
+                cost_estimate=float(record.cost) if record.cost is not None else None,
+                correlation_id=record.ids.correlation_id or "",
+            )  # fmt: skip
+            call(self.service.record_llm_operation, metrics)
+            if record.total_tokens is not None:
+                usage = {provider: record.total_tokens}
+                call(self._call, workflow_id, "update_workflow_metrics", token_usage=usage)
+        elif isinstance(record, ToolCallRecord):
+            call(self._call, workflow_id, "update_workflow_metrics", tool_calls=1)
+        closes = isinstance(record, WorkflowRecord) and record.outermost
+        if record.failed and (closes or isinstance(record, LLMCallRecord | ToolCallRecord)):
+            call(self._call, workflow_id, "update_workflow_metrics", error=record.error_type)
+        if closes:
+            call(self._finish, workflow_id)
+
+    def _start(self, ours: str, user: str, conversation: str, correlation: str, cfg: Any) -> None:
+        self._ids[ours] = self.service.start_workflow_tracking(
+            user, conversation, workflow_config=cfg, correlation_id=correlation
+        )
+        while len(self._ids) > _MAX_OPEN:
+            self._ids.popitem(last=False)
+
+    def _call(self, ours: str, method: str, *args: Any, **kwargs: Any) -> None:
+        theirs = self._ids.get(ours)
+        if theirs is not None:
+            getattr(self.service, method)(theirs, *args, **kwargs)
+
+    def _finish(self, ours: str) -> None:
+        theirs = self._ids.pop(ours, None)
+        if theirs is not None:
+            self.service.finish_workflow_tracking(theirs)
+
+    def repoint(self, service: Any = None, **_: Any) -> None:
+        """Report to ``service`` from now on (a new ``configure`` on the same provider)."""
+        if self.worker.stopped:
+            self.worker = SinkWorker("monitoring")
+        self.service = service
+
+    def detach(self) -> None:
+        """Stop reporting (processors cannot be removed from a provider); ends the worker."""
+        self.service = _NoService()
+        self.worker.stop()
+
+    def shutdown(self) -> None:
+        self.worker.flush(2.0)
+        self.worker.stop()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.worker.flush(timeout_millis / 1000)
+
+
+class _NoService:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None

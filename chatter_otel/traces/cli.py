@@ -1,0 +1,204 @@
+"""``chatter-otel``: run the demo, and look up traces during an incident.
+
+    chatter-otel demo                              run the reference workflow, record its trace
+    chatter-otel serve [--host H] [--port P]       run the reference chat app (FastAPI)
+    chatter-otel trace TRACE_ID [--json]           one trace as a tree
+    chatter-otel find --correlation-id ID [--json] traces of a request (or --conversation-id,
+                                                   --message-id), newest first
+
+Sources: ``--from local`` (default: the local trace store, ``--store PATH``, default
+``$CHATTER_OTEL_TRACE_STORE`` or ``~/.local/share/chatter-otel/traces.db``), ``--from jaeger
+--url URL [--service NAME]``, ``--from tempo --url URL [--protobuf]``. Trace ids are taken in hex
+or base64. Errors are one line on stderr with exit code 1 (not found) or 2 (bad input, an
+unreachable backend, a malformed response); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sqlite3
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+EXIT_NOT_FOUND, EXIT_USAGE = 1, 2
+
+
+class _Fail(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration like 90s, 30m, 2h: {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def _source(args: argparse.Namespace) -> Any:
+    from chatter_otel.traces.sources import open_source
+
+    return open_source(
+        args.source, url=args.url, store=args.store, service=getattr(args, "service", None),
+        lookback_s=args.lookback, protobuf=args.protobuf,
+    )  # fmt: skip
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from chatter_otel.reference.demo import run_demo
+
+    result = run_demo(args.question, store_path=args.store)
+    u = result.usage
+    print(result.tree)
+    print()
+    print(f"answer:          {result.answer}")
+    print(f"trace_id:        {result.trace_id}")
+    print(f"correlation_id:  {result.correlation_id}")
+    print(
+        f"usage:           prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens}"
+        f" total_tokens={u.total_tokens} cost={u.cost} {u.cost_currency or ''}".rstrip()
+    )
+    print(
+        f"                 provider={u.provider} model={u.model} llm_calls={u.llm_calls}"
+        f" tool_calls={u.tool_calls} response_time_ms={u.response_time_ms}"
+    )
+    print(f"stored in:       {result.store_path}")
+    print(f"look it up:      chatter-otel trace {result.trace_id}")
+    print(f"                 chatter-otel find --correlation-id {result.correlation_id}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from chatter_otel.reference.app import create_app
+    except ImportError as exc:
+        raise _Fail(
+            f"serve needs the app extra: pip install 'chatter-otel[app]' ({exc})", 2
+        ) from None
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from chatter_otel.traces import spans as _tree
+    from chatter_otel.traces.sources import normalize_trace_id
+
+    trace_id = normalize_trace_id(args.trace_id)
+    records = _source(args).trace(trace_id)
+    if not records:
+        raise _Fail(f"trace {trace_id} not found", EXIT_NOT_FOUND)
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2, default=str))
+    else:
+        print(_tree.render(records))
+    return 0
+
+
+def _find(args: argparse.Namespace) -> int:
+    ids = {
+        "correlation_id": args.correlation_id,
+        "conversation_id": args.conversation_id,
+        "message_id": args.message_id,
+    }
+    if not any(ids.values()):
+        raise _Fail("find needs --correlation-id, --conversation-id or --message-id", EXIT_USAGE)
+    found = _source(args).find(**ids, limit=args.limit)
+    if not found:
+        wanted = ", ".join(f"{k}={v}" for k, v in ids.items() if v)
+        raise _Fail(f"no trace found for {wanted}", EXIT_NOT_FOUND)
+    if args.json:
+        print(json.dumps([asdict(t) for t in found], indent=2))
+        return 0
+    print(
+        f"{'start (UTC)':<24} {'trace_id':<32} {'ms':>9} {'tokens in/out':>14} {'cost':>11}"
+        "  status  root"
+    )
+    for t in found:
+        start = datetime.fromtimestamp(t.start_ns / 1e9, tz=timezone.utc).isoformat(
+            timespec="milliseconds"
+        )[:23]
+        tokens = f"{t.input_tokens if t.input_tokens is not None else '-'}/" + (
+            f"{t.output_tokens if t.output_tokens is not None else '-'}"
+        )
+        cost = f"${t.cost:.7f}" if t.cost is not None else "-"
+        print(
+            f"{start:<24} {t.trace_id:<32} {t.duration_ms:>9.1f} {tokens:>14} {cost:>11}"
+            f"  {t.status:<6}  {t.root_name}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="chatter-otel", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    store_help = "trace store file (default: $CHATTER_OTEL_TRACE_STORE or ~/.local/share/...)"
+
+    demo = sub.add_parser("demo", help="run the reference chat workflow and print its trace")
+    demo.add_argument("--question", default="What is the weather in Paris?")
+    demo.add_argument("--store", default=None, help=store_help)
+    demo.set_defaults(func=_demo)
+
+    sv = sub.add_parser("serve", help="run the reference chat app (FastAPI) on embedded defaults")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.set_defaults(func=_serve)
+
+    def add_source(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--from", dest="source", choices=("local", "jaeger", "tempo"),
+                       default="local", help="where to read traces (default: local)")  # fmt: skip
+        p.add_argument("--url", help="Jaeger query or Tempo base URL (http://host:port)")
+        p.add_argument("--store", default=None, help=store_help)
+        p.add_argument("--protobuf", action="store_true", help="tempo: ask for protobuf")
+        p.add_argument("--lookback", type=_seconds, default=3600.0,
+                       help="jaeger/tempo search window, e.g. 30m, 2h (default 1h)")  # fmt: skip
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    tr = sub.add_parser("trace", help="show one trace as a tree")
+    tr.add_argument("trace_id")
+    add_source(tr)
+    tr.set_defaults(func=_trace)
+
+    fd = sub.add_parser("find", help="list traces by correlation, conversation or message id")
+    fd.add_argument("--correlation-id")
+    fd.add_argument("--conversation-id")
+    fd.add_argument("--message-id")
+    fd.add_argument("--limit", type=int, default=20)
+    fd.add_argument("--service", help="jaeger: the app's service.name (Jaeger search needs it)")
+    add_source(fd)
+    fd.set_defaults(func=_find)
+
+    args = parser.parse_args(argv)
+    from chatter_otel.traces.sources import SourceError
+
+    try:
+        return int(args.func(args))
+    except (_Fail, SourceError) as exc:
+        print(f"chatter-otel: {exc}", file=sys.stderr)
+        return exc.code
+    except sqlite3.Error as exc:
+        print(f"chatter-otel: cannot read the trace store: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader (``| head``) went away: not an error; keep Python quiet at exit too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
