@@ -34,8 +34,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from chatter_otel import _safety, configure, persistence, track_workflow
-from chatter_otel.persistence import LEDGER, RUNS, UsagePersistence
+from chatter_otel import _safety, configure, track_workflow
+from chatter_otel.persistence import LEDGER, RUNS, UsagePersistence, spool
 from chatter_otel.reference.app import Base, Conversation, Message, new_id
 from chatter_otel.reference.app import MessageRole as Role
 from chatter_otel.reference.demo import build_chat_graph
@@ -776,7 +776,7 @@ async def test_a_locked_spool_file_delays_records_and_loses_none(
     it writes a batch: the worker says so, keeps the records and writes them all, once, when the
     lock goes (it used to die on the first "database is locked")."""
     monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
-    monkeypatch.setattr(persistence, "_SPOOL_BUSY_S", 0.1)
+    monkeypatch.setattr(spool, "SPOOL_BUSY_S", 0.1)
     host = Host(database)
     await host.setup()
     path = tmp_path / "spool.db"

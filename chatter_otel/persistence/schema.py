@@ -1,0 +1,187 @@
+"""Our tables, the mapping onto the app's, and the rows and statements the ledger writes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    bindparam,
+    case,
+    or_,
+    text,
+)
+
+if TYPE_CHECKING:
+    from chatter_otel.instrumentation.records import LLMCallRecord, WorkflowRecord
+
+_log = logging.getLogger("chatter_otel")
+
+metadata = MetaData()
+LEDGER = Table(
+    "chatter_usage_ledger", metadata,
+    Column("span_id", String(16), primary_key=True),
+    Column("trace_id", String(32), nullable=False),
+    Column("workflow_id", String(16), index=True),
+    Column("conversation_id", String(256), index=True),
+    Column("message_id", String(256)),
+    Column("correlation_id", String(128)),
+    Column("user_id", String(256)),
+    Column("provider", String(64)),
+    Column("model", String(256)),
+    Column("input_tokens", BigInteger),
+    Column("output_tokens", BigInteger),
+    Column("total_tokens", BigInteger),
+    Column("cache_read_tokens", BigInteger),
+    Column("cache_creation_tokens", BigInteger),
+    Column("reasoning_tokens", BigInteger),
+    Column("cost", Numeric(20, 10)),
+    Column("currency", String(8)),
+    Column("cost_source", String(16)),
+    Column("finish_reason", String(64)),
+    Column("started_at", Float),
+    Column("duration_ms", Float),
+    Column("status", String(16)),
+)  # fmt: skip
+RUNS = Table(
+    "chatter_usage_runs", metadata,
+    Column("workflow_id", String(16), primary_key=True),
+    Column("trace_id", String(32)),
+    Column("conversation_id", String(256), index=True),
+    Column("message_id", String(256)),
+    Column("input_tokens", BigInteger),
+    Column("output_tokens", BigInteger),
+    Column("total_tokens", BigInteger),
+    Column("cost", Numeric(20, 10)),
+    Column("status", String(16)),
+    Column("response_time_ms", BigInteger),
+    Column("finished_at", Float),
+    Column("applied_at", Float),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MessageMapping:
+    """Where usage goes in the app's tables; the defaults are the chatter column names."""
+
+    messages_table: str = "messages"
+    conversations_table: str = "conversations"
+    message_id: str = "id"
+    conversation_id: str = "conversation_id"
+    role: str = "role"
+    assistant_roles: tuple[str, ...] = ("ASSISTANT", "assistant")
+    prompt_tokens: str = "prompt_tokens"
+    completion_tokens: str = "completion_tokens"
+    total_tokens: str = "total_tokens"
+    cost: str = "cost"
+    provider: str = "provider_used"
+    model: str = "model_used"
+    finish_reason: str = "finish_reason"
+    response_time_ms: str = "response_time_ms"
+    conversation_pk: str = "id"
+    conversation_total_tokens: str = "total_tokens"
+    conversation_total_cost: str = "total_cost"
+
+
+def role_name(value: Any) -> str:
+    return str(getattr(value, "name", value))
+
+
+def is_empty(value: Any) -> bool:
+    return value is None or value == 0
+
+
+def if_empty(col: Any, value: Any) -> Any:
+    """``value`` where the column is NULL, zero or empty (the app's placeholders), else as is."""
+    placeholder = "" if isinstance(value, str) else 0
+    return case((or_(col.is_(None), col == placeholder), value), else_=col)
+
+
+def insert_ignore(conn: Any, table: Table, key: str) -> Any:
+    """An insert that skips rows already there (a replay): ``ON CONFLICT DO NOTHING``."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # sqlite: the only other backend __init__ accepts
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    return insert(table).on_conflict_do_nothing(index_elements=[key])
+
+
+def claim_upsert(conn: Any) -> Any:
+    """Insert the run row claimed, or claim the row the worker inserted first; rowcount 1 only
+    for whoever claims it (``applied_at IS NULL`` -> now), so a run is added once."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    stmt = insert(RUNS)
+    return stmt.on_conflict_do_update(
+        index_elements=[RUNS.c.workflow_id],
+        set_={"applied_at": stmt.excluded.applied_at, "message_id": stmt.excluded.message_id},
+        where=RUNS.c.applied_at.is_(None),
+    )
+
+
+def fit(table: Table, record: dict[str, Any]) -> dict[str, Any]:
+    """Every column of ``table`` (one executemany needs the same keys), strings cut to the
+    column's length: an over-long id from a hostile header must not make PostgreSQL refuse it."""
+    out: dict[str, Any] = {}
+    for col in table.c:
+        value = record.get(col.name)
+        length = getattr(col.type, "length", None)
+        if length and isinstance(value, str) and len(value) > length:
+            value = value[:length]
+        out[col.name] = value
+    return out
+
+
+def ledger_row(rec: LLMCallRecord) -> dict[str, Any]:
+    ids = rec.ids
+    return {
+        "span_id": rec.span_id, "trace_id": rec.trace_id, "workflow_id": rec.workflow_id,
+        "conversation_id": ids.conversation_id, "message_id": ids.message_id,
+        "correlation_id": ids.correlation_id, "user_id": ids.user_id,
+        "provider": rec.provider, "model": rec.model,
+        "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
+        "total_tokens": rec.total_tokens, "cache_read_tokens": rec.cache_read_tokens,
+        "cache_creation_tokens": rec.cache_creation_tokens,
+        "reasoning_tokens": rec.reasoning_tokens, "cost": rec.cost,
+        "currency": rec.cost_currency, "cost_source": rec.cost_source,
+        "finish_reason": rec.finish_reasons[0] if rec.finish_reasons else None,
+        "started_at": rec.start_ns / 1e9, "duration_ms": (rec.end_ns - rec.start_ns) / 1e6,
+        "status": "error" if rec.failed else "ok",
+    }  # fmt: skip
+
+
+def run_row(rec: WorkflowRecord, applied_at: float | None = None) -> dict[str, Any]:
+    return {
+        "workflow_id": rec.span_id, "trace_id": rec.trace_id,
+        "conversation_id": rec.ids.conversation_id, "message_id": rec.ids.message_id,
+        "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
+        "total_tokens": rec.total_tokens, "cost": rec.cost,
+        "status": "error" if rec.failed else "ok",
+        "response_time_ms": (rec.end_ns - rec.start_ns) // 1_000_000,
+        "finished_at": rec.end_ns / 1e9, "applied_at": applied_at,
+    }  # fmt: skip
+
+
+def add_statement(m: MessageMapping) -> Any:
+    """``UPDATE conversations SET total = total + :delta``: exact under concurrency."""
+    return text(
+        f'UPDATE "{m.conversations_table}" SET '
+        f'"{m.conversation_total_tokens}" = "{m.conversation_total_tokens}" + :tokens, '
+        f'"{m.conversation_total_cost}" = "{m.conversation_total_cost}" + :cost '
+        f'WHERE "{m.conversation_pk}" = :conv'
+    ).bindparams(
+        # typed: each dialect converts the Decimal its own way (sqlite3 cannot bind it)
+        bindparam("tokens", type_=BigInteger()),
+        bindparam("cost", type_=Numeric(20, 10)),
+        bindparam("conv", type_=String()),
+    )

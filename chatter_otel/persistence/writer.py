@@ -1,0 +1,277 @@
+"""The database side of the ledger: tables, schema checks, batches, claims, conversation deltas."""
+
+from __future__ import annotations
+
+import logging
+import time
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    and_,
+    column,
+    inspect,
+    select,
+    table,
+    update,
+)
+
+from chatter_otel._safety import warn_once
+from chatter_otel.persistence.schema import (
+    LEDGER,
+    RUNS,
+    MessageMapping,
+    add_statement,
+    fit,
+    if_empty,
+    insert_ignore,
+    metadata,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from chatter_otel.persistence.spool import Spool, SpoolRow
+
+_log = logging.getLogger("chatter_otel")
+
+_SCHEMA_RECHECK_S = 1.0
+
+
+class _Deltas(dict[str, list[Any]]):
+    """Conversation id -> [tokens, cost] to add, in one transaction; ``claimed`` runs in it."""
+
+    claimed = 0
+
+
+class LedgerWriter:
+    """Mixed into ``UsagePersistence``: what its worker does with the database."""
+
+    mapping: MessageMapping
+    stats: dict[str, int]
+    batch_size: int
+    grace_s: float
+    create_tables: bool
+    spool_path: Path
+    _url: Any
+    _ready: bool
+    _message_columns: frozenset[str]
+    _conversations_ok: bool
+    _schema_checked: float
+
+    async def _ensure_tables(self, engine: Any) -> None:
+        if not self._ready:
+            if self.create_tables:
+                async with engine.begin() as conn:
+                    await conn.run_sync(metadata.create_all)
+            self._ready = True
+        if not self._conversations_ok:  # known before the app's first message, when it can be
+            async with engine.connect() as conn:
+                await self._know_app_schema(conn)
+
+    async def _know_app_schema(self, conn: Any, *, now: bool = False) -> None:
+        """Look at the app's tables; again (at most once a second, or ``now``) while one is
+        missing, since the app may create them after the ledger started."""
+        if self._message_columns and self._conversations_ok:
+            return
+        if not now and time.monotonic() - self._schema_checked < _SCHEMA_RECHECK_S:
+            return
+        self._schema_checked = time.monotonic()
+        self._message_columns, self._conversations_ok = await conn.run_sync(self._app_schema)
+
+    def _app_schema(self, conn: Any) -> tuple[frozenset[str], bool]:
+        """The columns the app's messages table really has (follow-up updates touch no other),
+        and whether its conversations table has the mapped columns."""
+        m, insp = self.mapping, inspect(conn)
+        messages: frozenset[str] = frozenset()
+        if insp.has_table(m.messages_table):
+            messages = frozenset(c["name"] for c in insp.get_columns(m.messages_table))
+        conversations: frozenset[str] = frozenset()
+        if insp.has_table(m.conversations_table):
+            conversations = frozenset(c["name"] for c in insp.get_columns(m.conversations_table))
+        return messages, self._conversation_columns() <= conversations
+
+    def _conversation_columns(self) -> set[str]:
+        m = self.mapping
+        return {m.conversation_pk, m.conversation_total_tokens, m.conversation_total_cost}
+
+    async def _drain(self, engine: Any, spool: Spool) -> int:
+        """Write the spool to the database in batches, oldest first; returns rows written."""
+        written = 0
+        while True:
+            rows = spool.peek(self.batch_size)
+            if spool.bad:
+                self.stats["quarantined"] += spool.bad
+                spool.bad = 0
+            if not rows:
+                self.stats["spooled"] = spool.count
+                if not spool.count and written:
+                    spool.checkpoint()
+                return written
+            try:
+                async with engine.begin() as conn:
+                    await self._apply_rows(conn, rows)
+            except Exception:
+                # One record may be what the database refuses: find it, keep the rest flowing.
+                written += await self._isolate(engine, spool, rows)
+                continue
+            spool.delete(rows[-1][0])
+            written += self._count_written(spool, len(rows))
+
+    def _count_written(self, spool: Spool, n: int) -> int:
+        self.stats["written"] += n
+        self.stats["spooled"] = spool.count
+        return n
+
+    async def _isolate(self, engine: Any, spool: Spool, rows: list[SpoolRow]) -> int:
+        """Retry a refused batch one record at a time. A record the database refuses while it
+        answers is quarantined (kept in the spool file, logged); an outage raises."""
+        written = 0
+        for row in rows:
+            refused = await self._apply_alone(engine, row)
+            if refused is None:
+                spool.delete(row[0])
+                written += self._count_written(spool, 1)
+                continue
+            spool.quarantine(row[0], f"{type(refused).__name__}: {refused}")
+            self.stats["quarantined"] += 1
+            _log.error("chatter-otel: the usage database refused a %s record (%s: %.300s); "
+                       "kept aside in table 'quarantine' of %s", row[1], type(refused).__name__,
+                       refused, self.spool_path)  # fmt: skip
+        return written
+
+    async def _apply_alone(self, engine: Any, row: SpoolRow) -> Exception | None:
+        """One record in its own transaction, tried twice (a deadlock or a serialization
+        failure passes). Returns what the database said if it refused the record; raises if
+        the database does not answer ``SELECT 1`` (an outage, not a bad record)."""
+        refused: Exception | None = None
+        for _attempt in range(2):
+            try:
+                async with engine.begin() as conn:
+                    await self._apply_rows(conn, [row])
+                return None
+            except Exception as exc:
+                refused = exc
+            async with engine.connect() as conn:
+                await conn.execute(select(1))
+        return refused
+
+    async def _apply_rows(self, conn: Any, rows: list[SpoolRow]) -> None:
+        """All ledger rows in one executemany, all run rows in another, then the claims (the
+        order in which they were made) and their conversation totals, in one transaction."""
+        llm = [fit(LEDGER, r) for _, kind, r in rows if kind == "llm"]
+        runs = [fit(RUNS, r) for _, kind, r in rows if kind == "run"]
+        binds = [r for _, kind, r in rows if kind == "bind"]
+        if llm:
+            await conn.execute(insert_ignore(conn, LEDGER, "span_id"), llm)
+        if runs:
+            await conn.execute(insert_ignore(conn, RUNS, "workflow_id"), runs)
+        if binds:
+            await self._claim_all(conn, [(b["workflow_id"], b) for b in binds])
+
+    async def _claim_all(self, conn: Any, claims: list[tuple[str, dict[str, Any] | None]]) -> None:
+        """Claim runs (one ``SELECT`` for all, an ``UPDATE`` each), then add to conversations."""
+        ids = list({workflow_id for workflow_id, _ in claims})
+        found = await conn.execute(select(RUNS).where(RUNS.c.workflow_id.in_(ids)))
+        pending = {r.workflow_id: r for r in found if r.applied_at is None}
+        deltas = _Deltas()
+        for workflow_id, bind in claims:
+            row = pending.pop(workflow_id, None)
+            if row is not None:
+                await self._claim(conn, row, bind, deltas)
+        await self._add_to_conversations(conn, deltas)
+
+    async def _claim(
+        self, conn: Any, row: Any, bind: dict[str, Any] | None, deltas: _Deltas
+    ) -> None:
+        """Claim a run, once: whoever claims it first (``applied_at IS NULL`` -> now) adds its
+        tokens and cost to ``deltas`` (applied to conversations at the end of the transaction).
+
+        ``bind`` is the binding the app's transaction made (its message is filled already);
+        without one, a message the run named is filled here, where the app left it empty.
+        """
+        workflow_id = row.workflow_id
+        await self._know_app_schema(conn)
+        bind = bind or {}
+        message_id = bind.get("message_id") or row.message_id
+        claimed = await conn.execute(
+            update(RUNS)
+            .where(and_(RUNS.c.workflow_id == workflow_id, RUNS.c.applied_at.is_(None)))
+            .values(applied_at=time.time(), message_id=message_id)
+        )
+        if claimed.rowcount != 1:
+            return
+        if not bind and row.message_id:
+            await self._fill_named_message(conn, row)
+        tokens = bind.get("total_tokens", row.total_tokens)
+        cost = bind.get("cost", row.cost)
+        conv = bind.get("conversation_id") or row.conversation_id
+        deltas.claimed += 1
+        if conv is not None and (tokens or cost):
+            total = deltas.setdefault(str(conv), [0, Decimal(0)])
+            total[0] += tokens or 0
+            total[1] += cost or Decimal(0)
+
+    async def _add_to_conversations(self, conn: Any, deltas: _Deltas) -> None:
+        """One ``UPDATE`` per conversation, last in the transaction (the app's own updates of
+        the row wait for its lock the shortest time) and in id order (two workers, two
+        processes, never deadlock on each other)."""
+        self.stats["applied"] += deltas.claimed
+        if not deltas:
+            return
+        if not self._conversations_ok:  # the app may have created it since the last look
+            await self._know_app_schema(conn, now=True)
+        if not self._conversations_ok:  # logged, not raised: a refused batch would block the rest
+            warn_once("ledger:conversations", "chatter-otel: table %r with columns %s is not in "
+                      "the usage database (%s); conversation totals are not updated until it is "
+                      "(see MessageMapping). Usage is still recorded per run in %s",
+                      self.mapping.conversations_table, sorted(self._conversation_columns()),
+                      self._url.render_as_string(hide_password=True), RUNS.name)  # fmt: skip
+            return
+        statement = add_statement(self.mapping)
+        for conv in sorted(deltas):
+            tokens, cost = deltas[conv]
+            await conn.execute(statement, {"tokens": tokens, "cost": cost, "conv": conv})
+
+    async def _fill_named_message(self, conn: Any, run: Any) -> None:
+        """Fill the message a run named, where the app left it empty or zero (it may have
+        saved it before the run ended, or not yet: then the binding fills it on insert)."""
+        m, have = self.mapping, self._message_columns
+        last = (
+            await conn.execute(
+                select(LEDGER.c.provider, LEDGER.c.model, LEDGER.c.finish_reason)
+                .where(LEDGER.c.workflow_id == run.workflow_id)
+                .order_by(LEDGER.c.started_at.desc())
+                .limit(1)
+            )
+        ).first()
+        values = {
+            m.prompt_tokens: run.input_tokens, m.completion_tokens: run.output_tokens,
+            m.total_tokens: run.total_tokens, m.cost: run.cost,
+            m.response_time_ms: run.response_time_ms,
+            m.provider: last and last.provider, m.model: last and last.model,
+            m.finish_reason: last and last.finish_reason,
+        }  # fmt: skip
+        values = {k: v for k, v in values.items() if k in have and v is not None}
+        if not values or m.message_id not in have:
+            return
+        messages = table(m.messages_table, *(column(k) for k in (*values, m.message_id)))
+        await conn.execute(
+            update(messages)
+            .where(messages.c[m.message_id] == run.message_id)
+            .values({k: if_empty(messages.c[k], v) for k, v in values.items()})
+        )
+
+    async def _apply_due_runs(self, engine: Any) -> None:
+        """Runs no message took within the grace period (streaming endpoints)."""
+        cutoff = time.time() - self.grace_s
+        async with engine.begin() as conn:
+            due = (
+                await conn.execute(
+                    select(RUNS.c.workflow_id).where(
+                        and_(RUNS.c.applied_at.is_(None), RUNS.c.finished_at < cutoff)
+                    ).limit(self.batch_size)
+                )
+            ).scalars().all()  # fmt: skip
+            if due:
+                await self._claim_all(conn, [(workflow_id, None) for workflow_id in due])
