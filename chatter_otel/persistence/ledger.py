@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -26,8 +25,9 @@ from chatter_otel.attributes import (
 )
 from chatter_otel.persistence.binding import BindingHooks
 from chatter_otel.persistence.schema import MessageMapping
-from chatter_otel.persistence.spool import Spool, set_aside
+from chatter_otel.persistence.spool import Spool, SpoolCount, set_aside
 from chatter_otel.persistence.writer import LedgerWriter
+from chatter_otel.sinks.worker import BoundedWorker
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
@@ -99,20 +99,23 @@ class UsagePersistence(BindingHooks, LedgerWriter):
         self.create_tables = create_tables
         base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
         self.spool_path = Path(spool_path or Path(base) / "chatter-otel" / "usage-spool.db")
-        self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=max_queue)
         self.stats = {"written": 0, "spooled": 0, "dropped": 0, "quarantined": 0, "applied": 0,
                       "failures": 0, "in_transaction": 0}  # fmt: skip
+        # Stage 1, the intake: the one bounded worker design (drop counter, re-made after a
+        # fork) moves records from memory to the spool file at once, in whatever batch is queued.
+        self._intake: BoundedWorker[tuple[str, dict[str, Any]]] = BoundedWorker(
+            "ledger-intake", self._to_spool, max_queue=max_queue, max_batch=batch_size,
+            start=False,
+        )  # fmt: skip
+        self._counter = SpoolCount()
+        self._intake_spool: Spool | None = None  # the intake thread's connection
+        # Stage 2, the database worker: its own thread, event loop and engine.
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        # flush() waits on these: records submitted, records the worker took off the queue, and
-        # how many of those were taken when the spool was last seen empty (all in the database).
-        self._count_lock = threading.Lock()
-        self._submitted = 0
-        self._taken = 0
-        self._settled = 0
-        self._flush_target = 0
-        self._settle = threading.Condition()
+        self._wake = threading.Event()  # the intake spooled something, or a flush is asked
         self._hurry = threading.Event()  # flush() or close(): write now, do not wait for a batch
+        self._settle = threading.Condition()
+        self._settled = 0  # SpoolCount.handled as of the last time the spool was seen empty
         self._installed: list[Any] = []
         self._ready = False  # our tables created
         self._message_columns: frozenset[str] = frozenset()
@@ -126,23 +129,19 @@ class UsagePersistence(BindingHooks, LedgerWriter):
     # -- the app's side -------------------------------------------------------------------------
 
     def submit(self, kind: str, record: dict[str, Any]) -> None:
-        """Queue a record for the worker; never blocks (a full queue drops and counts)."""
-        with self._count_lock:
-            self._submitted += 1
-        try:
-            self._queue.put_nowait((kind, record))
-        except queue.Full:
-            self._mark_taken(1)  # never reaches the worker: flush() must not wait for it
+        """Queue a record for the spool; never blocks (a full queue drops and counts)."""
+        if not self._intake.submit((kind, record)):
             self.stats["dropped"] += 1
             warn_once("ledger:full", "chatter-otel: usage ledger queue full; %d record(s) dropped",
                       self.stats["dropped"])  # fmt: skip
 
     def start(self, meter_provider: MeterProvider | None = None) -> None:
-        """Start the worker thread and register the ledger's metrics (idempotent)."""
+        """Start the workers and register the ledger's metrics (idempotent)."""
         if self._thread is not None:
             return
         self._register_metrics(meter_provider)
         self._stop.clear()
+        self._intake.start()
         self._start_thread()
         # At startup, not on a request: wait (bounded) for the worker's first look at the
         # database, so the first messages already get their accounting in the app's own
@@ -156,49 +155,53 @@ class UsagePersistence(BindingHooks, LedgerWriter):
 
     def _after_fork(self) -> None:
         """In a forked child (servers that load the app, then fork workers): the parent's
-        worker thread is not here and its locks may have been held at the fork. New queue,
-        locks and thread; the spool file is shared safely (SQLite locking, idempotent replay);
-        records queued in the parent stay the parent's."""
-        self._queue = queue.Queue(maxsize=self._queue.maxsize)
-        self._count_lock = threading.Lock()
+        threads are not here, its locks may have been held at the fork and its SQLite
+        connections must not be used. New locks, connections and database thread (the intake
+        re-makes itself); the spool file is shared safely (SQLite locking, idempotent replay)."""
+        self._counter = SpoolCount()
+        self._intake_spool = None
         self._settle = threading.Condition()
-        self._hurry, self._stop = threading.Event(), threading.Event()
+        self._wake, self._hurry = threading.Event(), threading.Event()
+        self._stop = threading.Event()
         self._first_check = threading.Event()
-        self._submitted = self._taken = self._settled = self._flush_target = 0
+        self._settled = 0
         if self._thread is not None:
             self._start_thread()
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait (bounded) until everything submitted so far is in the database (or was dropped
-        and counted); False on timeout. It sleeps on a condition: no spinning against the worker."""
-        with self._count_lock:
-            target = self._submitted
+        and counted); False on timeout. It sleeps on conditions: no spinning against workers."""
+        deadline = time.monotonic() + timeout_s
+        if not self._intake.flush(timeout_s):  # all submitted so far handled by the intake
+            return False
+        with self._counter.lock:
+            target = self._counter.handled
         with self._settle:
-            self._flush_target = max(self._flush_target, target)
             self._hurry.set()
-            return self._settle.wait_for(lambda: self._settled >= target, timeout_s)
+            self._wake.set()
+            done: bool = self._settle.wait_for(
+                lambda: self._settled >= target, max(deadline - time.monotonic(), 0.0)
+            )
+            return done
 
-    def _mark_taken(self, n: int) -> None:
-        with self._count_lock:
-            self._taken += n
-
-    def _mark_settled(self) -> None:
-        """The spool is empty: every record taken so far is in the database."""
-        with self._count_lock:
-            taken = self._taken
+    def _mark_settled(self, handled: int) -> None:
         with self._settle:
-            self._settled = taken
+            self._settled = max(self._settled, handled)
             self._settle.notify_all()
-            if taken >= self._flush_target and not self._stop.is_set():
-                self._hurry.clear()  # every flush asked so far is done: batch again
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop: what is queued goes to the spool, one last write is tried, the hooks go."""
+        deadline = time.monotonic() + timeout_s
         self._stop.set()
+        self._intake.stop(timeout_s)  # its queue into the spool first (bounded)
         self._hurry.set()
+        self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._thread.join(max(deadline - time.monotonic(), 0.1))
             self._thread = None
+        if self._intake_spool is not None and not self._intake.pending():
+            self._intake_spool.close()
+            self._intake_spool = None
         self.uninstall()
 
     def _register_metrics(self, meter_provider: MeterProvider | None) -> None:
@@ -220,72 +223,92 @@ class UsagePersistence(BindingHooks, LedgerWriter):
         meter.create_observable_gauge(LEDGER_SPOOLED_METRIC, [observe("spooled")],
                                       unit="{record}")  # fmt: skip
 
+    # -- stage 1: the intake thread, memory -> spool ---------------------------------------------
+
+    def _to_spool(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """Append ``batch`` to the spool, as far as ``max_spool`` leaves room (the rest is
+        dropped and counted). While the file cannot be opened or written (locked by another
+        process, a full disk) the batch is held and retried with backoff; meanwhile the bounded
+        queue fills and drops, counted. Given up only when stopping, with a log line."""
+        backoff = 0.5
+        while True:
+            try:
+                spool = self._intake_spool or self._open_spool()
+                self._intake_spool = spool
+                room = max(self.max_spool - spool.count, 0)
+                spool.add(batch[:room], dropped=max(len(batch) - room, 0))
+            except (sqlite3.Error, OSError) as exc:
+                if self._intake_spool is not None:
+                    why = "the disk is full" if "full" in str(exc).lower() else str(exc)
+                    warn_once("ledger:spool-write", "chatter-otel: usage spool at %s cannot be "
+                              "written (%s); %d record(s) held in memory, retrying",
+                              self.spool_path, why, len(batch))  # fmt: skip
+                if self._stop.is_set():
+                    _log.error("chatter-otel: usage ledger stopped with %d record(s) it could "
+                               "not spool; they are not written", len(batch))  # fmt: skip
+                    return
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            break
+        self.stats["spooled"] = spool.count
+        if room < len(batch):
+            self.stats["dropped"] += len(batch) - room
+            warn_once("ledger:spool", "chatter-otel: usage spool at %s is full (%d records); "
+                      "%d record(s) dropped so far", self.spool_path, self.max_spool,
+                      self.stats["dropped"])  # fmt: skip
+        self._wake.set()
+
+    def _open_spool(self) -> Spool:
+        """A connection to the spool; a file that is unusable (corrupt, not a database,
+        read-only) is set aside and a fresh one opened at once. Raises while it cannot be
+        opened (locked by another process, an unwritable folder), saying so once a minute."""
+        try:
+            return Spool(self.spool_path, self._counter)
+        except (sqlite3.Error, OSError) as exc:
+            if isinstance(exc, sqlite3.DatabaseError) and set_aside(self.spool_path, exc):
+                return Spool(self.spool_path, self._counter)
+            warn_once("ledger:spool-open", "chatter-otel: usage spool at %s cannot be opened "
+                      "(%s: %s); retrying", self.spool_path, type(exc).__name__,
+                      exc)  # fmt: skip
+            raise
+
+    # -- stage 2: the database thread, spool -> database ------------------------------------------
+
     def _thread_main(self) -> None:
         with suppress_instrumentation():  # our own SQL is never traced as app work
             try:
                 asyncio.run(self._main())
             except Exception:  # a bug of ours: say so loudly rather than dying silently
-                _log.exception("chatter-otel: usage ledger worker stopped; %d record(s) queued "
-                               "in memory are not written", self._queue.qsize())  # fmt: skip
-
-    async def _open_spool(self) -> Spool | None:
-        """The spool, retried with backoff while it cannot be opened (locked by another process,
-        unwritable directory); records wait in the bounded queue meanwhile. None when asked to
-        stop first."""
-        backoff = 0.5
-        while True:
-            try:
-                return Spool(self.spool_path)
-            except (sqlite3.Error, OSError) as exc:
-                if isinstance(exc, sqlite3.DatabaseError) and set_aside(self.spool_path, exc):
-                    continue  # a fresh file at the same path, at once
-                if self._stop.is_set():
-                    _log.error("chatter-otel: usage spool at %s cannot be opened (%s); %d "
-                               "queued record(s) are not written", self.spool_path, exc,
-                               self._queue.qsize())  # fmt: skip
-                    return None
-                warn_once("ledger:spool-open", "chatter-otel: usage spool at %s cannot be "
-                          "opened (%s: %s); retrying", self.spool_path, type(exc).__name__,
-                          exc)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                _log.exception("chatter-otel: usage ledger worker stopped; spooled records are "
+                               "written when it next starts")  # fmt: skip
 
     def _engine(self) -> Any:
         from sqlalchemy.ext.asyncio import create_async_engine
 
         # A database that does not answer (dropped packets) must not hold the worker for
-        # asyncpg's 60 s default: records keep moving from the queue to the spool meanwhile.
-        # No statement timeout: waiting for the app's row lock is fine off the request path.
+        # asyncpg's 60 s default. No statement timeout: waiting for the app's row lock is fine
+        # off the request path.
         connect_args = {"timeout": 10} if self._url.get_backend_name() == "postgresql" else {}
         return create_async_engine(self._url, pool_pre_ping=True, connect_args=connect_args)
 
-    def _spool_held(self, spool: Spool, held: list[tuple[str, dict[str, Any]]]) -> bool:
-        """Move ``held`` into the spool (FIFO: new work waits behind it), as far as ``max_spool``
-        leaves room (the rest is dropped and counted). False, records kept, when the spool
-        cannot be written (disk full, file locked too long)."""
-        room = max(self.max_spool - spool.count, 0)
-        try:
-            spool.add(held[:room])
-        except sqlite3.Error as exc:
-            why = "the disk is full" if "full" in str(exc).lower() else str(exc)
-            warn_once("ledger:spool-write", "chatter-otel: usage spool at %s cannot be written "
-                      "(%s); %d record(s) held in memory, retrying", self.spool_path, why,
-                      len(held))  # fmt: skip
-            return False
-        self.stats["spooled"] = spool.count
-        if room < len(held):
-            self.stats["dropped"] += len(held) - room
-            warn_once("ledger:spool", "chatter-otel: usage spool at %s is full (%d records); "
-                      "%d record(s) dropped so far", self.spool_path, self.max_spool,
-                      self.stats["dropped"])  # fmt: skip
-        self._mark_taken(len(held))
-        held.clear()
-        return True
+    async def _reader(self) -> Spool | None:
+        """This thread's connection to the spool, retried with backoff; None when stopping."""
+        backoff = 0.5
+        while True:
+            try:
+                return self._open_spool()
+            except (sqlite3.Error, OSError):
+                if self._stop.is_set():
+                    return None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def _main(self) -> None:
         engine = self._engine()
-        spool = await self._open_spool()
+        spool = await self._reader()
         if spool is None:
+            self._first_check.set()
             await engine.dispose()
             return
         self.stats["spooled"] = spool.count
@@ -293,19 +316,13 @@ class UsagePersistence(BindingHooks, LedgerWriter):
             _log.info("chatter-otel: %d usage record(s) in the spool at %s from an earlier run; "
                       "replaying", spool.count, self.spool_path)  # fmt: skip
         state = _LoopState()
-        held: list[tuple[str, dict[str, Any]]] = []  # taken, not yet in the spool
         try:
             while True:
-                stopping = self._stop.is_set()
-                if len(held) < self.batch_size:  # bounded: the queue fills (and counts) instead
-                    held += self._take(0.0 if stopping else 0.05)  # blocks only this loop
-                # Into the spool at once, with no batching window: a record is durable a few
-                # milliseconds after its span ended (docs/decisions.md, "Exactly once").
-                if held and not self._spool_held(spool, held):
-                    if stopping:
-                        break
-                    await asyncio.sleep(0.5)
-                    continue
+                stopping = self._stop.is_set() and not self._intake.pending()
+                if not stopping:  # woken by the intake or a flush; sweeps are time-driven
+                    # Blocking is fine: this event loop is the worker's own, with nothing else.
+                    self._wake.wait(0.05)
+                self._wake.clear()
                 now = time.monotonic()
                 if spool.count and state.pending_since is None:
                     state.pending_since = now
@@ -314,7 +331,7 @@ class UsagePersistence(BindingHooks, LedgerWriter):
                 if stopping:
                     break
         finally:
-            await self._stopped(held, spool, engine)
+            await self._stopped(spool, engine)
 
     async def _db_round(self, engine: Any, spool: Spool, state: _LoopState, stopping: bool) -> None:
         """Write what the spool holds, sweep the runs no message took; back off on failure."""
@@ -331,8 +348,12 @@ class UsagePersistence(BindingHooks, LedgerWriter):
                 _log.warning("chatter-otel: usage ledger reached the database again; "
                              "%d spooled record(s) written", written)  # fmt: skip
             state.backoff, state.failing, state.pending_since = 0.5, False, None
-            if not spool.count:
-                self._mark_settled()
+            handled = spool.settled_upto()
+            if handled is not None:
+                self.stats["spooled"] = 0
+                if not self._intake.pending():
+                    self._hurry.clear()  # every flush asked so far is done: batch again
+                self._mark_settled(handled)
         except Exception as exc:  # the database is down or refused the batch
             self.stats["failures"] += 1
             state.failing = True
@@ -342,12 +363,8 @@ class UsagePersistence(BindingHooks, LedgerWriter):
             state.next_try = time.monotonic() + state.backoff
             state.backoff = min(state.backoff * 2, 30.0)
 
-    async def _stopped(self, held: list[tuple[str, dict[str, Any]]], spool: Spool,
-                       engine: Any) -> None:  # fmt: skip
+    async def _stopped(self, spool: Spool, engine: Any) -> None:
         """Say what a stopping worker leaves behind, then close the spool and the engine."""
-        if held:
-            _log.error("chatter-otel: usage ledger stopped with %d record(s) it could not "
-                       "spool; they are not written", len(held))  # fmt: skip
         if spool.count:
             _log.warning("chatter-otel: usage ledger stopped with %d record(s) in the spool at "
                          "%s; they are written when it next starts", spool.count,
@@ -363,17 +380,3 @@ class UsagePersistence(BindingHooks, LedgerWriter):
             or (state.pending_since is not None
                 and now - state.pending_since >= self.batch_delay_s)
         )  # fmt: skip
-
-    def _take(self, timeout_s: float) -> list[tuple[str, dict[str, Any]]]:
-        """Up to ``batch_size`` records: the first waited for up to ``timeout_s``, then what
-        else is queued already (no waiting for more: they go to the spool now)."""
-        batch: list[tuple[str, dict[str, Any]]] = []
-        try:
-            batch.append(
-                self._queue.get(timeout=timeout_s) if timeout_s else self._queue.get_nowait()
-            )
-            while len(batch) < self.batch_size:
-                batch.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        return batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -31,27 +32,59 @@ CREATE TABLE IF NOT EXISTS quarantine (id INTEGER PRIMARY KEY, kind TEXT NOT NUL
 """
 
 
+class SpoolCount:
+    """What this process knows of the spool file, shared by its two connections (the intake
+    adds, the database worker removes): ``value`` records in it, ``handled`` records the
+    intake is done with (spooled, or dropped and counted), under one lock. A ``COUNT(*)`` per
+    loop would cost more than the writes; the value is re-read when the file looks empty
+    (another process sharing the file may have written and removed records)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.value = 0
+        self.handled = 0
+
+
 class Spool:
-    """A local SQLite file of pending records, in order; survives a restart. Records the
-    database refused wait in its ``quarantine`` table, with the error, for a person to look at.
+    """A connection to the local SQLite file of pending records, in order; survives a restart.
+    Records the database refused wait in its ``quarantine`` table, with the error, for a person
+    to look at. One connection per thread: the intake's and the database worker's."""
 
-    ``count`` is kept in memory (a ``COUNT(*)`` per loop would cost more than the writes).
-    """
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, counter: SpoolCount) -> None:
         self.bad = 0  # undecodable rows quarantined so far
-        self._db = connect_wal(path, timeout_s=SPOOL_BUSY_S, schema=SPOOL_SCHEMA)
-        self.count = int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+        self.counter = counter
+        # Used by one thread at a time; closed by whoever stops it (hence not same-thread only).
+        self._db = connect_wal(
+            path, timeout_s=SPOOL_BUSY_S, schema=SPOOL_SCHEMA, check_same_thread=False
+        )
+        self._resync()
 
-    def add(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
-        if not batch:
-            return
-        with self._db:
-            self._db.executemany(
-                "INSERT INTO spool (kind, payload) VALUES (?, ?)",
-                [(kind, json.dumps(r, default=str)) for kind, r in batch],
-            )
-        self.count += len(batch)
+    @property
+    def count(self) -> int:
+        return self.counter.value
+
+    def _resync(self) -> None:
+        with self.counter.lock:
+            self.counter.value = int(self._db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
+
+    def add(self, batch: list[tuple[str, dict[str, Any]]], dropped: int = 0) -> None:
+        """Append ``batch``; ``dropped`` more records were handled without a place in it."""
+        payloads = [(kind, json.dumps(r, default=str)) for kind, r in batch]
+        with self.counter.lock:
+            if payloads:
+                with self._db:
+                    self._db.executemany("INSERT INTO spool (kind, payload) VALUES (?, ?)",
+                                         payloads)  # fmt: skip
+            self.counter.value += len(payloads)
+            self.counter.handled += len(payloads) + dropped
+
+    def settled_upto(self) -> int | None:
+        """``handled`` as of a moment the file held nothing, or None if it holds records."""
+        with self.counter.lock:
+            if self._db.execute("SELECT 1 FROM spool LIMIT 1").fetchone() is not None:
+                return None
+            self.counter.value = 0
+            return self.counter.handled
 
     def peek(self, n: int) -> list[SpoolRow]:
         """The oldest ``n`` rows, decoded. A row that does not decode (a corrupt payload) is
@@ -60,7 +93,7 @@ class Spool:
             "SELECT id, kind, payload FROM spool ORDER BY id LIMIT ?", (n,)
         ).fetchall()
         if not rows:  # another process sharing the file may have written (and removed) ours
-            self.count = 0
+            self._resync()
         out: list[SpoolRow] = []
         for i, kind, payload in rows:
             try:
@@ -83,7 +116,11 @@ class Spool:
     def delete(self, upto: int) -> None:
         with self._db:
             gone = self._db.execute("DELETE FROM spool WHERE id <= ?", (upto,)).rowcount
-        self.count = max(self.count - gone, 0)
+        self._remove(gone)
+
+    def _remove(self, gone: int) -> None:
+        with self.counter.lock:
+            self.counter.value = max(self.counter.value - gone, 0)
 
     def quarantine(self, row_id: int, error: str) -> None:
         with self._db:
@@ -93,7 +130,7 @@ class Spool:
                 (error[:2000], time.time(), row_id),
             )  # fmt: skip
             gone = self._db.execute("DELETE FROM spool WHERE id = ?", (row_id,)).rowcount
-        self.count = max(self.count - gone, 0)
+        self._remove(gone)
 
     def close(self) -> None:
         self._db.close()

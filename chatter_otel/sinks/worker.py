@@ -35,6 +35,7 @@ class BoundedWorker(Generic[T]):
         *,
         max_queue: int = 10_000,
         max_batch: int = 512,
+        start: bool = True,
     ) -> None:
         self.name = name
         self._handle = handle
@@ -43,6 +44,7 @@ class BoundedWorker(Generic[T]):
         self.dropped = 0
         self.failed = 0
         self.stopped = False
+        self._started = start
         self._reset()
         if hasattr(os, "register_at_fork"):
             ref = weakref.WeakMethod(self._at_fork_reinit)
@@ -56,7 +58,14 @@ class BoundedWorker(Generic[T]):
         self._thread = threading.Thread(
             target=self._run, name=f"chatter-otel-{self.name}", daemon=True
         )
-        self._thread.start()
+        if self._started:
+            self._thread.start()
+
+    def start(self) -> None:
+        """Start the thread of a worker made with ``start=False`` (idempotent)."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
 
     def _at_fork_reinit(self) -> None:
         # The parent's thread does not exist here and its lock may have been held at the fork.
@@ -97,6 +106,10 @@ class BoundedWorker(Generic[T]):
                 self._done += len(batch)
                 cond.notify_all()
 
+    def pending(self) -> bool:
+        """Items submitted and not yet handled (queued or in hand)."""
+        return self._done < self._submitted
+
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Wait (bounded) until everything submitted so far was handled."""
         with self._cond:
@@ -108,7 +121,7 @@ class BoundedWorker(Generic[T]):
         with self._cond:
             self.stopped = True
             self._cond.notify_all()
-        if timeout_s and self._thread is not threading.current_thread():
+        if timeout_s and self._started and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
 
 
