@@ -4,8 +4,10 @@ and a fresh one opened, the WAL is checkpointed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import subprocess
 from typing import Any
 
 import pytest
@@ -84,6 +86,52 @@ async def test_an_unusable_spool_file_is_set_aside(
         aside = list(tmp_path.glob("spool.db.unusable-*"))
         assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not a database")
         assert "was unusable" in caplog.text and "a fresh spool is used" in caplog.text
+    finally:
+        p.close()
+        await host.engine.dispose()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Any) -> Any:
+    """A 2 MiB tmpfs: a disk that really fills up (needs root, as the tests run here)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_is_said_and_recovered_from_without_a_restart(
+    sqlite_url: str, small_disk: Any, caplog: Any
+) -> None:
+    host = Host(sqlite_url)
+    await host.setup()
+    p = UsagePersistence(sqlite_url, spool_path=small_disk / "spool.db")
+    p.start()
+    filler = small_disk / "filler"
+    try:
+        p.submit("llm", _llm_record("0000000000000001"))
+        assert await asyncio.to_thread(p.flush, 10), p.stats
+        # fill the disk to the last byte
+        with filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        for i in range(2, 202):
+            p.submit("llm", _llm_record(f"{i:016x}", model="m" * 200))
+        assert not await asyncio.to_thread(p.flush, 2)
+        assert "cannot be written (the disk is full)" in caplog.text
+        assert "held in memory, retrying" in caplog.text
+        filler.unlink()  # space comes back: no restart
+        assert await asyncio.to_thread(p.flush, 15), p.stats
+        ledger = await host.rows(LEDGER)
+        assert sorted(r.span_id for r in ledger) == [f"{i:016x}" for i in range(1, 202)]
+        assert (p.stats["dropped"], p.stats["spooled"]) == (0, 0)
+        # and the spool's WAL was folded back: the file stays small
+        wal = small_disk / "spool.db-wal"
+        assert not wal.exists() or wal.stat().st_size < 64 * 1024
     finally:
         p.close()
         await host.engine.dispose()
