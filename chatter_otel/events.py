@@ -10,8 +10,8 @@ from chatter_otel.sinks.events import (
     Forwarder,
     Subscription,
     UnifiedEvent,
-    sse_response,
 )
+from chatter_otel.sinks.sse import sse_response
 
 __all__ = [
     "EventBus",

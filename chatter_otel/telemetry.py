@@ -30,7 +30,6 @@ and ``correlation_id``.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -39,10 +38,10 @@ from opentelemetry import metrics, trace
 from opentelemetry.processor.baggage import BaggageSpanProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
 from chatter_otel.correlation import CorrelationMiddleware, install_log_record_factory
+from chatter_otel.export.otlp import batch_processor, exporter_name, otlp_exporter
 from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
 from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
 from chatter_otel.instrumentation.settings import resolve_bool
@@ -51,18 +50,17 @@ from chatter_otel.sinks.events import EventBus, EventSpanProcessor
 from chatter_otel.sinks.monitoring import MonitoringService, MonitoringSpanProcessor
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Callable, Sequence
     from contextvars import ContextVar
 
     from opentelemetry.metrics import MeterProvider
-    from opentelemetry.sdk.trace.export import SpanExporter
 
 __all__ = ["Telemetry", "configure"]
 
 _log = logging.getLogger("chatter_otel")
 
 _DEFAULT_SERVICE = "chatter-app"
-_EXPORTERS = ("otlp", "local", "none")
 _lock = threading.Lock()
 _current: Telemetry | None = None
 _with_baggage: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
@@ -137,78 +135,6 @@ class Telemetry:
                 _current = None
 
 
-def _exporter_name(kwarg: str | None) -> str:
-    if kwarg is not None:
-        if kwarg in _EXPORTERS:
-            return kwarg
-        _log.warning("chatter-otel: unknown exporter=%r; using the default", kwarg)
-    env = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if env:
-        first = env.split(",")[0].strip()
-        if first in _EXPORTERS:
-            return first
-        _log.warning("chatter-otel: ignoring OTEL_TRACES_EXPORTER=%r (use otlp or none)", env)
-    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    ):
-        return "otlp"
-    return "local"
-
-
-def _otlp_exporter() -> SpanExporter:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()
-    if protocol != "http/protobuf":
-        _log.warning("chatter-otel: unsupported OTLP protocol %r; using http/protobuf", protocol)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HTTPSpanExporter,
-    )
-
-    return HTTPSpanExporter(session=_session_keeping_verify())
-
-
-def _session_keeping_verify() -> Any:
-    """A requests session whose own ``verify`` (the exporter's OTEL_EXPORTER_OTLP_CERTIFICATE)
-    is not replaced by ``REQUESTS_CA_BUNDLE``.
-
-    The exporter sets ``session.verify``; requests then merges environment settings per request
-    and lets ``REQUESTS_CA_BUNDLE`` win over it (a long-standing requests behaviour), so with
-    that variable set (common in container images) the configured CA is silently ignored.
-    """
-    import requests
-
-    class Session(requests.Session):
-        def merge_environment_settings(
-            self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
-        ) -> Any:
-            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
-            if verify is None and isinstance(self.verify, str):
-                settings["verify"] = self.verify
-            return settings
-
-    return Session()
-
-
-def _batch(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanProcessor:
-    """A ``BatchSpanProcessor`` from the ``OTEL_BSP_*`` variables; an inconsistent set of them
-    (the SDK raises ValueError, say a batch larger than the queue) logs and uses the defaults."""
-    try:
-        return BatchSpanProcessor(exporter, meter_provider=meters)
-    except ValueError as exc:
-        _log.warning("chatter-otel: ignoring the OTEL_BSP_* settings (%s); using defaults", exc)
-        return BatchSpanProcessor(
-            exporter, max_queue_size=2048, schedule_delay_millis=5000,
-            max_export_batch_size=512, export_timeout_millis=30000, meter_provider=meters,
-        )  # fmt: skip
-
-
 def _resource(service_name: str | None, service_version: str | None, env: str | None) -> Resource:
     attrs: dict[str, str] = {}
     if service_name:
@@ -271,7 +197,7 @@ def configure(
                     resource=_resource(service_name, service_version, environment)
                 )
                 owns = True
-        name = _exporter_name(exporter)
+        name = exporter_name(exporter)
         store = None
         # The span queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE); what it drops while a collector is
         # down is logged by the SDK, and counted as otel.sdk.processor.span.processed
@@ -280,14 +206,16 @@ def configure(
         meters = meter_provider or metrics.get_meter_provider()
         if owns or exporter is not None:
             if name == "otlp":
-                tracer_provider.add_span_processor(_batch(_otlp_exporter(), meters))
+                tracer_provider.add_span_processor(batch_processor(otlp_exporter(), meters))
             elif name == "local":
                 store = (
                     trace_store
                     if isinstance(trace_store, LocalTraceStore)
                     else LocalTraceStore(trace_store)
                 )
-                tracer_provider.add_span_processor(_batch(LocalStoreExporter(store), meters))
+                tracer_provider.add_span_processor(
+                    batch_processor(LocalStoreExporter(store), meters)
+                )
         if tracer_provider not in _with_baggage:
             tracer_provider.add_span_processor(
                 BaggageSpanProcessor(lambda key: key == CHATTER_CORRELATION_ID)

@@ -18,7 +18,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from chatter_otel import configure, track_workflow
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
-from chatter_otel.sinks.analytics import DURATION_BUCKETS, TOKEN_BUCKETS, LiveAnalytics
+from chatter_otel.sinks.analytics import LiveAnalytics
+from chatter_otel.sinks.metrics import DURATION_BUCKETS, TOKEN_BUCKETS
 from chatter_otel.sinks.monitoring import LLMMetrics, MonitoringService
 
 if TYPE_CHECKING:

@@ -36,7 +36,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from chatter_otel.instrumentation.workflow import track_workflow
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES, LocalChatModel
-from chatter_otel.sinks.events import sse_response
+from chatter_otel.sinks.sse import sse_response
 from chatter_otel.telemetry import configure
 
 if TYPE_CHECKING:

@@ -1,12 +1,8 @@
-"""Live analytics from LLM spans, and the GenAI client metrics.
+"""Live analytics from LLM call records, and the GenAI client metrics.
 
-``AnalyticsSpanProcessor`` sees every ``chat`` span end and
+``AnalyticsSpanProcessor`` takes the record of every LLM call of ours (sampled or not) and
 
-* records the GenAI metrics through the OpenTelemetry metrics API: ``gen_ai.client.token.usage``
-  (by ``gen_ai.token.type``), ``gen_ai.client.operation.duration`` and
-  ``gen_ai.client.operation.time_to_first_chunk``, with the conventions' bucket boundaries and
-  attributes (``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``,
-  ``gen_ai.response.model``, ``error.type``), and a cost counter ``chatter.gen_ai.cost`` (USD);
+* records the GenAI client metrics (``sinks.metrics``);
 * adds the call to ``LiveAnalytics``: in-memory aggregates over a sliding window by model,
   provider, user and conversation (calls, errors, tokens, cost, latency and time-to-first-chunk
   p50/p95/p99), read with ``snapshot()``;
@@ -21,26 +17,11 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
-    GEN_AI_OPERATION_NAME,
-    GEN_AI_PROVIDER_NAME,
-    GEN_AI_REQUEST_MODEL,
-    GEN_AI_RESPONSE_MODEL,
-    GEN_AI_TOKEN_TYPE,
-    GenAiTokenTypeValues,
-)
-from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
-    GEN_AI_CLIENT_OPERATION_DURATION,
-    GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK,
-    GEN_AI_CLIENT_TOKEN_USAGE,
-)
-from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-
 from chatter_otel.attributes import COST_METRIC
 from chatter_otel.instrumentation.records import LLMCallRecord
 from chatter_otel.sinks.dispatch import RecordSpanProcessor
+from chatter_otel.sinks.metrics import GenAIMetrics
 from chatter_otel.sinks.worker import SinkWorker
-from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -51,11 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["COST_METRIC", "AnalyticsSpanProcessor", "LLMCompletion", "LiveAnalytics"]
 
-# The GenAI conventions' advised bucket boundaries.
-TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
-                 16777216, 67108864]  # fmt: skip
-DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
-                    40.96, 81.92]  # fmt: skip
 DIMENSIONS = ("model", "provider", "user", "conversation")
 
 
@@ -157,67 +133,26 @@ class AnalyticsSpanProcessor(RecordSpanProcessor):
         meter_provider: MeterProvider | None = None,
         record_completion: Callable[[LLMCompletion], Any] | None = None,
     ) -> None:
-        from opentelemetry import metrics
-
         self.analytics = analytics
         self.record_completion = record_completion
         self.worker = SinkWorker("analytics") if record_completion is not None else None
-        meter = metrics.get_meter(
-            "chatter_otel", __version__, meter_provider, schema_url=SCHEMA_URL
-        )
-        self._tokens = meter.create_histogram(
-            GEN_AI_CLIENT_TOKEN_USAGE, unit="{token}",
-            description="Number of input and output tokens used.",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
-        )  # fmt: skip
-        self._duration = meter.create_histogram(
-            GEN_AI_CLIENT_OPERATION_DURATION, unit="s", description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )  # fmt: skip
-        self._ttfc = meter.create_histogram(
-            GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK, unit="s",
-            description="Time to receive the first chunk of a streamed response.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )  # fmt: skip
-        self._cost = meter.create_counter(
-            COST_METRIC, unit="USD", description="Cost of GenAI calls, where it could be priced."
-        )
+        self.metrics = GenAIMetrics(meter_provider)
 
     def ended(self, rec: Record) -> None:
         if not isinstance(rec, LLMCallRecord):
             return
         error = (rec.error_type or "_OTHER") if rec.failed else None
-        attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: rec.operation}
-        if rec.provider:
-            attrs[GEN_AI_PROVIDER_NAME] = rec.provider
-        if rec.request_model:
-            attrs[GEN_AI_REQUEST_MODEL] = rec.request_model
-        if rec.response_model:
-            attrs[GEN_AI_RESPONSE_MODEL] = rec.response_model
-        if error:
-            attrs[ERROR_TYPE] = error
-        duration = rec.duration_s
-        self._duration.record(duration, attrs)
-        tin, tout = rec.input_tokens, rec.output_tokens
-        if tin is not None:
-            self._tokens.record(tin, {**attrs, GEN_AI_TOKEN_TYPE: GenAiTokenTypeValues.INPUT.value})
-        if tout is not None:
-            out_type = GenAiTokenTypeValues.COMPLETION.value  # "output"
-            self._tokens.record(tout, {**attrs, GEN_AI_TOKEN_TYPE: out_type})
-        ttfc = rec.time_to_first_chunk_s
-        if ttfc is not None:
-            self._ttfc.record(ttfc, attrs)
+        self.metrics.record(rec, error)
         cost = float(rec.cost) if rec.cost is not None else None
-        if cost is not None:
-            self._cost.add(cost, attrs)
         if self.analytics is None and self.worker is None:
             return
         ids = rec.ids
         completion = LLMCompletion(
             timestamp=rec.end_ns / 1e9, provider=rec.provider, model=rec.model,
             user_id=ids.user_id, conversation_id=ids.conversation_id,
-            correlation_id=ids.correlation_id, trace_id=rec.trace_id, input_tokens=tin,
-            output_tokens=tout, cost=cost, duration_s=duration, time_to_first_chunk_s=ttfc,
+            correlation_id=ids.correlation_id, trace_id=rec.trace_id,
+            input_tokens=rec.input_tokens, output_tokens=rec.output_tokens, cost=cost,
+            duration_s=rec.duration_s, time_to_first_chunk_s=rec.time_to_first_chunk_s,
             error_type=error,
         )  # fmt: skip
         if self.analytics is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
 import uuid
 from collections import deque
@@ -45,7 +44,6 @@ __all__ = [
     "Forwarder",
     "Subscription",
     "UnifiedEvent",
-    "sse_response",
 ]
 
 
@@ -324,41 +322,3 @@ class EventSpanProcessor(RecordSpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return True
-
-
-def sse_response(
-    bus: EventBus,
-    *,
-    conversation_id: str | None = None,
-    user_id: str | None = None,
-    heartbeat_s: float = 15.0,
-) -> Any:
-    """A Starlette ``StreamingResponse`` of the bus's events as server-sent events.
-
-    ``event: <event_type>`` / ``data: <UnifiedEvent as JSON>``, filtered by conversation or
-    user; a comment line every ``heartbeat_s`` keeps proxies from closing an idle stream. The
-    subscription ends when the client goes away.
-    """
-    from starlette.responses import StreamingResponse
-
-    sub = bus.subscribe(conversation_id=conversation_id, user_id=user_id)
-
-    async def stream() -> AsyncIterator[str]:
-        try:
-            yield ": connected\n\n"
-            while True:
-                try:
-                    event = await asyncio.wait_for(sub.get(), timeout=heartbeat_s)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                payload = json.dumps(event.to_dict(), default=str)
-                yield f"id: {event.id}\nevent: {event.event_type}\ndata: {payload}\n\n"
-        finally:
-            sub.close()
-
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )

@@ -1,0 +1,92 @@
+"""The exporter side of ``configure``: which exporter, OTLP over HTTP or gRPC, and the SDK's
+``BatchSpanProcessor`` from the ``OTEL_BSP_*`` variables (a bad set falls back)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+__all__ = ["EXPORTERS", "batch_processor", "exporter_name", "otlp_exporter"]
+
+_log = logging.getLogger("chatter_otel")
+
+EXPORTERS = ("otlp", "local", "none")
+
+
+def exporter_name(kwarg: str | None) -> str:
+    if kwarg is not None:
+        if kwarg in EXPORTERS:
+            return kwarg
+        _log.warning("chatter-otel: unknown exporter=%r; using the default", kwarg)
+    env = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if env:
+        first = env.split(",")[0].strip()
+        if first in EXPORTERS:
+            return first
+        _log.warning("chatter-otel: ignoring OTEL_TRACES_EXPORTER=%r (use otlp or none)", env)
+    if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    ):
+        return "otlp"
+    return "local"
+
+
+def otlp_exporter() -> SpanExporter:
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if protocol != "http/protobuf":
+        _log.warning("chatter-otel: unsupported OTLP protocol %r; using http/protobuf", protocol)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HTTPSpanExporter,
+    )
+
+    return HTTPSpanExporter(session=_session_keeping_verify())
+
+
+def _session_keeping_verify() -> Any:
+    """A requests session whose own ``verify`` (the exporter's OTEL_EXPORTER_OTLP_CERTIFICATE)
+    is not replaced by ``REQUESTS_CA_BUNDLE``.
+
+    The exporter sets ``session.verify``; requests then merges environment settings per request
+    and lets ``REQUESTS_CA_BUNDLE`` win over it (a long-standing requests behaviour), so with
+    that variable set (common in container images) the configured CA is silently ignored.
+    """
+    import requests
+
+    class Session(requests.Session):
+        def merge_environment_settings(
+            self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any
+        ) -> Any:
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if verify is None and isinstance(self.verify, str):
+                settings["verify"] = self.verify
+            return settings
+
+    return Session()
+
+
+def batch_processor(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanProcessor:
+    """A ``BatchSpanProcessor`` from the ``OTEL_BSP_*`` variables; an inconsistent set of them
+    (the SDK raises ValueError, say a batch larger than the queue) logs and uses the defaults."""
+    try:
+        return BatchSpanProcessor(exporter, meter_provider=meters)
+    except ValueError as exc:
+        _log.warning("chatter-otel: ignoring the OTEL_BSP_* settings (%s); using defaults", exc)
+        return BatchSpanProcessor(
+            exporter, max_queue_size=2048, schedule_delay_millis=5000,
+            max_export_batch_size=512, export_timeout_millis=30000, meter_provider=meters,
+        )  # fmt: skip

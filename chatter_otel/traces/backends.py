@@ -1,0 +1,236 @@
+"""The Jaeger and Tempo query APIs, as ``trace`` / ``find`` sources (see ``sources``)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
+
+from chatter_otel.attributes import CHATTER_CORRELATION_ID, CHATTER_MESSAGE_ID
+from chatter_otel.export.store import TraceSummary
+from chatter_otel.traces.decode import (
+    SourceError,
+    field1,
+    json_docs,
+    norm_id,
+    records_from_otlp_json,
+    records_from_traces_data,
+)
+from chatter_otel.traces.spans import SpanRecord
+
+__all__ = ["JaegerSource", "TempoSource"]
+
+_KEYS = {  # the ids `find` can look for, and their span attribute
+    "correlation_id": CHATTER_CORRELATION_ID,
+    "conversation_id": "gen_ai.conversation.id",
+    "message_id": CHATTER_MESSAGE_ID,
+}
+
+
+class _Http:
+    name = "backend"
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        if not url or not url.startswith(("http://", "https://")):
+            raise SourceError(f"--url must be an http(s) URL for {self.name}, got {url!r}")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def _get(
+        self, path: str, params: dict[str, Any] | None = None, accept: str = "application/json"
+    ) -> bytes | None:
+        """The body, or None on 404."""
+        url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        req = urllib.request.Request(url, headers={"Accept": accept})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                body: bytes = resp.read()
+                return body
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise SourceError(f"{self.name} at {self.url} answered HTTP {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise SourceError(f"cannot reach {self.name} at {self.url}: {reason}") from None
+
+    def _json(self, body: bytes) -> list[dict[str, Any]]:
+        try:
+            return json_docs(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise SourceError(f"malformed response from {self.name}: {exc}") from None
+
+    def _summaries(self, traces: dict[str, list[SpanRecord]], ids: dict[str, str | None],
+                   limit: int) -> list[TraceSummary]:  # fmt: skip
+        wanted = {_KEYS[k]: v for k, v in ids.items() if v}
+        hits = [
+            TraceSummary.of(recs)
+            for recs in traces.values()
+            if recs and all(any(r.attributes.get(k) == v for r in recs) for k, v in wanted.items())
+        ]
+        hits.sort(key=lambda s: s.start_ns, reverse=True)
+        return hits[:limit]
+
+
+def _check_ids(ids: dict[str, str | None]) -> None:
+    if not any(ids.values()):
+        raise SourceError("find needs a correlation, conversation or message id")
+
+
+class JaegerSource(_Http):
+    """Jaeger's query API: v2's ``/api/v3`` (OTLP JSON), else v1's ``/api/traces``."""
+
+    name = "jaeger"
+
+    def __init__(self, url: str, service: str | None = None, lookback_s: float = 3600.0,
+                 timeout: float = 10.0) -> None:  # fmt: skip
+        super().__init__(url, timeout)
+        self.service = service
+        self.lookback_s = lookback_s
+
+    def trace(self, trace_id: str) -> list[SpanRecord]:
+        body = self._get(f"/api/v3/traces/{trace_id}")
+        if body is not None:
+            recs = [
+                r for d in self._json(body) for r in records_from_otlp_json(d.get("result") or d)
+            ]
+            if recs:
+                return recs
+        body = self._get(f"/api/traces/{trace_id}")
+        if body is None:
+            raise SourceError(f"trace {trace_id} not found in jaeger", 1)
+        recs = [
+            r for d in self._json(body) for t in d.get("data") or [] for r in _from_jaeger_v1(t)
+        ]
+        if not recs:
+            raise SourceError(f"trace {trace_id} not found in jaeger", 1)
+        return recs
+
+    def find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
+        _check_ids(ids)
+        if not self.service:
+            raise SourceError("jaeger's search needs --service (the app's service.name)")
+        now = datetime.now(timezone.utc)
+        start = now - timedelta(seconds=self.lookback_s)
+        v3 = self._get(
+            "/api/v3/traces",
+            {
+                "query.service_name": self.service,
+                "query.start_time_min": start.isoformat().replace("+00:00", "Z"),
+                "query.start_time_max": now.isoformat().replace("+00:00", "Z"),
+                "query.search_depth": max(limit * 5, 100),
+            },
+        )
+        traces: dict[str, list[SpanRecord]] = {}
+        if v3 is not None:
+            for doc in self._json(v3):
+                for r in records_from_otlp_json(doc.get("result") or doc):
+                    traces.setdefault(r.trace_id, []).append(r)
+        else:
+            tags = {_KEYS[k]: v for k, v in ids.items() if v}
+            v1 = self._get(
+                "/api/traces",
+                {"service": self.service, "tags": json.dumps(tags), "limit": limit,
+                 "start": int(start.timestamp() * 1e6), "end": int(now.timestamp() * 1e6)},
+            )  # fmt: skip
+            for doc in self._json(v1 or b"{}"):
+                for t in doc.get("data") or []:
+                    recs = _from_jaeger_v1(t)
+                    if recs:
+                        traces[recs[0].trace_id] = recs
+        return self._summaries(traces, ids, limit)
+
+
+def _from_jaeger_v1(trace: dict[str, Any]) -> list[SpanRecord]:
+    processes = trace.get("processes") or {}
+    out = []
+    for sp in trace.get("spans") or []:
+        tags = {t["key"]: t.get("value") for t in sp.get("tags") or []}
+        parent = next(
+            (r.get("spanID") for r in sp.get("references") or [] if r.get("refType") == "CHILD_OF"),
+            None,
+        )
+        status = str(tags.pop("otel.status_code", "")).upper()
+        if not status:
+            status = "ERROR" if tags.get("error") is True else "UNSET"
+        kind = str(tags.pop("span.kind", "internal")).upper()
+        start_ns = int(sp.get("startTime", 0)) * 1000
+        out.append(
+            SpanRecord(
+                trace_id=norm_id(sp.get("traceID"), 16),
+                span_id=norm_id(sp.get("spanID"), 8),
+                parent_id=norm_id(parent, 8) or None,
+                name=str(sp.get("operationName", "")),
+                start_ns=start_ns,
+                end_ns=start_ns + int(sp.get("duration", 0)) * 1000,
+                status=status,
+                status_message=str(tags.pop("otel.status_description", "") or ""),
+                attributes=tags,
+                kind=kind,
+                service=(processes.get(sp.get("processID")) or {}).get("serviceName"),
+            )
+        )
+    return out
+
+
+class TempoSource(_Http):
+    """Tempo's query API: ``/api/v2/traces`` (else ``/api/traces``) and TraceQL search."""
+
+    name = "tempo"
+
+    def __init__(self, url: str, protobuf: bool = False, lookback_s: float = 3600.0,
+                 timeout: float = 10.0) -> None:  # fmt: skip
+        super().__init__(url, timeout)
+        self.protobuf = protobuf
+        self.lookback_s = lookback_s
+
+    def trace(self, trace_id: str) -> list[SpanRecord]:
+        accept = "application/protobuf" if self.protobuf else "application/json"
+        for path, wrapped in (
+            (f"/api/v2/traces/{trace_id}", True),
+            (f"/api/traces/{trace_id}", False),
+        ):
+            body = self._get(path, accept=accept)
+            if body is None:
+                continue
+            recs = self._decode(body, wrapped)
+            if recs:
+                return recs
+        raise SourceError(f"trace {trace_id} not found in tempo", 1)
+
+    def _decode(self, body: bytes, wrapped: bool) -> list[SpanRecord]:
+        if self.protobuf:
+            try:
+                # v1 answers a tempopb.Trace, field 1 = batches, which is TracesData on the wire;
+                # v2 wraps it: TraceByIDResponse{trace = 1}.
+                return records_from_traces_data(
+                    TracesData.FromString(field1(body) if wrapped else body)
+                )
+            except Exception as exc:  # protobuf's DecodeError and friends
+                raise SourceError(f"malformed protobuf response from tempo: {exc}") from None
+        out = []
+        for doc in self._json(body):
+            out.extend(records_from_otlp_json(doc.get("trace") or {} if wrapped else doc))
+        return out
+
+    def find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
+        _check_ids(ids)
+        conds = " && ".join(f"span.{_KEYS[k]} = {json.dumps(v)}" for k, v in ids.items() if v)
+        now = int(time.time())
+        query = {
+            "q": "{ " + conds + " }",
+            "limit": limit,
+            "start": now - int(self.lookback_s),
+            "end": now,
+        }
+        body = self._get("/api/search", query)
+        docs = self._json(body or b"{}")
+        trace_ids = [norm_id(t.get("traceID"), 16) for d in docs for t in d.get("traces") or []]
+        traces = {tid: self.trace(tid) for tid in dict.fromkeys(trace_ids)}
+        return self._summaries(traces, ids, limit)
