@@ -21,7 +21,7 @@ import json
 import os
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal  # noqa: TC003 - SQLAlchemy resolves Mapped[Decimal] at runtime
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +73,7 @@ class Conversation(Base):
     total_cost: Mapped[Decimal] = mapped_column(Numeric(18, 10), default=0, nullable=False)
     message_count: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
     created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=lambda: datetime.now(timezone.utc)
+        DateTime(timezone=True), default=lambda: datetime.now(UTC)
     )
 
 

@@ -18,8 +18,8 @@ import threading
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from chatter_otel._safety import warn_once
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-class EventCategory(str, Enum):
+class EventCategory(StrEnum):
     WORKFLOW = "workflow"
     MONITORING = "monitoring"
     ANALYTICS = "analytics"
@@ -61,7 +61,7 @@ class UnifiedEvent:
     category: EventCategory
     event_type: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    timestamp: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
     correlation_id: str | None = None
     trace_id: str | None = None
     span_id: str | None = None

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from chatter_otel.instrumentation.records import (
@@ -216,7 +216,7 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
         if isinstance(record, LLMCallRecord):
             provider = record.provider or "unknown"
             metrics = LLMMetrics(
-                timestamp=datetime.fromtimestamp(record.end_ns / 1e9, tz=timezone.utc),
+                timestamp=datetime.fromtimestamp(record.end_ns / 1e9, tz=UTC),
                 provider=provider, model=record.model or "", operation=record.operation,
                 input_tokens=record.input_tokens or 0, output_tokens=record.output_tokens or 0,
                 duration_ms=(record.end_ns - record.start_ns) / 1e6,

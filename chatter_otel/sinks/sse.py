@@ -37,7 +37,7 @@ def sse_response(
             while True:
                 try:
                     event = await asyncio.wait_for(sub.get(), timeout=heartbeat_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
                 payload = json.dumps(event.to_dict(), default=str)

@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
@@ -116,7 +116,7 @@ class JaegerSource(_Http):
         _check_ids(ids)
         if not self.service:
             raise SourceError("jaeger's search needs --service (the app's service.name)")
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         start = now - timedelta(seconds=self.lookback_s)
         v3 = self._get(
             "/api/v3/traces",

@@ -22,7 +22,7 @@ import re
 import sqlite3
 import sys
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -128,9 +128,9 @@ def _find(args: argparse.Namespace) -> int:
         "  status  root"
     )
     for t in found:
-        start = datetime.fromtimestamp(t.start_ns / 1e9, tz=timezone.utc).isoformat(
-            timespec="milliseconds"
-        )[:23]
+        start = datetime.fromtimestamp(t.start_ns / 1e9, tz=UTC).isoformat(timespec="milliseconds")[
+            :23
+        ]
         tokens = f"{t.input_tokens if t.input_tokens is not None else '-'}/" + (
             f"{t.output_tokens if t.output_tokens is not None else '-'}"
         )
