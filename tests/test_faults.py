@@ -12,8 +12,10 @@ from langchain_core.messages import HumanMessage
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import create_engine, select
 
 from chatter_otel import LangGraphInstrumentor, configure, track_workflow
+from chatter_otel.persistence import LEDGER, UsagePersistence
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.sinks.monitoring import MonitoringService
@@ -86,11 +88,20 @@ def telemetry() -> Any:
 
 
 @pytest.mark.internal_errors
-@pytest.mark.parametrize("where", ["pricer", "redactor", "bus", "monitoring", "analytics"])
+@pytest.mark.parametrize(
+    "where", ["pricer", "redactor", "bus", "monitoring", "analytics", "push", "ledger"]
+)
 async def test_a_raising_step_leaves_every_span_ended_and_exported(
-    telemetry: Any, where: str, monkeypatch: pytest.MonkeyPatch
+    telemetry: Any, where: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> None:
     kw: dict[str, Any] = {}
+    if where == "push":
+        kw = {"record_completion": _raise}
+    elif where == "ledger":
+        ledger = UsagePersistence(f"sqlite+aiosqlite:///{tmp_path}/app.db",
+                                  spool_path=tmp_path / "spool.db")  # fmt: skip
+        monkeypatch.setattr(ledger, "submit", _raise)
+        kw = {"persistence": ledger}
     if where == "redactor":
         kw = {"capture_content": True, "redact": _raise}
     elif where == "bus":
@@ -125,10 +136,12 @@ async def test_a_raising_step_leaves_every_span_ended_and_exported(
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
 def test_a_forked_child_has_working_sinks(telemetry: Any, tmp_path: Any) -> None:
     records: list[Any] = []
-    tel, _ = telemetry(record_completion=records.append)
+    url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
+    ledger = UsagePersistence(url, spool_path=tmp_path / "spool.db")
+    tel, _ = telemetry(record_completion=records.append, persistence=ledger)
     with track_workflow("before-fork"):
         build_chat_graph().invoke(Q)
-    assert tel.force_flush()
+    assert tel.force_flush() and ledger.flush(10)
     assert tel.monitoring.get_workflow_stats()["workflow_ops"]["finished"] == 1
     result = tmp_path / "child.txt"
     pid = os.fork()
@@ -137,12 +150,12 @@ def test_a_forked_child_has_working_sinks(telemetry: Any, tmp_path: Any) -> None
         try:
             with track_workflow("in-child"):
                 build_chat_graph().invoke(Q)
-            flushed = tel.force_flush(5_000)
+            flushed = tel.force_flush(5_000) and ledger.flush(10)
             ops = tel.monitoring.get_workflow_stats()["workflow_ops"]
             snap = tel.analytics.snapshot()
             result.write_text(
                 f"{flushed} {ops['finished']} {ops['active']} {len(records)} "
-                f"{snap['model']['chatter-local-1']['calls']}"
+                f"{snap['model']['chatter-local-1']['calls']} {ledger.stats['written']}"
             )
             code = 0
         finally:
@@ -150,9 +163,15 @@ def test_a_forked_child_has_working_sinks(telemetry: Any, tmp_path: Any) -> None
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0
     # the child: flushed; 2 runs finished in monitoring (1 inherited), 4 pushed completions
-    # (2 inherited), 4 calls in live analytics
-    assert result.read_text() == "True 2 0 4 4"
-    # the parent is unaffected by the child
+    # (2 inherited), 4 calls in live analytics; its ledger wrote its run's 3 records (6 counted,
+    # 3 inherited)
+    assert result.read_text() == "True 2 0 4 4 6"
+    # the parent is unaffected by the child, and the ledger has both processes' rows
     time.sleep(0.05)
     assert tel.monitoring.get_workflow_stats()["workflow_ops"]["finished"] == 1
     assert len(records) == 2
+    assert ledger.flush(10)
+    engine = create_engine(f"sqlite:///{tmp_path}/app.db")
+    with engine.connect() as conn:
+        assert len(list(conn.execute(select(LEDGER)))) == 4
+    engine.dispose()
