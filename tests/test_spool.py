@@ -8,13 +8,15 @@ import contextlib
 import json
 import sqlite3
 import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from chatter_otel import _safety
 from chatter_otel.persistence import LEDGER, UsagePersistence
 from tests.test_persistence import Host, _llm_record
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 
 @pytest.fixture
@@ -22,12 +24,18 @@ def sqlite_url(tmp_path: Any) -> str:
     return f"sqlite+aiosqlite:///{tmp_path}/app.db"
 
 
+@pytest.fixture
+async def host(sqlite_url: str) -> AsyncIterator[Host]:
+    """The app's database with its tables (the conftest gives each test its own log limiter)."""
+    app = Host(sqlite_url)
+    await app.setup()
+    yield app
+    await app.engine.dispose()
+
+
 async def test_a_malformed_spool_row_is_quarantined_and_the_rest_flow(
-    sqlite_url: str, tmp_path: Any, caplog: Any, monkeypatch: Any
+    sqlite_url: str, host: Host, tmp_path: Any, caplog: Any
 ) -> None:
-    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
-    host = Host(sqlite_url)
-    await host.setup()
     path = tmp_path / "spool.db"
     # An earlier run left 120 records, one of them corrupt, second in line.
     p = UsagePersistence(sqlite_url, spool_path=path)
@@ -65,15 +73,11 @@ async def test_a_malformed_spool_row_is_quarantined_and_the_rest_flow(
         db.close()
     finally:
         p.close()
-        await host.engine.dispose()
 
 
 async def test_an_unusable_spool_file_is_set_aside(
-    sqlite_url: str, tmp_path: Any, caplog: Any, monkeypatch: Any
+    sqlite_url: str, host: Host, tmp_path: Any, caplog: Any
 ) -> None:
-    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
-    host = Host(sqlite_url)
-    await host.setup()
     path = tmp_path / "spool.db"
     path.write_bytes(b"this is not a database, just garbage " * 200)  # a corrupt header
     p = UsagePersistence(sqlite_url, spool_path=path)
@@ -88,7 +92,6 @@ async def test_an_unusable_spool_file_is_set_aside(
         assert "was unusable" in caplog.text and "a fresh spool is used" in caplog.text
     finally:
         p.close()
-        await host.engine.dispose()
 
 
 @pytest.fixture
@@ -104,10 +107,8 @@ def small_disk(tmp_path: Any) -> Any:
 
 
 async def test_a_full_disk_is_said_and_recovered_from_without_a_restart(
-    sqlite_url: str, small_disk: Any, caplog: Any
+    sqlite_url: str, host: Host, small_disk: Any, caplog: Any
 ) -> None:
-    host = Host(sqlite_url)
-    await host.setup()
     p = UsagePersistence(sqlite_url, spool_path=small_disk / "spool.db")
     p.start()
     filler = small_disk / "filler"
@@ -134,4 +135,3 @@ async def test_a_full_disk_is_said_and_recovered_from_without_a_restart(
         assert not wal.exists() or wal.stat().st_size < 64 * 1024
     finally:
         p.close()
-        await host.engine.dispose()

@@ -154,29 +154,21 @@ class WorkflowRun:
     # -- accumulation (called by the instrumentation; parallel nodes call it from threads) --
 
     def add_llm_call(self, call: LLMCallRecord) -> None:
+        reasons = call.finish_reasons
+        one = RunUsage(
+            prompt_tokens=call.input_tokens, completion_tokens=call.output_tokens,
+            total_tokens=call.total_tokens, cache_read_tokens=call.cache_read_tokens,
+            cache_creation_tokens=call.cache_creation_tokens,
+            reasoning_tokens=call.reasoning_tokens, cost=call.cost,
+            cost_currency=call.cost_currency, cost_source=call.cost_source,
+            provider=call.provider, model=call.model,
+            finish_reason=reasons[-1] if reasons else None, llm_calls=1,
+            usage_missing_calls=0 if call.usage_reported else 1,
+        )  # fmt: skip
         with self._lock:
             if len(self.calls) < MAX_CALLS_KEPT:
                 self.calls.append(call)
-            u = self.usage
-            u.llm_calls += 1
-            if not call.usage_reported:
-                u.usage_missing_calls += 1
-            u.prompt_tokens = _add(u.prompt_tokens, call.input_tokens)
-            u.completion_tokens = _add(u.completion_tokens, call.output_tokens)
-            u.total_tokens = _add(u.total_tokens, call.total_tokens)
-            u.cache_read_tokens = _add(u.cache_read_tokens, call.cache_read_tokens)
-            u.cache_creation_tokens = _add(u.cache_creation_tokens, call.cache_creation_tokens)
-            u.reasoning_tokens = _add(u.reasoning_tokens, call.reasoning_tokens)
-            if call.cost is not None:
-                u.cost = call.cost if u.cost is None else u.cost + call.cost
-                u.cost_currency = call.cost_currency
-                # Any locally computed part makes the sum an estimate.
-                src = call.cost_source
-                u.cost_source = src if u.cost_source in (None, src) else "local"
-            u.provider = call.provider or u.provider
-            u.model = call.model or u.model
-            reasons = call.finish_reasons
-            u.finish_reason = (reasons[-1] if reasons else None) or u.finish_reason
+            self._merge(one)
 
     def add_tool_call(self) -> None:
         with self._lock:
@@ -184,27 +176,31 @@ class WorkflowRun:
 
     def merge_child(self, child: WorkflowRun) -> None:
         """Roll a finished nested workflow up into this one."""
-        c = child.usage
         with self._lock:
             self.calls.extend(child.calls[: max(MAX_CALLS_KEPT - len(self.calls), 0)])
-            u = self.usage
-            u.llm_calls += c.llm_calls
-            u.tool_calls += c.tool_calls
-            u.usage_missing_calls += c.usage_missing_calls
-            u.prompt_tokens = _add(u.prompt_tokens, c.prompt_tokens)
-            u.completion_tokens = _add(u.completion_tokens, c.completion_tokens)
-            u.total_tokens = _add(u.total_tokens, c.total_tokens)
-            u.cache_read_tokens = _add(u.cache_read_tokens, c.cache_read_tokens)
-            u.cache_creation_tokens = _add(u.cache_creation_tokens, c.cache_creation_tokens)
-            u.reasoning_tokens = _add(u.reasoning_tokens, c.reasoning_tokens)
-            if c.cost is not None:
-                u.cost = c.cost if u.cost is None else u.cost + c.cost
-                u.cost_currency = c.cost_currency
-                src = c.cost_source
-                u.cost_source = src if u.cost_source in (None, src) else "local"
-            u.provider = c.provider or u.provider
-            u.model = c.model or u.model
-            u.finish_reason = c.finish_reason or u.finish_reason
+            self._merge(child.usage)
+
+    def _merge(self, c: RunUsage) -> None:
+        """Add ``c`` (one call's usage, or a nested run's) to this run's; under the lock."""
+        u = self.usage
+        u.llm_calls += c.llm_calls
+        u.tool_calls += c.tool_calls
+        u.usage_missing_calls += c.usage_missing_calls
+        u.prompt_tokens = _add(u.prompt_tokens, c.prompt_tokens)
+        u.completion_tokens = _add(u.completion_tokens, c.completion_tokens)
+        u.total_tokens = _add(u.total_tokens, c.total_tokens)
+        u.cache_read_tokens = _add(u.cache_read_tokens, c.cache_read_tokens)
+        u.cache_creation_tokens = _add(u.cache_creation_tokens, c.cache_creation_tokens)
+        u.reasoning_tokens = _add(u.reasoning_tokens, c.reasoning_tokens)
+        if c.cost is not None:
+            u.cost = c.cost if u.cost is None else u.cost + c.cost
+            u.cost_currency = c.cost_currency
+            # Any locally computed part makes the sum an estimate.
+            src = c.cost_source
+            u.cost_source = src if u.cost_source in (None, src) else "local"
+        u.provider = c.provider or u.provider
+        u.model = c.model or u.model
+        u.finish_reason = c.finish_reason or u.finish_reason
 
     def rollup_attributes(self) -> dict[str, Any]:
         u = self.usage
