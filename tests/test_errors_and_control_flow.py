@@ -52,9 +52,11 @@ def test_node_error_is_recorded_and_the_same_exception_reaches_the_app(spans: An
     for s in (node, wf):
         assert s.status.status_code is StatusCode.ERROR
         assert s.attributes["error.type"] == f"{__name__}.AppError"
-        assert "db unavailable" in s.status.description
-    # one stack trace: on the span where it surfaced, not again on every ancestor
+        # content capture is off: the class, never the app's message text
+        assert s.status.description == f"{__name__}.AppError"
+    # one exception event: on the span where it surfaced, not again on every ancestor
     assert [e.name for e in node.events] == ["exception"]
+    assert dict(node.events[0].attributes) == {"exception.type": f"{__name__}.AppError"}
     assert [e.name for e in wf.events] == []
     run = last_run()
     assert run is not None and run.status == "error"
@@ -239,3 +241,65 @@ def test_error_inside_graph_with_messages(spans: Any) -> None:
     with pytest.raises(KeyError):
         g.compile(name="k").invoke({"messages": [HumanMessage("x")]})
     assert spans.one("invoke_workflow k").attributes["error.type"] == "KeyError"
+
+
+SECRET = "the user's prompt: my card is 4111 1111 1111 1111"
+
+
+def _fail_with_secret(state: Count) -> Count:
+    raise AppError(SECRET)
+
+
+def test_exception_text_never_leaves_with_capture_off(instrument: Any) -> None:
+    """A model or tool that raises with prompt text in its message: with capture off nothing of
+    that text is on any span (status, events, attributes), failing span or ancestor."""
+    spans = instrument()
+    with pytest.raises(AppError):
+        _one_node(_fail_with_secret).invoke({"n": 1})
+    for s in spans.all:
+        dumped = repr((s.status.description, dict(s.attributes or {}),
+                       [(e.name, dict(e.attributes or {})) for e in s.events]))  # fmt: skip
+        assert "4111" not in dumped and "prompt" not in dumped, dumped
+
+
+def test_exception_text_opt_in_keeps_message_and_stack_trace(instrument: Any) -> None:
+    spans = instrument(capture_exception_text=True)
+    with pytest.raises(AppError):
+        _one_node(_fail_with_secret).invoke({"n": 1})
+    node = spans.one("invoke_node step")
+    assert SECRET in node.status.description
+    (event,) = node.events
+    assert event.attributes["exception.message"] == SECRET
+    assert "Traceback" in event.attributes["exception.stacktrace"]
+
+
+def test_exception_text_goes_through_the_redaction_hook(instrument: Any) -> None:
+    seen: list[str] = []
+
+    def redact(kind: str, value: Any) -> Any:
+        seen.append(kind)
+        return "[redacted]" if kind == "exception" else value
+
+    spans = instrument(capture_content=True, redact=redact)  # exception text follows content
+    with pytest.raises(AppError):
+        _one_node(_fail_with_secret).invoke({"n": 1})
+    node, wf = spans.one("invoke_node step"), spans.one("invoke_workflow g")
+    assert "exception" in seen
+    for s in (node, wf):
+        assert s.status.description == f"{__name__}.AppError: [redacted]"
+    (event,) = node.events
+    assert dict(event.attributes) == {
+        "exception.type": f"{__name__}.AppError",
+        "exception.message": "[redacted]",
+    }
+
+
+def test_exception_text_off_by_environment(
+    instrument: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    monkeypatch.setenv("CHATTER_OTEL_CAPTURE_EXCEPTION_TEXT", "false")
+    spans = instrument()
+    with pytest.raises(AppError):
+        _one_node(_fail_with_secret).invoke({"n": 1})
+    assert spans.one("invoke_node step").status.description == f"{__name__}.AppError"

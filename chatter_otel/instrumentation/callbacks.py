@@ -210,7 +210,7 @@ class OtelCallbackHandler(BaseCallbackHandler):
             outer = current_workflow.get()
             ids = ambient_ids(ids)
         inv = WorkflowInvocation(
-            run_id, name, ids, self.tracer, parent=under, outer=outer, node=node
+            run_id, name, ids, self.tracer, self.settings, parent=under, outer=outer, node=node
         )
         inv.slot = slot
         self._runs.put(run_id, inv)

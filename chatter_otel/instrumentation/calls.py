@@ -78,7 +78,7 @@ class LLMInvocation(Invocation):
         settings: Settings,
         inputs: list[Any],
     ) -> None:
-        super().__init__(run_id, ids, parent, workflow)
+        super().__init__(run_id, ids, parent, workflow, settings)
         self.operation, self.provider, self.request_model = operation, provider, model
         self.streaming = streaming
         self.first_chunk_ns: int | None = None
@@ -243,7 +243,7 @@ class ToolInvocation(Invocation):
         arguments: Any,
         settings: Settings,
     ) -> None:
-        super().__init__(run_id, ids, parent, workflow)
+        super().__init__(run_id, ids, parent, workflow, settings)
         self.name, self.call_id = name, call_id
         self._open(tracer, f"execute_tool {name}", SpanKind.INTERNAL, {})
         if not self.span.is_recording():

@@ -184,6 +184,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     def _instrument(self, **kwargs: Any) -> None:
         settings = Settings.resolve(
             capture_content=kwargs.get("capture_content"),
+            capture_exception_text=kwargs.get("capture_exception_text"),
             max_content_length=kwargs.get("max_content_length"),
             redact=kwargs.get("redact"),
             max_runs=kwargs.get("max_runs"),

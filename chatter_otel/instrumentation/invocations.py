@@ -20,9 +20,13 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.exception_attributes import (
+    EXCEPTION_MESSAGE,
+    EXCEPTION_TYPE,
+)
 from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
-from chatter_otel._safety import internal_error
+from chatter_otel._safety import internal_error, warn_once
 from chatter_otel.attributes import (
     CHATTER_CANCELLED,
     CHATTER_INTERRUPTED,
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
     from chatter_otel.instrumentation.runs import RunSlot
+    from chatter_otel.instrumentation.settings import Settings
 
 _OP_WORKFLOW = GenAiOperationNameValues.INVOKE_WORKFLOW.value
 _MAX_DESC_LEN = 256
@@ -46,6 +51,23 @@ _MAX_DESC_LEN = 256
 
 class Orphaned(Exception):
     """Stands in for the missing end of a run evicted from the registry."""
+
+
+def exception_text(settings: Settings, error: BaseException) -> str | None:
+    """The app's exception message as spans and events may carry it: None while content
+    capture is off (it can hold prompt or tool-argument text), else through the redaction hook
+    (dropped if the hook fails)."""
+    if not settings.capture_exception_text:
+        return None
+    text = str(error)
+    if settings.redact is not None:
+        try:
+            text = str(settings.redact("exception", text))
+        except Exception:
+            warn_once("content:redact-exception", "chatter-otel: redaction hook raised on an "
+                      "exception message; message dropped", exc_info=True)  # fmt: skip
+            return None
+    return text
 
 
 def error_type(error: BaseException) -> str:
@@ -62,14 +84,16 @@ class Invocation:
     """What every operation has: its span, ids, parent, the workflow it rolls up into."""
 
     __slots__ = (
-        "error_id", "ids", "parent", "run_id", "span", "span_id", "start_mono_ns", "start_ns",
-        "trace_id", "workflow",
+        "error_id", "ids", "parent", "run_id", "settings", "span", "span_id", "start_mono_ns",
+        "start_ns", "trace_id", "workflow",
     )  # fmt: skip
 
     def __init__(
-        self, run_id: Any, ids: RunIds, parent: Invocation | None, workflow: WorkflowRun | None
-    ) -> None:
+        self, run_id: Any, ids: RunIds, parent: Invocation | None, workflow: WorkflowRun | None,
+        settings: Settings,
+    ) -> None:  # fmt: skip
         self.run_id = run_id
+        self.settings = settings
         self.ids = ids
         self.parent = parent
         self.workflow = workflow  # the workflow this operation rolls up into (its own, for one)
@@ -115,12 +139,18 @@ class Invocation:
             span.set_status(Status(StatusCode.ERROR, "run never finished"))
             return r.ORPHANED, ORPHANED_ERROR_TYPE, "run never finished"
         etype = error_type(error)
-        message = f"{etype}: {error}"[:_MAX_DESC_LEN]
+        text = exception_text(self.settings, error)
+        message = f"{etype}: {text}"[:_MAX_DESC_LEN] if text is not None else etype
         span.set_attribute(ERROR_TYPE, etype)
         span.set_status(Status(StatusCode.ERROR, message))
-        # One stack trace per exception: where it surfaced first, not on every ancestor.
+        # One exception event per exception: where it surfaced first, not on every ancestor.
         if self.error_id != id(error):
-            span.record_exception(error)
+            if text is None:  # the class only: no message, no stack trace (capture is off)
+                span.add_event("exception", {EXCEPTION_TYPE: etype})
+            elif self.settings.redact is None:
+                span.record_exception(error)
+            else:  # the redacted message, and no stack trace (it repeats the raw message)
+                span.add_event("exception", {EXCEPTION_TYPE: etype, EXCEPTION_MESSAGE: text})
         if self.parent is not None:
             self.parent.error_id = id(error)
         return r.ERROR, etype, message
@@ -156,7 +186,7 @@ class NodeInvocation(Invocation):
     def __init__(
         self, run_id: Any, parent: Invocation, name: str, step: int | None, tracer: Tracer
     ) -> None:
-        super().__init__(run_id, parent.ids, parent, parent.workflow)
+        super().__init__(run_id, parent.ids, parent, parent.workflow, parent.settings)
         self.name, self.step = name, step
         attrs: dict[str, Any] = {LANGGRAPH_NODE_NAME: name, **parent.ids.attributes()}
         if step is not None:
@@ -190,6 +220,7 @@ class WorkflowInvocation(Invocation):
         name: str,
         ids: RunIds,
         tracer: Tracer,
+        settings: Settings,
         *,
         parent: Invocation | None = None,
         outer: WorkflowRun | None = None,
@@ -197,7 +228,7 @@ class WorkflowInvocation(Invocation):
         context: Context | None = None,
     ) -> None:
         run = WorkflowRun(name=name, ids=ids)
-        super().__init__(run_id, ids, parent, run)
+        super().__init__(run_id, ids, parent, run, settings)
         self.run = run
         self.outer = outer  # the enclosing workflow, where this one's totals roll up
         self.node = node  # the node span of a subgraph added as a node

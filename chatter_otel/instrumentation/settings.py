@@ -16,6 +16,7 @@ _log = logging.getLogger("chatter_otel")
 
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_MAX_CONTENT_LENGTH = "CHATTER_OTEL_MAX_CONTENT_LENGTH"
+ENV_CAPTURE_EXCEPTION_TEXT = "CHATTER_OTEL_CAPTURE_EXCEPTION_TEXT"
 ENV_MAX_RUNS = "CHATTER_OTEL_MAX_RUNS"
 ENV_MAX_RUN_AGE = "CHATTER_OTEL_MAX_RUN_AGE_SECONDS"
 ENV_PRICES_FILE = "CHATTER_OTEL_PRICES_FILE"
@@ -82,6 +83,9 @@ class Settings:
     """What the instrumentation needs to know, resolved once at ``instrument()``."""
 
     capture_content: bool = False
+    # The text of the app's exceptions (message, stack trace) on spans and events: it can hold
+    # prompt or argument text, so it follows capture_content unless set on its own.
+    capture_exception_text: bool = False
     max_content_length: int = 16_384
     redact: Redactor | None = None
     max_runs: int = 10_000
@@ -93,6 +97,7 @@ class Settings:
         cls,
         *,
         capture_content: bool | None = None,
+        capture_exception_text: bool | None = None,
         max_content_length: int | None = None,
         redact: Redactor | None = None,
         max_runs: int | None = None,
@@ -105,8 +110,12 @@ class Settings:
         if prices is None:
             path = os.environ.get(ENV_PRICES_FILE)
             prices = _load_prices_file(path) if path else {}
+        content = resolve_bool(ENV_CAPTURE_CONTENT, capture_content, False)
         return cls(
-            capture_content=resolve_bool(ENV_CAPTURE_CONTENT, capture_content, False),
+            capture_content=content,
+            capture_exception_text=resolve_bool(
+                ENV_CAPTURE_EXCEPTION_TEXT, capture_exception_text, content
+            ),
             max_content_length=resolve_int(
                 ENV_MAX_CONTENT_LENGTH, max_content_length, 16_384, minimum=64
             ),

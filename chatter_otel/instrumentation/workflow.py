@@ -11,6 +11,7 @@ from chatter_otel.instrumentation.callbacks import active_handler, ambient_ids, 
 from chatter_otel.instrumentation.invocations import WorkflowInvocation
 from chatter_otel.instrumentation.runs import RunIds, WorkflowRun, current_workflow, set_last_run
 from chatter_otel.instrumentation.sampling import always_record
+from chatter_otel.instrumentation.settings import Settings
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["track_workflow"]
 
 _DEFAULT_NAME = "workflow"
+_DEFAULT_SETTINGS = Settings()  # no instrumentor: content and exception text off
 
 
 class track_workflow:
@@ -68,13 +70,16 @@ class track_workflow:
     def _start(self) -> None:
         try:
             handler = active_handler()
-            tracer = (
-                handler.tracer
-                if handler is not None
-                else always_record(trace.get_tracer("chatter_otel", __version__,
-                                                    schema_url=SCHEMA_URL))
-            )  # fmt: skip
-            inv = WorkflowInvocation(None, self._name, self._ids, tracer, outer=self._outer)
+            if handler is not None:
+                tracer, settings = handler.tracer, handler.settings
+            else:
+                tracer = always_record(
+                    trace.get_tracer("chatter_otel", __version__, schema_url=SCHEMA_URL)
+                )
+                settings = _DEFAULT_SETTINGS
+            inv = WorkflowInvocation(
+                None, self._name, self._ids, tracer, settings, outer=self._outer
+            )
             self._inv, self.run = inv, inv.run
             self._ctx_token = context.attach(trace.set_span_in_context(inv.span))
         except Exception:
