@@ -22,12 +22,16 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import baggage, context, trace
+from opentelemetry.processor.baggage import BaggageSpanProcessor
 
 from chatter_otel._safety import warn_once
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
+
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span
 
     Scope = MutableMapping[str, Any]
     Message = MutableMapping[str, Any]
@@ -39,8 +43,10 @@ __all__ = [
     "HEADER",
     "CorrelationLogFilter",
     "CorrelationMiddleware",
+    "ValidatingBaggageSpanProcessor",
     "current_correlation_id",
     "is_valid_correlation_id",
+    "valid_correlation_id",
 ]
 
 HEADER = "X-Correlation-ID"
@@ -50,7 +56,40 @@ _correlation: ContextVar[str | None] = ContextVar("chatter_otel_correlation_id",
 
 
 def is_valid_correlation_id(value: object) -> bool:
+    """The one validator for a correlation id, wherever one enters (header, W3C baggage, the
+    app's variable or getter, a graph's config, ``track_workflow``): 1-128 of
+    ``[A-Za-z0-9._:-]``. No CR/LF, markup, spaces or separators: the id is echoed in headers,
+    written in log lines and shown in UIs."""
     return isinstance(value, str) and _VALID.fullmatch(value) is not None
+
+
+def valid_correlation_id(value: object, source: str) -> str | None:
+    """``value`` if it is a valid correlation id, else None, with one rate-limited log line
+    naming where it came from and its length (never the value: it may be hostile)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and is_valid_correlation_id(value):
+        return value
+    size = len(value) if isinstance(value, str | bytes) else -1
+    warn_once(f"correlation:invalid:{source}", "chatter-otel: ignored an invalid correlation id "
+              "from %s (%d chars; allowed: 1-128 of [A-Za-z0-9._:-])", source, size)  # fmt: skip
+    return None
+
+
+class ValidatingBaggageSpanProcessor(BaggageSpanProcessor):
+    """The contrib ``BaggageSpanProcessor`` for ``chatter.correlation.id``, copying it onto a
+    span only when it is a valid id: without our middleware (zero-code apps) baggage comes
+    straight from the request's ``baggage`` header."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda key: key == CHATTER_CORRELATION_ID)
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        value = valid_correlation_id(
+            baggage.get_baggage(CHATTER_CORRELATION_ID, parent_context), "baggage"
+        )
+        if value is not None:
+            span.set_attribute(CHATTER_CORRELATION_ID, value)
 
 
 def current_correlation_id() -> str | None:
@@ -187,3 +226,46 @@ def install_log_record_factory() -> None:
 
     logging.setLogRecordFactory(factory)
     _factory_installed = True
+
+
+class _HostileHeaderLogFilter(logging.Filter):
+    """On opentelemetry-api's baggage propagator logger: each kind of line at most once a
+    minute, and header text never written raw (a request's ``baggage`` header is the client's
+    to choose: 9 KB lines, CR/LF). The line keeps its meaning; the text becomes its length."""
+
+    def __init__(self, interval_s: float = 60.0) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import time
+
+        key = str(record.msg)[:200]
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        if last is None and len(self._last) >= 64:  # bounded: keys are the library's formats
+            self._last.pop(next(iter(self._last)))
+        self._last[key] = now
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                f"<{len(a)} chars>" if isinstance(a, str) else a for a in record.args
+            )
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} similar suppressed)"
+        return True
+
+
+_BAGGAGE_LOGGER = "opentelemetry.baggage.propagation"
+
+
+def throttle_hostile_header_logs() -> None:
+    """Install the filter above once (``configure`` and the instrumentor call it)."""
+    logger = logging.getLogger(_BAGGAGE_LOGGER)
+    if not any(isinstance(f, _HostileHeaderLogFilter) for f in logger.filters):
+        logger.addFilter(_HostileHeaderLogFilter())

@@ -35,12 +35,14 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
-from opentelemetry.processor.baggage import BaggageSpanProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
-from chatter_otel.attributes import CHATTER_CORRELATION_ID
-from chatter_otel.correlation import CorrelationMiddleware, install_log_record_factory
+from chatter_otel.correlation import (
+    CorrelationMiddleware,
+    ValidatingBaggageSpanProcessor,
+    install_log_record_factory,
+)
 from chatter_otel.export.otlp import batch_processor, exporter_name, otlp_exporter
 from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
 from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
@@ -217,9 +219,7 @@ def configure(
                     batch_processor(LocalStoreExporter(store), meters)
                 )
         if tracer_provider not in _with_baggage:
-            tracer_provider.add_span_processor(
-                BaggageSpanProcessor(lambda key: key == CHATTER_CORRELATION_ID)
-            )
+            tracer_provider.add_span_processor(ValidatingBaggageSpanProcessor())
             _with_baggage.add(tracer_provider)
         if owns and set_global:
             trace.set_tracer_provider(tracer_provider)

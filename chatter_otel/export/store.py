@@ -179,14 +179,16 @@ class LocalTraceStore:
                     rows,
                 )  # fmt: skip
             self._writes += 1
-            if self._writes % _PRUNE_EVERY == 1:
-                self._prune(db)
+            # The count cap is exact after every write (one COUNT per batch, a few ms at the
+            # cap); the age cut rides along every _PRUNE_EVERY batches.
+            self._prune(db, by_age=self._writes % _PRUNE_EVERY == 1)
         return len(rows)
 
-    def _prune(self, db: sqlite3.Connection) -> None:
+    def _prune(self, db: sqlite3.Connection, *, by_age: bool = True) -> None:
         cutoff = time.time_ns() - int(self.max_age_s * 1e9)
         with db:
-            db.execute("DELETE FROM spans WHERE start_ns < ?", (cutoff,))
+            if by_age:
+                db.execute("DELETE FROM spans WHERE start_ns < ?", (cutoff,))
             (count,) = db.execute("SELECT COUNT(*) FROM spans").fetchone()
             if count > self.max_spans:
                 db.execute(

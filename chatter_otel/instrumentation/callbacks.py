@@ -22,6 +22,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
 
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
+from chatter_otel.correlation import valid_correlation_id
 from chatter_otel.instrumentation.calls import LLMInvocation, ToolInvocation
 from chatter_otel.instrumentation.invocations import (
     Invocation,
@@ -80,7 +81,7 @@ def ids_from_config(config: Mapping[str, Any] | None) -> RunIds:
         conversation_id=pick("conversation_id", "thread_id"),
         message_id=pick("message_id"),
         user_id=pick("user_id"),
-        correlation_id=pick("correlation_id"),
+        correlation_id=valid_correlation_id(pick("correlation_id"), "a graph's config"),
     )
     if any((ids.conversation_id, ids.message_id, ids.user_id, ids.correlation_id)):
         return ids
@@ -92,7 +93,7 @@ def ambient_ids(ids: RunIds) -> RunIds:
     outer = current_workflow.get()
     ids = ids.merged_over(outer.ids if outer is not None else None)
     if ids.correlation_id is None:
-        corr = clean_id(baggage.get_baggage(CHATTER_CORRELATION_ID))
+        corr = valid_correlation_id(baggage.get_baggage(CHATTER_CORRELATION_ID), "baggage")
         if corr is not None:
             ids = RunIds(ids.conversation_id, ids.message_id, ids.user_id, corr)
     return ids

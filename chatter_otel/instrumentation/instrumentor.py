@@ -29,6 +29,7 @@ from opentelemetry.trace import get_tracer
 from wrapt import wrap_function_wrapper
 
 from chatter_otel._safety import warn_once
+from chatter_otel.correlation import throttle_hostile_header_logs
 from chatter_otel.instrumentation.callbacks import (
     OtelCallbackHandler,
     active_handler,
@@ -199,6 +200,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             )
         )
         handler = OtelCallbackHandler(tracer, settings, Pricer(settings.prices))
+        throttle_hostile_header_logs()
         warm_up()
         _register_hook_once()
         wrap_function_wrapper(Pregel, "stream", _AnnounceGraph(handler))

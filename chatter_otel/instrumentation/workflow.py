@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from opentelemetry import context, trace
 
 from chatter_otel._safety import internal_error
+from chatter_otel.correlation import valid_correlation_id
 from chatter_otel.instrumentation.callbacks import active_handler, ambient_ids, clean_id
 from chatter_otel.instrumentation.invocations import WorkflowInvocation
 from chatter_otel.instrumentation.runs import RunIds, WorkflowRun, current_workflow, set_last_run
@@ -54,7 +55,7 @@ class track_workflow:
             clean_id(conversation_id),
             clean_id(message_id),
             clean_id(user_id),
-            clean_id(correlation_id),
+            valid_correlation_id(clean_id(correlation_id), "track_workflow"),
         )
         self._name = name or _DEFAULT_NAME
         # Over the enclosing run's ids, and the request's correlation id from baggage: the
