@@ -20,6 +20,9 @@ __all__ = [
     "CHATTER_USAGE_TOTAL_TOKENS",
     "CHATTER_WORKFLOW_ID",
     "COST_METRIC",
+    "EVENTS_REDIS_LOST_METRIC",
+    "EVENTS_REDIS_RECONNECTS_METRIC",
+    "EVENTS_REJECTED_METRIC",
     "GEN_AI_USAGE_COST_AMOUNT",
     "GEN_AI_USAGE_COST_CURRENCY",
     "GEN_AI_USAGE_COST_SOURCE",
@@ -84,6 +87,15 @@ ORPHANED_ERROR_TYPE: Final = "chatter.orphaned"
 
 COST_METRIC: Final = "chatter.gen_ai.cost"
 """Counter of the cost of GenAI calls (USD), where it could be priced."""
+
+EVENTS_REJECTED_METRIC: Final = "chatter.events.rejected"
+"""Events dropped at a boundary (Redis in, SSE out, forwarding) for failing validation."""
+
+EVENTS_REDIS_LOST_METRIC: Final = "chatter.events.redis.lost"
+"""Events this process could not publish to Redis (other processes never saw them)."""
+
+EVENTS_REDIS_RECONNECTS_METRIC: Final = "chatter.events.redis.reconnects"
+"""Times the Redis event subscription was lost and made again."""
 
 LEDGER_WRITTEN_METRIC: Final = "chatter.usage.ledger.written"
 """Counter of usage-ledger records written to the database."""

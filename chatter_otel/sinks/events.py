@@ -80,11 +80,11 @@ class UnifiedEvent:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UnifiedEvent:
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in d.items() if k in known}
-        values["category"] = EventCategory(values["category"])
-        values["timestamp"] = datetime.fromisoformat(values["timestamp"])
-        return cls(**values)
+        """An event from its ``to_dict()`` form, validated (``sinks.validation``); raises
+        ``InvalidEvent`` (a ``ValueError``) for anything that is not a well-formed event."""
+        from chatter_otel.sinks.validation import event_from_dict
+
+        return event_from_dict(d)
 
 
 class Subscription:
@@ -136,6 +136,7 @@ class EventBus:
         self._subs: tuple[Subscription, ...] = ()
         self._lock = threading.Lock()
         self.published = 0
+        self.rejected = 0  # events dropped at a boundary (Redis in, SSE out, forwarding)
 
     @property
     def has_subscribers(self) -> bool:
@@ -209,8 +210,12 @@ class Forwarder:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        from chatter_otel.sinks.validation import checked
+
         while True:
             event = await self.sub.get()
+            if checked(self.sub._bus, "forwarding", event) is None:
+                continue
             try:
                 payload = self._convert(event) if self._convert is not None else event
                 await asyncio.wait_for(self._emit(payload), self._timeout)

@@ -13,26 +13,45 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from chatter_otel._safety import warn_once
-from chatter_otel.sinks.events import EventBus, UnifiedEvent
+from chatter_otel.attributes import (
+    EVENTS_REDIS_LOST_METRIC,
+    EVENTS_REDIS_RECONNECTS_METRIC,
+    EVENTS_REJECTED_METRIC,
+)
+from chatter_otel.sinks.validation import InvalidEvent, event_from_dict, reject
+from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
-    from chatter_otel.sinks.events import Subscription
+    from collections.abc import Callable
+
+    from opentelemetry.metrics import MeterProvider
+
+    from chatter_otel.sinks.events import EventBus, Subscription
 
 __all__ = ["RedisEventBridge"]
 
 DEFAULT_CHANNEL = "chatter-otel:events"
+_MAX_MESSAGE_BYTES = 256 * 1024
 
 
 class RedisEventBridge:
-    """``await bridge.start()`` in each process (on its event loop); ``await bridge.close()``."""
+    """``await bridge.start()`` in each process (on its event loop); ``await bridge.close()``.
+
+    Counted, and on ``meter_provider`` as metrics: ``sent``, ``received``, ``lost`` (events this
+    process could not publish while Redis was unreachable: ``chatter.events.redis.lost``),
+    ``reconnects`` (``chatter.events.redis.reconnects``) and, on the bus, ``rejected``
+    (malformed messages dropped: ``chatter.events.rejected``). A malformed message never costs
+    the subscription.
+    """
 
     def __init__(
         self, bus: EventBus, url: str = "redis://127.0.0.1:6379/0",
-        channel: str = DEFAULT_CHANNEL,
+        channel: str = DEFAULT_CHANNEL, meter_provider: MeterProvider | None = None,
     ) -> None:  # fmt: skip
         self.bus = bus
         self.url = url
@@ -40,9 +59,34 @@ class RedisEventBridge:
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.sent = 0
         self.received = 0
+        self.lost = 0
+        self.reconnects = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Subscription | None = None
         self._ready = asyncio.Event()
+        self._metrics(meter_provider)
+
+    def _metrics(self, meter_provider: MeterProvider | None) -> None:
+        from opentelemetry import metrics
+        from opentelemetry.metrics import Observation
+
+        meter = metrics.get_meter("chatter_otel", __version__, meter_provider,
+                                  schema_url=SCHEMA_URL)  # fmt: skip
+
+        def observe(read: Callable[[], int]) -> Callable[[Any], list[Observation]]:
+            return lambda _options: [Observation(read())]
+
+        meter.create_observable_counter(
+            EVENTS_REDIS_LOST_METRIC, [observe(lambda: self.lost)], unit="{event}"
+        )
+        meter.create_observable_counter(
+            EVENTS_REDIS_RECONNECTS_METRIC, [observe(lambda: self.reconnects)], unit="{event}"
+        )
+        meter.create_observable_counter(
+            EVENTS_REJECTED_METRIC,
+            [observe(lambda: int(getattr(self.bus, "rejected", 0)))],
+            unit="{event}",
+        )
 
     async def start(self) -> None:
         import redis.asyncio as redis
@@ -67,31 +111,57 @@ class RedisEventBridge:
                 await self._redis.publish(self.channel, payload)
                 self.sent += 1
             except Exception:
-                warn_once("redis:publish", "chatter-otel: cannot publish events to Redis at %s",
-                          self.url, exc_info=True)  # fmt: skip
+                self.lost += 1
+                warn_once("redis:publish", "chatter-otel: cannot publish events to Redis at %s; "
+                          "%d event(s) lost to other processes so far", self._safe_url(),
+                          self.lost, exc_info=True)  # fmt: skip
+
+    def _take(self, message: Any) -> None:
+        """One channel message into the local bus, if it is a valid event from elsewhere."""
+        try:
+            raw = message.get("data")
+            if isinstance(raw, bytes | bytearray) and len(raw) > _MAX_MESSAGE_BYTES:
+                raise InvalidEvent(f"message over {_MAX_MESSAGE_BYTES} bytes")
+            data = json.loads(raw)
+            if not isinstance(data, dict) or not isinstance(data.get("origin"), str):
+                raise InvalidEvent("not an event envelope")
+            if data["origin"] == self.origin:
+                return
+            event = event_from_dict(data.get("event"))
+        except (InvalidEvent, ValueError, TypeError, RecursionError) as exc:
+            reject(self.bus, "Redis in", InvalidEvent(type(exc).__name__))
+            return
+        event.metadata["origin"] = data["origin"][:64]
+        self.received += 1
+        self.bus.publish(event)
 
     async def _inbound(self) -> None:
+        backoff = 0.5
         while True:
+            pubsub = self._redis.pubsub()
             try:
-                pubsub = self._redis.pubsub()
                 await pubsub.subscribe(self.channel)
                 self._ready.set()
+                backoff = 0.5
                 async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    data = json.loads(message["data"])
-                    if data.get("origin") == self.origin:
-                        continue
-                    event = UnifiedEvent.from_dict(data["event"])
-                    event.metadata["origin"] = data["origin"]
-                    self.received += 1
-                    self.bus.publish(event)
+                    if message.get("type") == "message":
+                        self._take(message)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                warn_once("redis:subscribe", "chatter-otel: Redis event subscription failed; "
-                          "retrying", exc_info=True)  # fmt: skip
-                await asyncio.sleep(1.0)
+                self.reconnects += 1
+                warn_once("redis:subscribe", "chatter-otel: Redis event subscription at %s lost;"
+                          " reconnecting (%d so far)", self._safe_url(), self.reconnects,
+                          exc_info=True)  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # never two live
+
+    def _safe_url(self) -> str:
+        """The URL without its password, for log lines."""
+        return re.sub(r"//[^@/]*@", "//***@", self.url)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -105,4 +175,4 @@ class RedisEventBridge:
             await self._redis.aclose()
 
     def __repr__(self) -> str:
-        return f"RedisEventBridge({self.url!r}, channel={self.channel!r}, origin={self.origin!r})"
+        return f"RedisEventBridge({self._safe_url()!r}, channel={self.channel!r})"

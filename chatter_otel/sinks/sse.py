@@ -6,6 +6,8 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
+from chatter_otel.sinks.validation import checked
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
@@ -40,6 +42,8 @@ def sse_response(
                 except TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
+                if checked(bus, "sse", event) is None:
+                    continue  # nothing unchecked reaches an SSE frame
                 payload = json.dumps(event.to_dict(), default=str)
                 yield f"id: {event.id}\nevent: {event.event_type}\ndata: {payload}\n\n"
         finally:
