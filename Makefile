@@ -34,6 +34,8 @@ bench: $(STAMP) services
 	$(BIN)/python -m benchmarks.bench_handler
 	$(BIN)/python -m benchmarks.bench_sinks
 	$(BIN)/python -m benchmarks.bench_ledger
+	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
+	$(BIN)/python -m benchmarks.bench_before_after
 
 clean:
 	rm -rf $(VENV) build *.egg-info
