@@ -110,7 +110,10 @@ class TraceSummary:
         chats = [r for r in records if r.attributes.get(GEN_AI_OPERATION_NAME) == _CHAT]
 
         def total(key: str) -> Any:
-            values = [r.attributes[key] for r in chats if key in r.attributes]
+            values = [
+                v for r in chats
+                if isinstance(v := r.attributes.get(key), int | float) and not isinstance(v, bool)
+            ]  # fmt: skip
             return sum(values) if values else None
 
         def first(key: str) -> Any:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
 from chatter_otel.attributes import CHATTER_CORRELATION_ID, CHATTER_MESSAGE_ID
 from chatter_otel.export.store import TraceSummary
 from chatter_otel.traces.decode import (
     SourceError,
+    clean_record,
     field1,
     json_docs,
     norm_id,
@@ -24,7 +27,13 @@ from chatter_otel.traces.decode import (
 )
 from chatter_otel.traces.spans import SpanRecord
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 __all__ = ["JaegerSource", "TempoSource"]
+
+T = TypeVar("T")
+MAX_RESPONSE_BYTES = 32 * 2**20  # a trace or a search page; a 200 MB answer is an error
 
 _KEYS = {  # the ids `find` can look for, and their span attribute
     "correlation_id": CHATTER_CORRELATION_ID,
@@ -34,44 +43,108 @@ _KEYS = {  # the ids `find` can look for, and their span attribute
 
 
 class _Http:
+    """A backend's HTTP API, within one deadline per command (``timeout_s``: connecting,
+    headers and a body trickled a byte at a time all count) and a response size cap
+    (``max_bytes``); its parsers are total: whatever comes back is records or a ``SourceError``
+    (one line, exit 2), never a traceback."""
+
     name = "backend"
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES
+    ) -> None:
         if not url or not url.startswith(("http://", "https://")):
             raise SourceError(f"--url must be an http(s) URL for {self.name}, got {url!r}")
         self.url = url.rstrip("/")
-        self.timeout = timeout
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self._deadline = time.monotonic() + timeout_s
+
+    def trace(self, trace_id: str) -> list[SpanRecord]:
+        return self._total(lambda: [clean_record(r) for r in self._trace(trace_id)])
+
+    def find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
+        return self._total(lambda: self._find(limit=limit, **ids))
+
+    def _trace(self, trace_id: str) -> list[SpanRecord]:
+        raise NotImplementedError
+
+    def _find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
+        raise NotImplementedError
+
+    def _total(self, parse: Callable[[], T]) -> T:
+        try:
+            return parse()
+        except SourceError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError,
+                OverflowError, UnicodeError, DecodeError) as exc:  # fmt: skip
+            raise SourceError(
+                f"malformed response from {self.name} at {self.url} ({type(exc).__name__})"
+            ) from None
 
     def _get(
         self, path: str, params: dict[str, Any] | None = None, accept: str = "application/json"
     ) -> bytes | None:
-        """The body, or None on 404."""
+        """The body, or None on 404; within the command's deadline and the size cap."""
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise SourceError(f"{self.name} at {self.url} did not answer within "
+                              f"{self.timeout_s:g} s (--timeout)")  # fmt: skip
+        result: list[bytes | BaseException | None] = []
+        # A worker thread, joined with the time left: the deadline holds whatever phase the
+        # backend stalls in (urllib's timeout is per socket read, not per request).
+        worker = threading.Thread(target=self._fetch, args=(url, accept, remaining, result),
+                                  daemon=True)  # fmt: skip
+        worker.start()
+        worker.join(remaining)
+        if not result:
+            raise SourceError(f"{self.name} at {self.url} did not answer within "
+                              f"{self.timeout_s:g} s (--timeout)")  # fmt: skip
+        outcome = result[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _fetch(self, url: str, accept: str, timeout: float, result: list[Any]) -> None:
         req = urllib.request.Request(url, headers={"Accept": accept})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                body: bytes = resp.read()
-                return body
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                chunks, size = [], 0
+                while chunk := resp.read1(65536):
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise SourceError(f"{self.name} at {self.url} sent more than "
+                                          f"{self.max_bytes // 2**20} MiB")  # fmt: skip
+                    chunks.append(chunk)
+                result.append(b"".join(chunks))
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
-                return None
-            raise SourceError(f"{self.name} at {self.url} answered HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError) as exc:
+                result.append(None)
+            else:
+                result.append(SourceError(f"{self.name} at {self.url} answered HTTP {exc.code}"))
+        except SourceError as exc:
+            result.append(exc)
+        except Exception as exc:  # URLError, OSError, timeouts, http.client's protocol errors
             reason = getattr(exc, "reason", exc)
-            raise SourceError(f"cannot reach {self.name} at {self.url}: {reason}") from None
+            result.append(SourceError(f"cannot reach {self.name} at {self.url}: {reason}"))
 
     def _json(self, body: bytes) -> list[dict[str, Any]]:
         try:
             return json_docs(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise SourceError(f"malformed response from {self.name}: {exc}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise SourceError(
+                f"malformed response from {self.name}: {type(exc).__name__}"
+            ) from None
 
     def _summaries(self, traces: dict[str, list[SpanRecord]], ids: dict[str, str | None],
                    limit: int) -> list[TraceSummary]:  # fmt: skip
         wanted = {_KEYS[k]: v for k, v in ids.items() if v}
+        cleaned = [[clean_record(r) for r in recs] for recs in traces.values()]
         hits = [
             TraceSummary.of(recs)
-            for recs in traces.values()
+            for recs in cleaned
             if recs and all(any(r.attributes.get(k) == v for r in recs) for k, v in wanted.items())
         ]
         hits.sort(key=lambda s: s.start_ns, reverse=True)
@@ -89,12 +162,12 @@ class JaegerSource(_Http):
     name = "jaeger"
 
     def __init__(self, url: str, service: str | None = None, lookback_s: float = 3600.0,
-                 timeout: float = 10.0) -> None:  # fmt: skip
-        super().__init__(url, timeout)
+                 timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES) -> None:  # fmt: skip
+        super().__init__(url, timeout_s, max_bytes)
         self.service = service
         self.lookback_s = lookback_s
 
-    def trace(self, trace_id: str) -> list[SpanRecord]:
+    def _trace(self, trace_id: str) -> list[SpanRecord]:
         body = self._get(f"/api/v3/traces/{trace_id}")
         if body is not None:
             recs = [
@@ -112,7 +185,7 @@ class JaegerSource(_Http):
             raise SourceError(f"trace {trace_id} not found in jaeger", 1)
         return recs
 
-    def find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
+    def _find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
         _check_ids(ids)
         if not self.service:
             raise SourceError("jaeger's search needs --service (the app's service.name)")
@@ -185,12 +258,12 @@ class TempoSource(_Http):
     name = "tempo"
 
     def __init__(self, url: str, protobuf: bool = False, lookback_s: float = 3600.0,
-                 timeout: float = 10.0) -> None:  # fmt: skip
-        super().__init__(url, timeout)
+                 timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES) -> None:  # fmt: skip
+        super().__init__(url, timeout_s, max_bytes)
         self.protobuf = protobuf
         self.lookback_s = lookback_s
 
-    def trace(self, trace_id: str) -> list[SpanRecord]:
+    def _trace(self, trace_id: str) -> list[SpanRecord]:
         accept = "application/protobuf" if self.protobuf else "application/json"
         for path, wrapped in (
             (f"/api/v2/traces/{trace_id}", True),
@@ -213,13 +286,15 @@ class TempoSource(_Http):
                     TracesData.FromString(field1(body) if wrapped else body)
                 )
             except Exception as exc:  # protobuf's DecodeError and friends
-                raise SourceError(f"malformed protobuf response from tempo: {exc}") from None
+                raise SourceError(
+                    f"malformed protobuf response from tempo ({type(exc).__name__})"
+                ) from None
         out = []
         for doc in self._json(body):
             out.extend(records_from_otlp_json(doc.get("trace") or {} if wrapped else doc))
         return out
 
-    def find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
+    def _find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
         _check_ids(ids)
         conds = " && ".join(f"span.{_KEYS[k]} = {json.dumps(v)}" for k, v in ids.items() if v)
         now = int(time.time())

@@ -52,7 +52,8 @@ def _source(args: argparse.Namespace) -> Any:
 
     return open_source(
         args.source, url=args.url, store=args.store, service=getattr(args, "service", None),
-        lookback_s=args.lookback, protobuf=args.protobuf,
+        lookback_s=args.lookback, protobuf=args.protobuf, timeout_s=args.timeout,
+        max_bytes=int(args.max_response_mb * 2**20),
     )  # fmt: skip
 
 
@@ -168,6 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--lookback", type=_seconds, default=3600.0,
                        help="jaeger/tempo search window, e.g. 30m, 2h (default 1h)")  # fmt: skip
         p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=30.0,
+            help="jaeger/tempo: give up after this long in all (default 30s)",
+        )
+        p.add_argument(
+            "--max-response-mb",
+            type=float,
+            default=32.0,
+            help="jaeger/tempo: refuse a larger response (default 32)",
+        )
 
     tr = sub.add_parser("trace", help="show one trace as a tree")
     tr.add_argument("trace_id")

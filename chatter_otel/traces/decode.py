@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from typing import Any
 
@@ -200,3 +201,72 @@ def json_docs(text: str) -> list[dict[str, Any]]:
 
 
 # -- HTTP -------------------------------------------------------------------------------------
+
+
+# -- what reaches the renderer -----------------------------------------------------------------
+
+_MAX_NS = 2**63 - 1
+_STATUSES = frozenset({"OK", "ERROR", "UNSET"})
+_MAX_ATTRS = 256
+_MAX_TEXT = 4096
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _text(value: Any, limit: int) -> str:
+    return _CONTROL.sub("?", value if isinstance(value, str) else str(value))[:limit]
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, bool | int):
+        return value if -(2**63) <= value < 2**64 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _text(value, _MAX_TEXT)
+    return None
+
+
+def _attribute(value: Any) -> Any:
+    if isinstance(value, list):
+        items = [_scalar(v) for v in value[:_MAX_ATTRS]]
+        return [v for v in items if v is not None]
+    return _scalar(value)
+
+
+def _hex_id(value: Any, length: int, what: str) -> str:
+    if not isinstance(value, str) or len(value) != length or not _HEX.fullmatch(value):
+        raise SourceError(f"malformed {what} in the response")
+    return value.lower()
+
+
+def _time(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_NS:
+        raise SourceError("malformed span time in the response")
+    return value
+
+
+def clean_record(rec: SpanRecord) -> SpanRecord:
+    """``rec`` with every field of the type and size the renderer expects: ids checked (a bad one
+    is a ``SourceError``), texts cut and stripped of control characters, attributes kept only
+    as scalars or lists of scalars. Whatever a backend sends, what is printed is well-formed."""
+    attrs: dict[str, Any] = {}
+    source = rec.attributes if isinstance(rec.attributes, dict) else {}
+    for key, value in list(source.items())[:_MAX_ATTRS]:
+        clean = _attribute(value)
+        if clean is not None:
+            attrs[_text(key, 256)] = clean
+    start = _time(rec.start_ns)
+    status = rec.status.upper() if isinstance(rec.status, str) else "UNSET"
+    return SpanRecord(
+        trace_id=_hex_id(rec.trace_id, 32, "trace id"),
+        span_id=_hex_id(rec.span_id, 16, "span id"),
+        parent_id=_hex_id(rec.parent_id, 16, "parent span id") if rec.parent_id else None,
+        name=_text(rec.name, 512),
+        start_ns=start,
+        end_ns=max(_time(rec.end_ns), start),
+        status=status if status in _STATUSES else "UNSET",
+        status_message=_text(rec.status_message or "", 512),
+        attributes=attrs,
+        kind=_text(rec.kind, 16),
+        service=_text(rec.service, 256) if rec.service is not None else None,
+    )

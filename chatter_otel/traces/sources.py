@@ -21,7 +21,7 @@ import os
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chatter_otel.export.store import LocalTraceStore, TraceSummary
-from chatter_otel.traces.backends import JaegerSource, TempoSource
+from chatter_otel.traces.backends import MAX_RESPONSE_BYTES, JaegerSource, TempoSource
 from chatter_otel.traces.decode import SourceError, normalize_trace_id
 
 if TYPE_CHECKING:
@@ -44,12 +44,15 @@ class TraceSource(Protocol):
 
 
 def open_source(kind: str, *, url: str | None, store: str | None, service: str | None,
-                lookback_s: float, protobuf: bool) -> Any:  # fmt: skip
-    """The source the CLI's ``--from`` names."""
+                lookback_s: float, protobuf: bool, timeout_s: float = 30.0,
+                max_bytes: int = MAX_RESPONSE_BYTES) -> Any:  # fmt: skip
+    """The source the CLI's ``--from`` names; a backend gets the command's deadline and cap."""
     if kind == "jaeger":
-        return JaegerSource(url or "", service=service, lookback_s=lookback_s)
+        return JaegerSource(url or "", service=service, lookback_s=lookback_s,
+                            timeout_s=timeout_s, max_bytes=max_bytes)  # fmt: skip
     if kind == "tempo":
-        return TempoSource(url or "", protobuf=protobuf, lookback_s=lookback_s)
+        return TempoSource(url or "", protobuf=protobuf, lookback_s=lookback_s,
+                           timeout_s=timeout_s, max_bytes=max_bytes)  # fmt: skip
     from chatter_otel.export.store import default_store_path
 
     path = store or default_store_path()

@@ -62,6 +62,11 @@ def from_readable(span: Any) -> SpanRecord:
     )
 
 
+def _number(value: Any) -> int | float | None:
+    """A count or an amount as a backend sent it, if it is one (a string, a list: not shown)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _details(rec: SpanRecord) -> str:
     a = rec.attributes
     parts = [f"{rec.duration_ms:.1f} ms"]
@@ -70,14 +75,17 @@ def _details(rec: SpanRecord) -> str:
     model = a.get(GEN_AI_RESPONSE_MODEL) or a.get(GEN_AI_REQUEST_MODEL)
     if model:
         parts.append(f"model={model}")
-    tin, tout = a.get(GEN_AI_USAGE_INPUT_TOKENS), a.get(GEN_AI_USAGE_OUTPUT_TOKENS)
+    tin, tout = (
+        _number(a.get(GEN_AI_USAGE_INPUT_TOKENS)),
+        _number(a.get(GEN_AI_USAGE_OUTPUT_TOKENS)),
+    )
     if tin is not None or tout is not None:
         parts.append(
             f"tokens={tin if tin is not None else '?'}/{tout if tout is not None else '?'}"
         )
     if a.get(CHATTER_USAGE_MISSING):
         parts.append("usage=missing")
-    cost = a.get(GEN_AI_USAGE_COST_AMOUNT)
+    cost = _number(a.get(GEN_AI_USAGE_COST_AMOUNT))
     if cost is not None:
         parts.append(f"cost=${cost:.7f}")
     return "  ".join(parts)
@@ -98,13 +106,19 @@ def render(records: Iterable[SpanRecord]) -> str:
         head = f"trace {recs[0].trace_id}"
         lines.append(head + (f"  correlation_id={corr}" if corr else ""))
 
-    def walk(rec: SpanRecord, prefix: str, last: bool) -> None:
+    # Iterative, each span once: a backend may send a 100,000-deep chain, or ids that loop.
+    seen: set[int] = set()
+    roots = children.get(None, [])
+    stack = [(root, "", i == len(roots) - 1) for i, root in reversed(list(enumerate(roots)))]
+    while stack:
+        rec, prefix, last = stack.pop()
+        if id(rec) in seen:
+            continue
+        seen.add(id(rec))
         lines.append(f"{prefix}{'└─ ' if last else '├─ '}{rec.name}  {_details(rec)}")
         kids = children.get(rec.span_id, [])
-        for i, kid in enumerate(kids):
-            walk(kid, prefix + ("   " if last else "│  "), i == len(kids) - 1)
-
-    roots = children.get(None, [])
-    for i, root in enumerate(roots):
-        walk(root, "", i == len(roots) - 1)
+        deeper = prefix + ("   " if last else "│  ")
+        stack.extend(
+            (kid, deeper, i == len(kids) - 1) for i, kid in reversed(list(enumerate(kids)))
+        )
     return "\n".join(lines)
