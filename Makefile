@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck services bench clean
+.PHONY: demo test lint typecheck package services bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[app]' --group test
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,7 +26,13 @@ services:
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck services
+# The published artifacts: an sdist and a wheel that build, and metadata twine accepts.
+package: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build -q --sdist --wheel --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+test: lint typecheck package services
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP) services
@@ -38,4 +44,4 @@ bench: $(STAMP) services
 	$(BIN)/python -m benchmarks.bench_before_after
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

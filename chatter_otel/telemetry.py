@@ -29,6 +29,7 @@ and ``correlation_id``.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import weakref
@@ -116,6 +117,12 @@ class Telemetry:
             undo()
         provider = self.tracer_provider
         if self._owns_provider and provider is not None:
+            # The SDK also shuts the provider down at interpreter exit, unbounded (a collector
+            # that is down held exit for seconds more): this bounded shutdown replaces it.
+            handler = getattr(provider, "_atexit_handler", None)
+            if handler is not None:
+                atexit.unregister(handler)
+                provider._atexit_handler = None
 
             def flush_and_shutdown() -> None:
                 provider.force_flush(timeout_millis)
@@ -305,8 +312,12 @@ def _instrument_app(
     getter: Callable[[], str | None] | None,
     context_var: ContextVar[Any] | None,
 ) -> None:
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
+    try:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    except ImportError as exc:
+        _log.error("chatter-otel: configure(app=...) needs the 'fastapi' extra: pip install "
+                   "'chatter-otel[fastapi]' (%s); the app is not instrumented", exc)  # fmt: skip
+        return
     app.add_middleware(CorrelationMiddleware, getter=getter, context_var=context_var)
     if not getattr(app, "_is_instrumented_by_opentelemetry", False):
         FastAPIInstrumentor.instrument_app(app, tracer_provider=tel.tracer_provider)
@@ -314,10 +325,18 @@ def _instrument_app(
 
 
 def _instrument_engines(tel: Telemetry, engines: Sequence[Any]) -> None:
-    from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
-
+    try:
+        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
+    except ImportError as exc:
+        _log.error("chatter-otel: configure(engines=...) needs the 'persistence' extra: pip "
+                   "install 'chatter-otel[persistence]' (%s); the engines are not "
+                   "instrumented", exc)  # fmt: skip
+        return
     sync_engines = [getattr(e, "sync_engine", e) for e in engines]  # AsyncEngine -> Engine
     inst = SQLAlchemyInstrumentor()
     if not inst.is_instrumented_by_opentelemetry:
-        inst.instrument(engines=sync_engines, tracer_provider=tel.tracer_provider)
+        # The contrib package declares SQLAlchemy < 2.1; it works on 2.1 (tested).
+        inst.instrument(
+            engines=sync_engines, tracer_provider=tel.tracer_provider, skip_dep_check=True
+        )
         tel._undo.append(inst.uninstrument)

@@ -56,3 +56,29 @@ def test_demo_then_find_then_trace(tmp_path: Any) -> None:
     # The same tree as the demo printed (it read it from the same store).
     assert shown.stdout.splitlines() == tree[: len(shown.stdout.splitlines())]
     assert len(shown.stdout.splitlines()) == 9
+
+
+def test_the_printed_next_commands_work_as_printed(tmp_path: Any) -> None:
+    """After `make demo` (which runs .venv/bin/chatter-otel, not on PATH), the commands the demo
+    prints run as printed, from where it ran; and a miss in the local store says why it may be
+    a miss for now."""
+    store = str(tmp_path / "traces.db")
+    exe = f"{sys.prefix}/bin/chatter-otel"
+    env = {
+        **os.environ,
+        "CHATTER_OTEL_TRACE_STORE": store,
+        "PATH": "/usr/bin:/bin",
+    }  # as on a shell where the venv is not activated
+    out = subprocess.run([exe, "demo"], capture_output=True, text=True, timeout=120, check=True,
+                         env=env, cwd=tmp_path).stdout  # fmt: skip
+    commands = [line.split(":", 1)[1].strip() if ":" in line else line.strip()
+                for line in out.splitlines()[-2:]]  # fmt: skip
+    assert commands[0].split()[1] == "trace" and commands[1].split()[1] == "find"
+    for command in commands:
+        run = subprocess.run(command.split(), capture_output=True, text=True, timeout=60,
+                             check=False, env=env, cwd=tmp_path)  # fmt: skip
+        assert run.returncode == 0, (command, run.stderr)
+    miss = subprocess.run([exe, "find", "--correlation-id", "not-yet"], capture_output=True,
+                          text=True, timeout=60, check=False, env=env)  # fmt: skip
+    assert miss.returncode == 1
+    assert "may not be there yet" in miss.stderr and miss.stderr.count("\n") == 1

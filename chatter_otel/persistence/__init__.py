@@ -23,6 +23,14 @@ Three parts:
   counted) so that the records behind it keep flowing.
 """
 
+try:
+    import sqlalchemy  # noqa: F401 - only to say which extra is missing
+except ImportError as exc:  # pragma: no cover - exercised on a base install
+    raise ImportError(
+        "chatter_otel.persistence needs the 'persistence' extra: "
+        "pip install 'chatter-otel[persistence]'"
+    ) from exc
+
 from chatter_otel.persistence.ledger import UsagePersistence
 from chatter_otel.persistence.processor import LedgerSpanProcessor
 from chatter_otel.persistence.schema import LEDGER, RUNS, MessageMapping, metadata

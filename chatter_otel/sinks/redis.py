@@ -89,7 +89,12 @@ class RedisEventBridge:
         )
 
     async def start(self) -> None:
-        import redis.asyncio as redis
+        try:
+            import redis.asyncio as redis
+        except ImportError as exc:
+            raise ImportError(
+                "RedisEventBridge needs the 'redis' extra: pip install 'chatter-otel[redis]'"
+            ) from exc
 
         self._redis = redis.from_url(self.url)
         self._sub = self.bus.subscribe()

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sqlite3
 import sys
 from dataclasses import asdict
@@ -76,9 +77,32 @@ def _demo(args: argparse.Namespace) -> int:
         f" tool_calls={u.tool_calls} response_time_ms={u.response_time_ms}"
     )
     print(f"stored in:       {result.store_path}")
-    print(f"look it up:      chatter-otel trace {result.trace_id}")
-    print(f"                 chatter-otel find --correlation-id {result.correlation_id}")
+    prog = _prog()
+    print(f"look it up:      {prog} trace {result.trace_id}")
+    print(f"                 {prog} find --correlation-id {result.correlation_id}")
     return 0
+
+
+def _prog() -> str:
+    """How to run this command again as typed here: ``chatter-otel`` when it is on PATH, else
+    the path it was started by (``.venv/bin/chatter-otel`` after ``make demo``)."""
+    found = shutil.which("chatter-otel")
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0].endswith("chatter-otel") else None
+    if found and (argv0 is None or os.path.realpath(found) == os.path.realpath(argv0)):
+        return "chatter-otel"
+    if argv0 is not None:
+        return os.path.relpath(argv0)
+    return f"{sys.executable} -m chatter_otel.cli"
+
+
+def _hint(args: argparse.Namespace) -> str:
+    return _BATCH_HINT if args.source == "local" else ""
+
+
+_BATCH_HINT = (
+    "; spans reach the store in batches (OTEL_BSP_SCHEDULE_DELAY, 5 s by default): a request "
+    "of the last few seconds may not be there yet"
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -101,7 +125,7 @@ def _trace(args: argparse.Namespace) -> int:
     trace_id = normalize_trace_id(args.trace_id)
     records = _source(args).trace(trace_id)
     if not records:
-        raise _Fail(f"trace {trace_id} not found", EXIT_NOT_FOUND)
+        raise _Fail(f"trace {trace_id} not found" + _hint(args), EXIT_NOT_FOUND)
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, default=str))
     else:
@@ -120,7 +144,7 @@ def _find(args: argparse.Namespace) -> int:
     found = _source(args).find(**ids, limit=args.limit)
     if not found:
         wanted = ", ".join(f"{k}={v}" for k, v in ids.items() if v)
-        raise _Fail(f"no trace found for {wanted}", EXIT_NOT_FOUND)
+        raise _Fail(f"no trace found for {wanted}" + _hint(args), EXIT_NOT_FOUND)
     if args.json:
         print(json.dumps([asdict(t) for t in found], indent=2))
         return 0
@@ -143,21 +167,38 @@ def _find(args: argparse.Namespace) -> int:
     return 0
 
 
+_DESCRIPTION = """\
+Run the demo, and look up traces during an incident.
+
+  chatter-otel demo                      run the reference workflow
+  chatter-otel serve                     run the reference chat app
+  chatter-otel find --correlation-id ID  the traces of a request
+  chatter-otel trace TRACE_ID            one trace as a tree
+
+Errors are one line on stderr: exit 1 when nothing was found, 2 for bad input,
+an unreachable backend or a malformed response."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from chatter_otel.version import __version__
+
     parser = argparse.ArgumentParser(
-        prog="chatter-otel", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+        prog="chatter-otel", description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"chatter-otel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     store_help = "trace store file (default: $CHATTER_OTEL_TRACE_STORE or ~/.local/share/...)"
 
     demo = sub.add_parser("demo", help="run the reference chat workflow and print its trace")
-    demo.add_argument("--question", default="What is the weather in Paris?")
+    demo.add_argument("--question", default="What is the weather in Paris?",
+                      help="what to ask the reference workflow")  # fmt: skip
     demo.add_argument("--store", default=None, help=store_help)
     demo.set_defaults(func=_demo)
 
     sv = sub.add_parser("serve", help="run the reference chat app (FastAPI) on embedded defaults")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on")
     sv.set_defaults(func=_serve)
 
     def add_source(p: argparse.ArgumentParser) -> None:
@@ -183,15 +224,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     tr = sub.add_parser("trace", help="show one trace as a tree")
-    tr.add_argument("trace_id")
+    tr.add_argument("trace_id", help="32 hex digits, or base64 of 16 bytes")
     add_source(tr)
     tr.set_defaults(func=_trace)
 
     fd = sub.add_parser("find", help="list traces by correlation, conversation or message id")
-    fd.add_argument("--correlation-id")
-    fd.add_argument("--conversation-id")
-    fd.add_argument("--message-id")
-    fd.add_argument("--limit", type=int, default=20)
+    fd.add_argument("--correlation-id", help="the X-Correlation-ID of the request")
+    fd.add_argument("--conversation-id", help="gen_ai.conversation.id")
+    fd.add_argument("--message-id", help="chatter.message.id")
+    fd.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     fd.add_argument("--service", help="jaeger: the app's service.name (Jaeger search needs it)")
     add_source(fd)
     fd.set_defaults(func=_find)
