@@ -93,8 +93,14 @@ class ValidatingBaggageSpanProcessor(BaggageSpanProcessor):
 
 
 def current_correlation_id() -> str | None:
-    """The correlation id of the current request: the middleware's, else one in baggage."""
+    """The correlation id of the current request: the middleware's, else the running
+    workflow's (``track_workflow(correlation_id=...)``), else one in baggage."""
     cid = _correlation.get()
+    if cid is None:
+        from chatter_otel.instrumentation.runs import current_workflow
+
+        run = current_workflow.get()
+        cid = run.correlation_id if run is not None else None
     if cid is None:
         found = baggage.get_baggage(CHATTER_CORRELATION_ID)
         cid = found if isinstance(found, str) and is_valid_correlation_id(found) else None

@@ -36,6 +36,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -44,6 +45,7 @@ from chatter_otel.correlation import (
     ValidatingBaggageSpanProcessor,
     install_log_record_factory,
 )
+from chatter_otel.export.metrics import meter_provider_from_env
 from chatter_otel.export.otlp import batch_processor, exporter_name, otlp_exporter
 from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
 from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
@@ -96,6 +98,8 @@ class Telemetry:
         self.events: Any = None
         self.analytics: Any = None
         self.persistence: Any = None
+        self.meter_provider: Any = None
+        self._owns_meters = False
         self._owns_provider = owns_provider
         self._undo: list[Callable[[], None]] = []
 
@@ -116,17 +120,21 @@ class Telemetry:
         for undo in reversed(self._undo):
             undo()
         provider = self.tracer_provider
+        meters = self.meter_provider if self._owns_meters else None
         if self._owns_provider and provider is not None:
-            # The SDK also shuts the provider down at interpreter exit, unbounded (a collector
+            # The SDK also shuts its providers down at interpreter exit, unbounded (a collector
             # that is down held exit for seconds more): this bounded shutdown replaces it.
-            handler = getattr(provider, "_atexit_handler", None)
-            if handler is not None:
-                atexit.unregister(handler)
-                provider._atexit_handler = None
+            for owned in (provider, meters):
+                handler = getattr(owned, "_atexit_handler", None)
+                if owned is not None and handler is not None:
+                    atexit.unregister(handler)
+                    owned._atexit_handler = None
 
             def flush_and_shutdown() -> None:
                 provider.force_flush(timeout_millis)
                 provider.shutdown()
+                if meters is not None:
+                    meters.shutdown(timeout_millis=timeout_millis)
 
             worker = threading.Thread(
                 target=flush_and_shutdown, name="chatter-otel-shutdown", daemon=True
@@ -178,6 +186,7 @@ def configure(
     analytics: bool | Any = True,
     record_completion: Callable[[Any], Any] | None = None,
     persistence: Any = None,
+    metrics_exporter: str | None = None,
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -186,6 +195,8 @@ def configure(
     ``prices``, ``redact``, ...). ``set_global=False`` leaves the global tracer provider alone.
     """
     global _current  # noqa: PLW0603
+    if log_correlation:  # first: every line from here on (configure's own too) has the ids
+        install_log_record_factory()
     with _lock:
         if _current is not None:
             return _current
@@ -208,11 +219,9 @@ def configure(
                 owns = True
         name = exporter_name(exporter)
         store = None
-        # The span queue is bounded (OTEL_BSP_MAX_QUEUE_SIZE); what it drops while a collector is
-        # down is logged by the SDK, and counted as otel.sdk.processor.span.processed
-        # {error.type=queue_full} on this meter provider (the app's global one by default) when
-        # OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED=true (the SDK's own opt-in).
-        meters = meter_provider or metrics.get_meter_provider()
+        meters, owns_meters = _meters(
+            meter_provider, tracer_provider, metrics_exporter, set_global=set_global
+        )
         if owns or exporter is not None:
             if name == "otlp":
                 tracer_provider.add_span_processor(batch_processor(otlp_exporter(), meters))
@@ -236,18 +245,76 @@ def configure(
             tracer_provider, owns_provider=owns, exporter_name=name, trace_store=store,
             instrumentor=instrumentor,
         )  # fmt: skip
+        tel.meter_provider = meters
+        tel._owns_meters = owns_meters
         _install_processors(
             tel, tracer_provider, meters, events=events, monitoring=monitoring,
             analytics=analytics, record_completion=record_completion, persistence=persistence,
         )  # fmt: skip
         if log_correlation:
-            install_log_record_factory()
+            _instrument_logging(tel)
+        _instrument_outbound(tel)
         if app is not None:
             _instrument_app(tel, app, correlation_getter, correlation_context_var)
         if engines:
             _instrument_engines(tel, engines)
         _current = tel
         return tel
+
+
+def _meters(
+    given: MeterProvider | None, tracer_provider: TracerProvider, exporter: str | None, *,
+    set_global: bool,
+) -> tuple[MeterProvider, bool]:  # fmt: skip
+    """The app's meter provider (given, or installed globally), else one built from
+    ``OTEL_METRICS_EXPORTER`` (export/metrics.py); and whether it was built here. The GenAI
+    metrics, the ledger's and the span queue's counters go there."""
+    if given is not None:
+        return given, False
+    existing = metrics.get_meter_provider()
+    if isinstance(existing, SdkMeterProvider):
+        return existing, False
+    built = meter_provider_from_env(tracer_provider.resource, exporter)
+    if built is None:
+        return existing, False
+    if set_global:
+        metrics.set_meter_provider(built)
+    return built, True
+
+
+def _instrument_logging(tel: Telemetry) -> None:
+    """contrib's ``LoggingInstrumentor`` (``otelTraceID``, ``otelSpanID``, ``otelServiceName``
+    on every record; the log format is left to the app), beside our record factory's
+    ``trace_id``, ``span_id`` and ``correlation_id``."""
+    from opentelemetry.instrumentation.logging import LoggingInstrumentor
+
+    inst = LoggingInstrumentor()
+    if not inst.is_instrumented_by_opentelemetry:
+        inst.instrument(
+            tracer_provider=tel.tracer_provider,
+            set_logging_format=False,
+            inject_trace_context=True,
+        )
+        tel._undo.append(inst.uninstrument)
+
+
+def _instrument_outbound(tel: Telemetry) -> None:
+    """Outbound HTTP calls (the model client's included) carry ``traceparent`` and ``baggage``
+    (the correlation id): the httpx and requests instrumentations, where installed."""
+    for module, cls in (
+        ("opentelemetry.instrumentation.httpx", "HTTPXClientInstrumentor"),
+        # httpx2: what the openai SDK (and so ChatOpenAI) sends its requests with since 3.x
+        ("opentelemetry.instrumentation.httpx", "HTTPX2ClientInstrumentor"),
+        ("opentelemetry.instrumentation.requests", "RequestsInstrumentor"),
+    ):
+        try:
+            inst = getattr(__import__(module, fromlist=[cls]), cls)()
+            if inst.is_instrumented_by_opentelemetry:
+                continue
+            inst.instrument(tracer_provider=tel.tracer_provider)
+        except (ImportError, AttributeError):  # not installed: nothing to propagate through
+            continue
+        tel._undo.append(inst.uninstrument)
 
 
 def _pick(option: Any, builtin: Callable[[], Any]) -> Any:

@@ -130,6 +130,7 @@ class FakeOpenAI:
     )
     status: int = 200
     requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
 
 
 def _completion(fake: FakeOpenAI, req: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +181,7 @@ def openai_server() -> Iterator[FakeOpenAI]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             fake.requests.append(body)
+            fake.headers.append({k.lower(): v for k, v in self.headers.items()})
             if fake.status != 200:
                 payload = json.dumps({"error": {"message": "boom", "type": "server_error"}})
                 self.send_response(fake.status)

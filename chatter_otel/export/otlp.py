@@ -81,7 +81,24 @@ def _session_keeping_verify() -> Any:
 
 def batch_processor(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanProcessor:
     """A ``BatchSpanProcessor`` from the ``OTEL_BSP_*`` variables; an inconsistent set of them
-    (the SDK raises ValueError, say a batch larger than the queue) logs and uses the defaults."""
+    (the SDK raises ValueError, say a batch larger than the queue) logs and uses the defaults.
+
+    Its own metrics (``otel.sdk.processor.span.processed`` with ``error.type=queue_full`` for
+    drops, queue size and capacity) are on, on ``meters``: the SDK reads its opt-in
+    (``OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED``) when the processor is made, so it is set for
+    that moment unless the app set it (``false`` turns them off)."""
+    key = "OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED"
+    had = os.environ.get(key)
+    if had is None:
+        os.environ[key] = "true"
+    try:
+        return _batch(exporter, meters)
+    finally:
+        if had is None:
+            os.environ.pop(key, None)
+
+
+def _batch(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanProcessor:
     try:
         return BatchSpanProcessor(exporter, meter_provider=meters)
     except ValueError as exc:
