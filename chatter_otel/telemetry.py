@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -46,7 +47,7 @@ from chatter_otel.correlation import (
     install_log_record_factory,
 )
 from chatter_otel.export.metrics import meter_provider_from_env
-from chatter_otel.export.otlp import batch_processor, exporter_name, otlp_exporter
+from chatter_otel.export.otlp import batch_processor, exporter_names, otlp_exporter
 from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
 from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
 from chatter_otel.instrumentation.settings import resolve_bool
@@ -217,23 +218,14 @@ def configure(
                     resource=_resource(service_name, service_version, environment)
                 )
                 owns = True
-        name = exporter_name(exporter)
-        store = None
+        names = exporter_names(exporter)
         meters, owns_meters = _meters(
             meter_provider, tracer_provider, metrics_exporter, set_global=set_global
         )
+        store = None
         if owns or exporter is not None:
-            if name == "otlp":
-                tracer_provider.add_span_processor(batch_processor(otlp_exporter(), meters))
-            elif name == "local":
-                store = (
-                    trace_store
-                    if isinstance(trace_store, LocalTraceStore)
-                    else LocalTraceStore(trace_store)
-                )
-                tracer_provider.add_span_processor(
-                    batch_processor(LocalStoreExporter(store), meters)
-                )
+            store = _add_exporters(tracer_provider, names, meters, trace_store)
+        name = ",".join(names) or "none"
         if tracer_provider not in _with_baggage:
             tracer_provider.add_span_processor(ValidatingBaggageSpanProcessor())
             _with_baggage.add(tracer_provider)
@@ -260,6 +252,64 @@ def configure(
             _instrument_engines(tel, engines)
         _current = tel
         return tel
+
+
+def configure_for_zero_code() -> Telemetry | None:
+    """What ``LangGraphInstrumentor().instrument()`` adds when it is instrumented on its own
+    (``opentelemetry-instrument``): on the SDK provider the distro set up (its exporters, from
+    ``OTEL_TRACES_EXPORTER``, the local store's ``chatter_local`` included), the correlation
+    baggage processor, monitoring, events and analytics with the GenAI metrics, log ids and
+    outbound propagation. Not the app object (no middleware: see the README). None when the app
+    called ``configure`` itself or there is no SDK provider."""
+    global _current  # noqa: PLW0603
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        _log.info("chatter-otel: no SDK tracer provider; only the spans are instrumented")
+        return None
+    with _lock:
+        if _current is not None:
+            return None
+        install_log_record_factory()
+        if provider not in _with_baggage:
+            provider.add_span_processor(ValidatingBaggageSpanProcessor())
+            _with_baggage.add(provider)
+        meters, _ = _meters(None, provider, None, set_global=False)
+        tel = Telemetry(provider, owns_provider=False, exporter_name="OTEL_TRACES_EXPORTER",
+                        trace_store=None, instrumentor=None)  # fmt: skip
+        tel.meter_provider = meters
+        _install_processors(
+            tel, provider, meters, events=True, monitoring=True, analytics=True,
+            record_completion=None, persistence=None,
+        )  # fmt: skip
+        _instrument_logging(tel)
+        _instrument_outbound(tel)
+        _current = tel
+        return tel
+
+
+def _add_exporters(
+    provider: TracerProvider, names: list[str], meters: MeterProvider, trace_store: Any
+) -> LocalTraceStore | None:
+    """One ``BatchSpanProcessor`` per named exporter; the local store, if one of them."""
+    store = None
+    for name in names:
+        if name == "otlp":
+            provider.add_span_processor(batch_processor(otlp_exporter(), meters))
+        elif name == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            # stdout as it is now (the SDK's default is the one at its import)
+            provider.add_span_processor(
+                batch_processor(ConsoleSpanExporter(out=sys.stdout), meters)
+            )
+        elif name == "local":
+            store = (
+                trace_store
+                if isinstance(trace_store, LocalTraceStore)
+                else LocalTraceStore(trace_store)
+            )
+            provider.add_span_processor(batch_processor(LocalStoreExporter(store), meters))
+    return store
 
 
 def _meters(

@@ -163,3 +163,28 @@ def test_outbound_calls_carry_traceparent_and_the_correlation_id(openai_server: 
     finally:
         tel.shutdown()
         time.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("value", "names"),
+    [("console", "console"), ("otlp,console", "otlp,console"), ("local,bogus", "local"),
+     ("none", "none"), ("chatter_local", "local")],
+)  # fmt: skip
+def test_otel_traces_exporter_takes_lists_and_console(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capfd: pytest.CaptureFixture[str],
+    value: str, names: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", value)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("CHATTER_OTEL_TRACE_STORE", str(tmp_path / "t.db"))
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    tel = configure(set_global=False)
+    try:
+        assert tel.exporter_name == names
+        build_chat_graph().invoke(Q)
+        tel.force_flush(2_000)
+        printed = capfd.readouterr().out
+        assert ('"name": "invoke_workflow chat"' in printed) == ("console" in names)
+        assert (tel.trace_store is not None) == ("local" in names)
+    finally:
+        tel.shutdown(1_000)

@@ -52,3 +52,54 @@ def test_opentelemetry_instrument_exports_the_graph(otlp_http: Any, tmp_path: Pa
     chats = [s for _, s in got if s.name.startswith("chat ")]
     costs = [a.value.double_value for c in chats for a in c.attributes if a.key.endswith("amount")]
     assert len(costs) == 2 and all(c > 0 for c in costs)  # the prices file was read
+
+
+PARITY = """
+import json
+from langchain_core.messages import HumanMessage
+from chatter_otel import telemetry
+from chatter_otel.reference.demo import build_chat_graph
+out = build_chat_graph().invoke({"messages": [HumanMessage("weather in Rome")]})
+tel = telemetry._current
+tel.force_flush()
+print(json.dumps({
+    "answer": out["messages"][-1].content,
+    "monitoring": tel.monitoring.get_workflow_stats()["workflow_ops"],
+    "analytics": tel.analytics.snapshot()["model"]["chatter-local-1"]["calls"],
+}))
+"""
+
+
+def test_zero_code_gets_the_processors_and_the_local_store(tmp_path: Path) -> None:
+    """opentelemetry-instrument alone: OTEL_TRACES_EXPORTER names the local store (and console
+    beside it); the instrumentor sets up monitoring, events and analytics on the distro's
+    provider."""
+    script = tmp_path / "app.py"
+    script.write_text(PARITY)
+    store = tmp_path / "traces.db"
+    env = {
+        **os.environ,
+        "OTEL_TRACES_EXPORTER": "chatter_local,console",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+        "OTEL_SERVICE_NAME": "zero-code-app",
+        "CHATTER_OTEL_TRACE_STORE": str(store),
+    }
+    bindir = Path(sys.executable).parent
+    proc = subprocess.run(
+        [str(bindir / "opentelemetry-instrument"), sys.executable, str(script)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["answer"] == "Here is what I found: Rome: 20°C, sunny"
+    assert got["monitoring"]["started"] == got["monitoring"]["finished"] == 1
+    assert got["analytics"] == 2
+    assert '"name": "invoke_workflow chat"' in proc.stdout  # the console exporter, beside
+    from chatter_otel import LocalTraceStore
+
+    db = LocalTraceStore(store)._db()
+    names = sorted(n for (n,) in db.execute("SELECT name FROM spans"))
+    assert names.count("invoke_workflow chat") == 1 and len(names) == 7

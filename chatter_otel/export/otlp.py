@@ -13,29 +13,38 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["EXPORTERS", "batch_processor", "exporter_name", "otlp_exporter"]
+__all__ = ["EXPORTERS", "batch_processor", "exporter_names", "otlp_exporter"]
 
 _log = logging.getLogger("chatter_otel")
 
-EXPORTERS = ("otlp", "local", "none")
+EXPORTERS = ("otlp", "local", "console", "none")
 
 
-def exporter_name(kwarg: str | None) -> str:
+def exporter_names(kwarg: str | None) -> list[str]:
+    """The trace exporters: ``exporter=`` else ``OTEL_TRACES_EXPORTER``, each a comma-separated
+    list of ``otlp``, ``local`` (also ``chatter_local``, the entry point's name), ``console``
+    and ``none``; else OTLP when an OTLP endpoint is set, else the local store. An unknown
+    name warns and is skipped; ``none`` alone means none."""
     if kwarg is not None:
-        if kwarg in EXPORTERS:
-            return kwarg
-        _log.warning("chatter-otel: unknown exporter=%r; using the default", kwarg)
-    env = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if env:
-        first = env.split(",")[0].strip()
-        if first in EXPORTERS:
-            return first
-        _log.warning("chatter-otel: ignoring OTEL_TRACES_EXPORTER=%r (use otlp or none)", env)
+        source, raw = "exporter=", kwarg
+    else:
+        source, raw = "OTEL_TRACES_EXPORTER", os.environ.get("OTEL_TRACES_EXPORTER", "")
+    names: list[str] = []
+    given = [n.strip().lower() for n in raw.split(",") if n.strip()]
+    given = ["local" if n == "chatter_local" else n for n in given]
+    for name in given:
+        if name not in EXPORTERS:
+            _log.warning("chatter-otel: ignoring %r in %s (use otlp, local, console or none)",
+                         name, source)  # fmt: skip
+        elif name != "none" and name not in names:
+            names.append(name)
+    if names or "none" in given:
+        return names
     if os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     ):
-        return "otlp"
-    return "local"
+        return ["otlp"]
+    return ["local"]
 
 
 def otlp_exporter() -> SpanExporter:

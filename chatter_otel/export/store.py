@@ -266,8 +266,10 @@ class LocalTraceStore:
 class LocalStoreExporter(SpanExporter):
     """A ``SpanExporter`` into a ``LocalTraceStore``; use it behind ``BatchSpanProcessor``."""
 
-    def __init__(self, store: LocalTraceStore) -> None:
-        self.store = store
+    def __init__(self, store: LocalTraceStore | None = None) -> None:
+        # No argument: the default store ($CHATTER_OTEL_TRACE_STORE), as the SDK makes the
+        # exporters OTEL_TRACES_EXPORTER names (``chatter_local``, an entry point).
+        self.store = store if store is not None else LocalTraceStore()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:

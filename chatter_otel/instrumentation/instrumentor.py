@@ -209,6 +209,14 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrap_function_wrapper(RunnableCallable, "ainvoke", _NodeContextAsync(handler))
         self._handler = handler
         set_active_handler(handler)
+        if kwargs.get("tracer_provider") is None:
+            # Instrumented on its own (`opentelemetry-instrument` loads it from its entry point,
+            # after the distro set up the SDK): the rest of configure() too, on that provider.
+            from chatter_otel.telemetry import configure_for_zero_code
+
+            self._telemetry = configure_for_zero_code()
+
+    _telemetry: Any = None
 
     def _uninstrument(self, **kwargs: Any) -> None:
         unwrap(Pregel, "stream")
@@ -223,3 +231,6 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             handler.close_all()
         self._handler = None
         set_active_handler(None)
+        telemetry, self._telemetry = self._telemetry, None
+        if telemetry is not None:
+            telemetry.shutdown()
