@@ -133,3 +133,26 @@ def test_the_cli_fits_a_terminal_and_says_its_version() -> None:
             i = lines.index(next(x for x in lines if x.strip() == option or
                                  x.strip().startswith(option + " ")))  # fmt: skip
             assert len(option.split("  ")) > 1 or lines[i + 1].startswith(" " * 10), option
+
+
+def test_colour_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from chatter_otel.traces.spans import SpanRecord, console, tree
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    recs = [SpanRecord("ab" * 16, "cd" * 8, None, "invoke_workflow w", 0, 10**6, "ERROR")]
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    piped, term = io.StringIO(), Terminal()
+    console(piped).print(tree(recs))
+    console(term).print(tree(recs))
+    assert "\x1b[" not in piped.getvalue() and "invoke_workflow w" in piped.getvalue()
+    assert "\x1b[" in term.getvalue()  # red for the failed span
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = Terminal()
+    console(plain).print(tree(recs))
+    assert "\x1b[3" not in plain.getvalue()  # no colour codes (bold may stay)

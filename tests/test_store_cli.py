@@ -54,7 +54,8 @@ def test_trace_shows_the_tree(store: Any, capsys: Any) -> None:
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == f"trace {run.trace_id}  correlation_id=corr-1"
-    assert lines[1].startswith("└─ invoke_workflow turn")
+    assert lines[1].startswith("└── invoke_workflow turn")
+    assert all(len(line) <= 80 for line in lines)  # fits a terminal: labels wrap
     assert sum("chat chatter-local-1" in line for line in lines) == 2
     assert any("execute_tool get_weather" in line for line in lines)
     # the tree's token totals equal the run's
@@ -95,9 +96,10 @@ def test_find_by_each_id_newest_first(store: Any, capsys: Any) -> None:
     assert statuses == {"conv-a": "OK", "conv-b": "ERROR"}
     code, out, _ = _cli(capsys, "find", "--message-id", "msg-2", "--store", db)
     assert code == 0
-    header, row = out.splitlines()
-    assert header.startswith("start (UTC)")
-    assert b.trace_id in row and "invoke_workflow turn" in row
+    header, *rows = out.splitlines()
+    assert header.startswith("UTC ") and "trace id" in header
+    assert all(len(line) <= 80 for line in (header, *rows))
+    assert len(rows) == 1 and b.trace_id in rows[0] and "invoke_work" in rows[0]
 
 
 @pytest.mark.parametrize(

@@ -129,7 +129,7 @@ def _trace(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, default=str))
     else:
-        print(_tree.render(records))
+        _tree.console().print(_tree.tree(records))
     return 0
 
 
@@ -148,22 +148,33 @@ def _find(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(t) for t in found], indent=2))
         return 0
-    print(
-        f"{'start (UTC)':<24} {'trace_id':<32} {'ms':>9} {'tokens in/out':>14} {'cost':>11}"
-        "  status  root"
-    )
+    from rich.table import Table
+
+    from chatter_otel.traces.spans import console
+
+    days = {datetime.fromtimestamp(t.start_ns / 1e9, tz=UTC).strftime("%m-%d") for t in found}
+    one_day = len(days) == 1  # then the date goes in the header: the rows fit 80 columns
+    rows = []
     for t in found:
-        start = datetime.fromtimestamp(t.start_ns / 1e9, tz=UTC).isoformat(timespec="milliseconds")[
-            :23
-        ]
-        tokens = f"{t.input_tokens if t.input_tokens is not None else '-'}/" + (
-            f"{t.output_tokens if t.output_tokens is not None else '-'}"
+        start = datetime.fromtimestamp(t.start_ns / 1e9, tz=UTC).strftime(
+            "%H:%M:%S" if one_day else "%m-%d %H:%M"
         )
-        cost = f"${t.cost:.7f}" if t.cost is not None else "-"
-        print(
-            f"{start:<24} {t.trace_id:<32} {t.duration_ms:>9.1f} {tokens:>14} {cost:>11}"
-            f"  {t.status:<6}  {t.root_name}"
-        )
+        tokens = (f"{t.input_tokens if t.input_tokens is not None else '-'}/"
+                  f"{t.output_tokens if t.output_tokens is not None else '-'}")  # fmt: skip
+        cost = f"${t.cost:.6f}" if t.cost is not None else "-"
+        root = t.root_name + (" (error)" if t.status == "ERROR" else "")
+        rows.append((start, t.trace_id, f"{t.duration_ms:.0f}", tokens, cost, root, t.status))
+    headers = (f"UTC {next(iter(days))}" if one_day else "UTC", "trace id", "ms", "tokens", "cost")
+    out = console()
+    # The root span's name gives way (cut with an ellipsis): ids and numbers never do.
+    fixed = sum(max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(headers))
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    for i, header in enumerate(headers):
+        table.add_column(header, no_wrap=True, justify="right" if i >= 2 else "left")
+    table.add_column("root", overflow="ellipsis", no_wrap=True, max_width=max(out.width - fixed, 4))
+    for *cells, status in rows:
+        table.add_row(*cells, style="red" if status == "ERROR" else None)
+    out.print(table)
     return 0
 
 

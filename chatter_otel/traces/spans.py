@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_REQUEST_MODEL,
@@ -12,6 +14,9 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_USAGE_OUTPUT_TOKENS,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from rich.console import Console
+from rich.text import Text
+from rich.tree import Tree
 
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
@@ -91,34 +96,46 @@ def _details(rec: SpanRecord) -> str:
     return "  ".join(parts)
 
 
-def render(records: Iterable[SpanRecord]) -> str:
-    """The spans of one trace as a tree, children in start order; orphans shown at the root."""
+def tree(records: Iterable[SpanRecord]) -> Tree:
+    """The spans of one trace as a ``rich`` tree, children in start order; orphans at the root.
+    Iterative, each span once: a backend may send a 100,000-deep chain, or ids that loop."""
     recs = sorted(records, key=lambda r: r.start_ns)
     ids = {r.span_id for r in recs}
     children: dict[str | None, list[SpanRecord]] = {}
     for r in recs:
         parent = r.parent_id if r.parent_id in ids else None
         children.setdefault(parent, []).append(r)
-    lines: list[str] = []
+    head = "trace"
     if recs:
         corr = next((r.attributes.get(CHATTER_CORRELATION_ID) for r in recs if
                      r.attributes.get(CHATTER_CORRELATION_ID)), None)  # fmt: skip
-        head = f"trace {recs[0].trace_id}"
-        lines.append(head + (f"  correlation_id={corr}" if corr else ""))
-
-    # Iterative, each span once: a backend may send a 100,000-deep chain, or ids that loop.
+        head = f"trace {recs[0].trace_id}" + (f"  correlation_id={corr}" if corr else "")
+    root = Tree(Text(head, style="bold"), guide_style="dim")
     seen: set[int] = set()
-    roots = children.get(None, [])
-    stack = [(root, "", i == len(roots) - 1) for i, root in reversed(list(enumerate(roots)))]
+    stack: list[tuple[SpanRecord, Tree]] = [(r, root) for r in reversed(children.get(None, []))]
     while stack:
-        rec, prefix, last = stack.pop()
+        rec, under = stack.pop()
         if id(rec) in seen:
             continue
         seen.add(id(rec))
-        lines.append(f"{prefix}{'└─ ' if last else '├─ '}{rec.name}  {_details(rec)}")
-        kids = children.get(rec.span_id, [])
-        deeper = prefix + ("   " if last else "│  ")
-        stack.extend(
-            (kid, deeper, i == len(kids) - 1) for i, kid in reversed(list(enumerate(kids)))
-        )
-    return "\n".join(lines)
+        label = Text(rec.name, style="bold red" if rec.status == "ERROR" else "")
+        label.append("  " + _details(rec), style="dim" if rec.status != "ERROR" else "red")
+        node = under.add(label)
+        stack.extend((kid, node) for kid in reversed(children.get(rec.span_id, [])))
+    return root
+
+
+def console(file: IO[str] | None = None) -> Console:
+    """A console for our output: colour only on a terminal (and never with ``NO_COLOR``), the
+    terminal's width there, 80 columns elsewhere (pipes, files, tests)."""
+    out = file or sys.stdout
+    tty = out.isatty()
+    return Console(file=out, width=None if tty else 80, color_system="auto" if tty else None,
+                   highlight=False, soft_wrap=False)  # fmt: skip
+
+
+def render(records: Iterable[SpanRecord], width: int = 80) -> str:
+    """The tree as plain text, ``width`` columns at most (labels wrap under their guide)."""
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None, highlight=False).print(tree(records))
+    return buf.getvalue().rstrip("\n")
