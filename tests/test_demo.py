@@ -40,12 +40,13 @@ def test_demo_then_find_then_trace(tmp_path: Any) -> None:
     trace_id = re.search(r"trace_id:\s+([0-9a-f]{32})", out).group(1)
     correlation_id = re.search(r"correlation_id:\s+(demo-[0-9a-f]{12})", out).group(1)
     usage = re.search(
-        r"prompt_tokens=(\d+) completion_tokens=(\d+) total_tokens=(\d+) cost=([0-9.E-]+) USD",
+        r"prompt_tokens=(\d+) completion_tokens=(\d+) total_tokens=(\d+)\s+cost=([0-9.E-]+) USD",
         out,
     )
     assert tuple(int(usage.group(i)) for i in (1, 2, 3)) == (16, 11, 27)  # deterministic model
     assert "llm_calls=2 tool_calls=1" in out
     assert f"stored in:       {store}" in out
+    assert all(len(line) <= 80 for line in lines if not line.startswith("stored in"))
     assert "Traceback" not in proc.stderr
 
     found = _cli("find", "--correlation-id", correlation_id, store=store)

@@ -70,11 +70,13 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"correlation_id:  {result.correlation_id}")
     print(
         f"usage:           prompt_tokens={u.prompt_tokens} completion_tokens={u.completion_tokens}"
-        f" total_tokens={u.total_tokens} cost={u.cost} {u.cost_currency or ''}".rstrip()
+        f" total_tokens={u.total_tokens}"
     )
+    print(f"                 cost={u.cost} {u.cost_currency or ''}".rstrip())
+    print(f"                 provider={u.provider} model={u.model}")
     print(
-        f"                 provider={u.provider} model={u.model} llm_calls={u.llm_calls}"
-        f" tool_calls={u.tool_calls} response_time_ms={u.response_time_ms}"
+        f"                 llm_calls={u.llm_calls} tool_calls={u.tool_calls}"
+        f" response_time_ms={u.response_time_ms}"
     )
     print(f"stored in:       {result.store_path}")
     prog = _prog()
