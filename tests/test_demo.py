@@ -46,7 +46,8 @@ def test_demo_then_find_then_trace(tmp_path: Any) -> None:
     assert tuple(int(usage.group(i)) for i in (1, 2, 3)) == (16, 11, 27)  # deterministic model
     assert "llm_calls=2 tool_calls=1" in out
     assert f"stored in:       {store}" in out
-    assert all(len(line) <= 80 for line in lines if not line.startswith("stored in"))
+    paths = ("stored in", "look it up", " " * 17 + "/", " " * 17 + ".")  # paths are as long as
+    assert all(len(line) <= 80 for line in lines if not line.startswith(paths))  # they are
     assert "Traceback" not in proc.stderr
 
     found = _cli("find", "--correlation-id", correlation_id, store=store)
