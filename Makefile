@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-lowest lint typecheck package services bench clean
+.PHONY: demo test test-wheel lint typecheck package services bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,13 +32,13 @@ package: $(STAMP)
 	$(BIN)/python -m build -q --sdist --wheel --outdir dist .
 	$(BIN)/twine check --strict dist/*
 
-# The lower bounds of the dependency ranges, on the built wheel (scripts/test-lowest.sh).
-test-lowest: package services
-	bash scripts/test-lowest.sh
+# The built wheel on the newest set and at the lower bounds (scripts/test-wheel.sh).
+test-wheel: package services
+	bash scripts/test-wheel.sh
 
 test: lint typecheck package services
 	$(BIN)/python -m pytest -q -p no:cacheprovider
-	bash scripts/test-lowest.sh
+	bash scripts/test-wheel.sh
 
 bench: $(STAMP) services
 	$(BIN)/python -m benchmarks.bench_overhead
@@ -49,4 +49,4 @@ bench: $(STAMP) services
 	$(BIN)/python -m benchmarks.bench_before_after
 
 clean:
-	rm -rf $(VENV) .venv-lowest build dist *.egg-info
+	rm -rf $(VENV) .venv-newest .venv-lowest build dist *.egg-info

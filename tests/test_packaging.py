@@ -39,6 +39,7 @@ def test_the_wheel_is_typed_licensed_and_declares_ranges(dist: Path) -> None:
     assert "Typing :: Typed" in classifiers
     assert "Programming Language :: Python :: 3.11" in classifiers
     assert any(c.startswith("Development Status") for c in classifiers)
+    assert any(u.startswith("Homepage, https://") for u in meta.get_all("Project-URL") or [])
     requires = meta.get_all("Requires-Dist") or []
     otel = [r for r in requires if r.startswith("opentelemetry")]
     # ranges, not exact pins (the markers of extras read `extra == "..."`)
