@@ -29,7 +29,18 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from langchain_core.messages import AIMessage, HumanMessage
 from pydantic import BaseModel, Field, SecretStr
-from sqlalchemy import DateTime, Enum, ForeignKey, Integer, Numeric, String, Text, select
+from sqlalchemy import (
+    DateTime,
+    Enum,
+    ForeignKey,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -79,6 +90,8 @@ class Conversation(Base):
 
 class Message(Base):
     __tablename__ = "messages"
+    # A turn's numbers are unique in its conversation: the database says so, not only the code.
+    __table_args__ = (UniqueConstraint("conversation_id", "sequence_number"),)
     id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"), index=True)
     role: Mapped[MessageRole] = mapped_column(Enum(MessageRole))  # stored by name: ASSISTANT
@@ -159,7 +172,21 @@ class _ChatService:
         *, message_id: str,
     ) -> None:  # fmt: skip
         u = run.usage
-        seq = conv.message_count
+        # One atomic UPDATE takes the two sequence numbers and adds the run to the totals: the
+        # row lock orders concurrent turns of one conversation (a read-modify-write on the ORM
+        # object lost updates and repeated numbers under 50 concurrent chats on PostgreSQL).
+        taken = await session.execute(
+            update(Conversation)
+            .where(Conversation.id == conv.id)
+            .values(
+                message_count=Conversation.message_count + 2,
+                total_tokens=Conversation.total_tokens + (u.total_tokens or 0),
+                total_cost=Conversation.total_cost + (u.cost or 0),
+            )
+            .returning(Conversation.message_count)
+            .execution_options(synchronize_session=False)
+        )
+        seq = int(taken.scalar_one()) - 2
         session.add(Message(conversation_id=conv.id, role=MessageRole.USER, content=body.message,
                             sequence_number=seq + 1))  # fmt: skip
         session.add(
@@ -179,9 +206,6 @@ class _ChatService:
                 response_time_ms=u.response_time_ms,
             )
         )
-        conv.message_count = seq + 2
-        conv.total_tokens += u.total_tokens or 0
-        conv.total_cost += u.cost or 0
         await session.commit()
 
     async def chat(self, body: ChatIn) -> dict[str, Any]:

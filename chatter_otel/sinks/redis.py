@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import uuid
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisEventBridge"]
 
+_log = logging.getLogger("chatter_otel")
 DEFAULT_CHANNEL = "chatter-otel:events"
 _MAX_MESSAGE_BYTES = 256 * 1024
 
@@ -64,6 +66,8 @@ class RedisEventBridge:
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: Subscription | None = None
         self._ready = asyncio.Event()
+        self.connect_wait_s = 2.0
+        self._down_since_boot = False
         self._metrics(meter_provider)
 
     def _metrics(self, meter_provider: MeterProvider | None) -> None:
@@ -102,7 +106,14 @@ class RedisEventBridge:
             asyncio.create_task(self._outbound(), name="chatter-otel-redis-out"),
             asyncio.create_task(self._inbound(), name="chatter-otel-redis-in"),
         ]
-        await asyncio.wait_for(self._ready.wait(), timeout=10)
+        # Never raises: with Redis down at boot the app starts all the same; events stay
+        # in-process meanwhile (one log line) and the bridge subscribes when Redis is back.
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout=self.connect_wait_s)
+        except TimeoutError:
+            _log.warning("chatter-otel: Redis at %s is not reachable; events stay in this "
+                         "process until it is (reconnecting in the background)",
+                         self._safe_url())  # fmt: skip
 
     async def _outbound(self) -> None:
         assert self._sub is not None
@@ -146,6 +157,10 @@ class RedisEventBridge:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
+                if self._down_since_boot:
+                    _log.info("chatter-otel: reached Redis at %s; events are shared between "
+                              "processes again", self._safe_url())  # fmt: skip
+                    self._down_since_boot = False
                 self._ready.set()
                 backoff = 0.5
                 async for message in pubsub.listen():
@@ -154,6 +169,11 @@ class RedisEventBridge:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if not self._ready.is_set():  # down at boot: start() said so, once
+                    self._down_since_boot = True
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
                 self.reconnects += 1
                 warn_once("redis:subscribe", "chatter-otel: Redis event subscription at %s lost;"
                           " reconnecting (%d so far)", self._safe_url(), self.reconnects,
