@@ -117,3 +117,38 @@ def test_server_error_is_recorded_and_raised(spans: Any, openai_server: Any) -> 
     # the fully qualified class the app caught (langchain-openai's subclass of the openai one)
     cls = type(caught.value)
     assert span.attributes["error.type"] == f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _unset_model(server: Any) -> Any:
+    """ChatOpenAI as a host app builds it: a base URL, no word about stream usage."""
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(model="gpt-4o-mini", base_url=server.url, api_key="k")
+
+
+def test_a_streamed_call_without_usage_is_said_once_and_counted_missing(
+    spans: Any, openai_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _unset_model(openai_server)
+    for _ in range(3):
+        with track_workflow("w") as run:
+            list(model.stream("Say hello"))
+    assert "stream_options" not in openai_server.requests[-1]
+    assert run.usage.usage_missing_calls == 1 and run.usage.total_tokens is None  # never 0
+    lines = [r.getMessage() for r in caplog.records if "reported no token usage" in r.getMessage()]
+    assert len(lines) == 1  # once a minute per model, not per call
+    assert "gpt-4o-mini" in lines[0] and "stream_usage=True" in lines[0]
+    assert "CHATTER_OTEL_STREAM_USAGE" in lines[0]
+
+
+def test_the_stream_usage_opt_in_asks_for_usage(instrument: Any, openai_server: Any) -> None:
+    spans = instrument(stream_usage=True, prices={})
+    with track_workflow("w") as run:
+        list(_unset_model(openai_server).stream("Say hello"))
+    assert openai_server.requests[-1]["stream_options"] == {"include_usage": True}
+    assert run.usage.total_tokens == openai_server.usage["total_tokens"]
+    assert run.usage.usage_missing_calls == 0
+    assert spans.one("chat gpt-4o-mini").attributes["gen_ai.usage.input_tokens"] == 23
+    # an explicit no still wins
+    list(_model(openai_server, stream_usage=False).stream("Say hello"))
+    assert "stream_options" not in openai_server.requests[-1]

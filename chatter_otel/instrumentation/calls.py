@@ -33,7 +33,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
 )
 from opentelemetry.trace import SpanKind
 
-from chatter_otel._safety import internal_error
+from chatter_otel._safety import internal_error, warn_once
 from chatter_otel.attributes import (
     CHATTER_USAGE_MISSING,
     CHATTER_USAGE_TOTAL_TOKENS,
@@ -141,6 +141,8 @@ class LLMInvocation(Invocation):
                 cost.amount if cost else None, cost.currency if cost else None,
                 cost.source if cost else None, info.finish_reasons, self.streaming, ttfc,
             )  # fmt: skip
+            if self.streaming and error is None and not u.reported:
+                _say_stream_usage_missing(record.model)
             if self.span.is_recording():
                 self._end_attributes(record, info, response, settings)
         except Exception:
@@ -191,6 +193,17 @@ class LLMInvocation(Invocation):
                     )
             except Exception:
                 internal_error("LLMInvocation.content")
+
+
+def _say_stream_usage_missing(model: str | None) -> None:
+    """One line a minute per model: a streamed call came back without usage, and the fix."""
+    fix = (
+        "ChatOpenAI(stream_usage=True), or configure(stream_usage=True) / "
+        "CHATTER_OTEL_STREAM_USAGE=true to ask every OpenAI-compatible model"
+    )
+    warn_once(f"usage:stream:{(model or '?')[:64]}", "chatter-otel: a streamed call to %s "
+              "reported no token usage (recorded as missing, never 0); to get it: %s",
+              model or "an unknown model", fix)  # fmt: skip
 
 
 def _extract(response: Any) -> ResponseInfo:

@@ -164,6 +164,30 @@ class _NodeContextAsync(_NodeContext):
             context.detach(token)
 
 
+def _usage_unless_told_not(
+    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+) -> Any:
+    """``BaseChatOpenAI._should_stream_usage``: True where nothing said either way (the call,
+    its ``stream_options``, the model's ``model_kwargs`` or ``stream_usage``); an explicit
+    False still wins."""
+    asked = args[0] if args else kwargs.get("stream_usage")
+    options = kwargs.get("stream_options") or {}
+    model_options = (getattr(instance, "model_kwargs", None) or {}).get("stream_options") or {}
+    if (asked is None and "include_usage" not in options and "include_usage" not in model_options
+            and getattr(instance, "stream_usage", None) is None):  # fmt: skip
+        return True
+    return wrapped(*args, **kwargs)
+
+
+def _ask_for_stream_usage() -> bool:
+    try:
+        from langchain_openai.chat_models.base import BaseChatOpenAI
+    except ImportError:  # no OpenAI-compatible models in this app
+        return False
+    wrap_function_wrapper(BaseChatOpenAI, "_should_stream_usage", _usage_unless_told_not)
+    return True
+
+
 class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Instrument LangGraph and LangChain with OpenTelemetry GenAI spans.
 
@@ -191,6 +215,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             max_runs=kwargs.get("max_runs"),
             max_run_age_s=kwargs.get("max_run_age_s"),
             prices=kwargs.get("prices"),
+            stream_usage=kwargs.get("stream_usage"),
         )
         # Recorded whatever the sampler says (at least RECORD_ONLY): the processors see every
         # run of ours; only sampled spans are exported (instrumentation/sampling.py).
@@ -207,6 +232,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrap_function_wrapper(Pregel, "astream", _AnnounceGraph(handler))
         wrap_function_wrapper(RunnableCallable, "invoke", _NodeContext(handler))
         wrap_function_wrapper(RunnableCallable, "ainvoke", _NodeContextAsync(handler))
+        self._stream_usage = settings.stream_usage and _ask_for_stream_usage()
         self._handler = handler
         set_active_handler(handler)
         if kwargs.get("tracer_provider") is None:
@@ -217,12 +243,18 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._telemetry = configure_for_zero_code()
 
     _telemetry: Any = None
+    _stream_usage = False
 
     def _uninstrument(self, **kwargs: Any) -> None:
         unwrap(Pregel, "stream")
         unwrap(Pregel, "astream")
         unwrap(RunnableCallable, "invoke")
         unwrap(RunnableCallable, "ainvoke")
+        if self._stream_usage:
+            from langchain_openai.chat_models.base import BaseChatOpenAI
+
+            unwrap(BaseChatOpenAI, "_should_stream_usage")
+            self._stream_usage = False
         handler = self._handler
         if handler is not None:
             # Managers built before this point still hold the handler: make it inert, and end

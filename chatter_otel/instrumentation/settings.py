@@ -17,6 +17,7 @@ _log = logging.getLogger("chatter_otel")
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_MAX_CONTENT_LENGTH = "CHATTER_OTEL_MAX_CONTENT_LENGTH"
 ENV_CAPTURE_EXCEPTION_TEXT = "CHATTER_OTEL_CAPTURE_EXCEPTION_TEXT"
+ENV_STREAM_USAGE = "CHATTER_OTEL_STREAM_USAGE"
 ENV_MAX_RUNS = "CHATTER_OTEL_MAX_RUNS"
 ENV_MAX_RUN_AGE = "CHATTER_OTEL_MAX_RUN_AGE_SECONDS"
 ENV_PRICES_FILE = "CHATTER_OTEL_PRICES_FILE"
@@ -91,6 +92,9 @@ class Settings:
     max_runs: int = 10_000
     max_run_age_s: int = 3_600
     prices: Mapping[str, Any] = field(default_factory=dict)
+    # Ask OpenAI-compatible chat models (langchain-openai) for usage on streamed calls, where
+    # the app left ``stream_usage`` unset: without it a streamed call reports no tokens.
+    stream_usage: bool = False
 
     @classmethod
     def resolve(
@@ -103,6 +107,7 @@ class Settings:
         max_runs: int | None = None,
         max_run_age_s: int | None = None,
         prices: Mapping[str, Any] | None = None,
+        stream_usage: bool | None = None,
     ) -> Settings:
         if redact is not None and not callable(redact):
             _warn("redact", redact, None, "not callable")
@@ -123,4 +128,5 @@ class Settings:
             max_runs=resolve_int(ENV_MAX_RUNS, max_runs, 10_000, minimum=16),
             max_run_age_s=resolve_int(ENV_MAX_RUN_AGE, max_run_age_s, 3_600),
             prices=dict(prices),
+            stream_usage=resolve_bool(ENV_STREAM_USAGE, stream_usage, False),
         )
