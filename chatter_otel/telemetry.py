@@ -200,6 +200,12 @@ def configure(
         install_log_record_factory()
     with _lock:
         if _current is not None:
+            # Idempotent; an app or engines given now (configure() at import, then again in
+            # create_app or the lifespan) are instrumented on the existing setup.
+            if app is not None and _current.tracer_provider is not None:
+                _guarded_app(_current, app, correlation_getter, correlation_context_var)
+            if engines and _current.tracer_provider is not None:
+                _instrument_engines(_current, engines)
             return _current
         if resolve_bool("OTEL_SDK_DISABLED", None, False):
             _log.info("chatter-otel: OTEL_SDK_DISABLED is set; telemetry is off")
@@ -247,7 +253,7 @@ def configure(
             _instrument_logging(tel)
         _instrument_outbound(tel)
         if app is not None:
-            _instrument_app(tel, app, correlation_getter, correlation_context_var)
+            _guarded_app(tel, app, correlation_getter, correlation_context_var)
         if engines:
             _instrument_engines(tel, engines)
         _current = tel
@@ -423,6 +429,18 @@ def _attach(provider: TracerProvider, kind: str, cls: Any, **sinks: Any) -> Call
     return detach
 
 
+def _guarded_app(
+    tel: Telemetry, app: Any, getter: Callable[[], str | None] | None,
+    context_var: ContextVar[Any] | None,
+) -> None:  # fmt: skip
+    """configure() never raises: an app it cannot instrument is logged, the rest stays."""
+    try:
+        _instrument_app(tel, app, getter, context_var)
+    except Exception:
+        _log.exception("chatter-otel: could not instrument the app; its requests have no "
+                       "correlation ids or server spans")  # fmt: skip
+
+
 def _instrument_app(
     tel: Telemetry,
     app: Any,
@@ -431,14 +449,53 @@ def _instrument_app(
 ) -> None:
     try:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+        from opentelemetry.instrumentation.propagators import (
+            TraceResponsePropagator,
+            get_global_response_propagator,
+            set_global_response_propagator,
+        )
     except ImportError as exc:
         _log.error("chatter-otel: configure(app=...) needs the 'fastapi' extra: pip install "
                    "'chatter-otel[fastapi]' (%s); the app is not instrumented", exc)  # fmt: skip
         return
-    app.add_middleware(CorrelationMiddleware, getter=getter, context_var=context_var)
+    if getattr(app, "_chatter_otel_correlation", False):
+        return  # this app is done already (a second configure, or create_app called twice)
+    app._chatter_otel_correlation = True
+    if get_global_response_propagator() is None:  # type: ignore[no-untyped-call]
+        set_global_response_propagator(TraceResponsePropagator())  # type: ignore[no-untyped-call]
     if not getattr(app, "_is_instrumented_by_opentelemetry", False):
         FastAPIInstrumentor.instrument_app(app, tracer_provider=tel.tracer_provider)
         tel._undo.append(lambda: FastAPIInstrumentor.uninstrument_app(app))
+    # Right inside the server span and outside Starlette's error middleware: the id is on the
+    # server span, and a 500 gets the correlation id and `traceresponse` like any response.
+    original = app.build_middleware_stack
+
+    def build_middleware_stack() -> Any:
+        return _with_correlation(original(), getter, context_var)
+
+    app.build_middleware_stack = build_middleware_stack
+    tel._undo.append(lambda: setattr(app, "build_middleware_stack", original))
+    if getattr(app, "middleware_stack", None) is not None:
+        # Called from the lifespan: the stack is built already and Starlette refuses new
+        # middleware. Build it again, with ours and the server spans, before any request.
+        app.middleware_stack = app.build_middleware_stack()
+        _log.info("chatter-otel: configure(app=...) ran after the app started; its middleware "
+                  "stack was rebuilt with the correlation middleware and server spans")  # fmt: skip
+
+
+def _with_correlation(
+    stack: Any, getter: Callable[[], str | None] | None, context_var: ContextVar[Any] | None
+) -> Any:
+    """``stack`` with the correlation middleware just inside the FastAPI instrumentation's
+    ``OpenTelemetryMiddleware`` (it is wrapped in one more ``ServerErrorMiddleware``), or
+    around the whole stack when that instrumentation is not there."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    inner = getattr(stack, "app", None)
+    if isinstance(inner, OpenTelemetryMiddleware):
+        inner.app = CorrelationMiddleware(inner.app, getter=getter, context_var=context_var)
+        return stack
+    return CorrelationMiddleware(stack, getter=getter, context_var=context_var)
 
 
 def _instrument_engines(tel: Telemetry, engines: Sequence[Any]) -> None:
