@@ -51,7 +51,9 @@ __all__ = [
 
 HEADER = "X-Correlation-ID"
 _HEADER_KEY = HEADER.lower().encode("latin-1")
-_VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Letters, digits, and . _ : - / @ + = and inner spaces: what request ids are made of (UUIDs,
+# ULIDs, "req id/7"), never CR/LF, quotes, angle brackets, backslashes or control characters.
+_VALID = re.compile(r"[A-Za-z0-9._:/@+=-](?:[A-Za-z0-9._:/@+= -]{0,126}[A-Za-z0-9._:/@+=-])?")
 _correlation: ContextVar[str | None] = ContextVar("chatter_otel_correlation_id", default=None)
 
 
@@ -85,17 +87,51 @@ class ValidatingBaggageSpanProcessor(BaggageSpanProcessor):
         super().__init__(lambda key: key == CHATTER_CORRELATION_ID)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        value = valid_correlation_id(
+        # The request's id: the app's own when it keeps one, else ours, else a valid one from
+        # the request's baggage.
+        value = (_from_app() if _app_sources else None) or valid_correlation_id(
             baggage.get_baggage(CHATTER_CORRELATION_ID, parent_context), "baggage"
         )
         if value is not None:
             span.set_attribute(CHATTER_CORRELATION_ID, value)
 
 
+_app_sources: list[Callable[[], Any]] = []  # the app's own getter / ContextVar.get, if given
+
+
+def unregister_app_sources() -> None:
+    """Forget the app's id sources (``Telemetry.shutdown``)."""
+    _app_sources.clear()
+
+
+def register_app_sources(*sources: Callable[[], Any] | None) -> None:
+    """The app keeps its own correlation id (its middleware, ContextVar or getter): that id is
+    the request's id everywhere. Read when needed, so an id the app makes after ours (its
+    middleware runs inside ours) still wins. One app per process: the last middleware made
+    says which sources (a new app replaces them)."""
+    _app_sources[:] = [s for s in sources if s is not None]
+
+
+def _from_app() -> str | None:
+    for source in _app_sources:
+        try:
+            value = source()
+        except Exception:
+            warn_once("correlation:source", "chatter-otel: the app's correlation id source "
+                      "raised", exc_info=True)  # fmt: skip
+            continue
+        if value is not None:
+            return valid_correlation_id(value, "the app's correlation id")
+    return None
+
+
 def current_correlation_id() -> str | None:
-    """The correlation id of the current request: the middleware's, else the running
-    workflow's (``track_workflow(correlation_id=...)``), else one in baggage."""
-    cid = _correlation.get()
+    """The correlation id of the current request: the app's own (when it keeps one), else the
+    middleware's, else the running workflow's (``track_workflow(correlation_id=...)``), else one
+    in baggage."""
+    cid = _from_app() if _app_sources else None
+    if cid is None:
+        cid = _correlation.get()
     if cid is None:
         from chatter_otel.instrumentation.runs import current_workflow
 
@@ -129,8 +165,13 @@ class CorrelationMiddleware:
         self.app = app
         self.getter = getter
         self.context_var = context_var
+        register_app_sources(getter, context_var.get if context_var is not None else None)
 
     def _resolve(self, scope: Scope) -> str:
+        # The app's own id first, when one is set already (its middleware outside ours).
+        own = _from_app() if _app_sources else None
+        if own is not None:
+            return own
         raw = next((v for k, v in scope.get("headers") or () if k.lower() == _HEADER_KEY), None)
         if raw is not None:
             value = str(raw.decode("latin-1"))
@@ -147,17 +188,6 @@ class CorrelationMiddleware:
         from_baggage = baggage.get_baggage(CHATTER_CORRELATION_ID)
         if is_valid_correlation_id(from_baggage):
             return str(from_baggage)
-        for source in (self.getter, self.context_var.get if self.context_var else None):
-            if source is None:
-                continue
-            try:
-                own = source()
-            except Exception:
-                warn_once("correlation:source", "chatter-otel: the app's correlation id source "
-                          "raised", exc_info=True)  # fmt: skip
-                continue
-            if is_valid_correlation_id(own):
-                return str(own)
         return _new_id()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -177,6 +207,13 @@ class CorrelationMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message.get("type") == "http.response.start":
+                # The app's middleware (inside ours) may have made the request's id since: it
+                # is the id of the response, and of the server span.
+                final = current_correlation_id() or cid
+                if final != cid:
+                    extra[0] = (_HEADER_KEY, final.encode("latin-1"))
+                    if span.is_recording():
+                        span.set_attribute(CHATTER_CORRELATION_ID, final)
                 headers = list(message.get("headers") or ())
                 present = {k.lower() for k, _ in headers}
                 headers.extend((k, v) for k, v in extra if k not in present)

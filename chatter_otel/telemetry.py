@@ -45,6 +45,7 @@ from chatter_otel.correlation import (
     CorrelationMiddleware,
     ValidatingBaggageSpanProcessor,
     install_log_record_factory,
+    unregister_app_sources,
 )
 from chatter_otel.export.metrics import meter_provider_from_env
 from chatter_otel.export.otlp import batch_processor, exporter_names, otlp_exporter
@@ -461,6 +462,7 @@ def _instrument_app(
     if getattr(app, "_chatter_otel_correlation", False):
         return  # this app is done already (a second configure, or create_app called twice)
     app._chatter_otel_correlation = True
+    tel._undo.append(unregister_app_sources)
     if get_global_response_propagator() is None:  # type: ignore[no-untyped-call]
         set_global_response_propagator(TraceResponsePropagator())  # type: ignore[no-untyped-call]
     if not getattr(app, "_is_instrumented_by_opentelemetry", False):

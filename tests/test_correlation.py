@@ -207,8 +207,26 @@ def test_missing_header_gets_a_new_id(served: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     "hostile",
-    ["x" * 129, "has space", "semi;colon", "<script>", "baggage=evil,other=1", "ünïcode", ""],
-    ids=["too-long", "space", "semicolon", "markup", "baggage-injection", "non-ascii", "empty"],
+    [
+        "x" * 129,
+        'quote"d',
+        "tab\tinside",
+        "semi;colon",
+        "<script>",
+        "baggage=evil,other=1",
+        "ünïcode",
+        "",
+    ],
+    ids=[
+        "too-long",
+        "quote",
+        "tab",
+        "semicolon",
+        "markup",
+        "baggage-injection",
+        "non-ascii",
+        "empty",
+    ],
 )
 def test_hostile_header_is_replaced(served: dict[str, Any], hostile: str) -> None:
     resp = _post(served, {"X-Correlation-ID": hostile})

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from opentelemetry import baggage, trace
+from opentelemetry import trace
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 
 from chatter_otel._safety import guarded, warn_once
-from chatter_otel.attributes import CHATTER_CORRELATION_ID
-from chatter_otel.correlation import valid_correlation_id
+from chatter_otel.correlation import current_correlation_id, valid_correlation_id
 from chatter_otel.instrumentation.calls import LLMInvocation, ToolInvocation
 from chatter_otel.instrumentation.invocations import (
     Invocation,
@@ -93,7 +92,7 @@ def ambient_ids(ids: RunIds) -> RunIds:
     outer = current_workflow.get()
     ids = ids.merged_over(outer.ids if outer is not None else None)
     if ids.correlation_id is None:
-        corr = valid_correlation_id(baggage.get_baggage(CHATTER_CORRELATION_ID), "baggage")
+        corr = current_correlation_id()  # the app's own id first, then ours, then baggage
         if corr is not None:
             ids = RunIds(ids.conversation_id, ids.message_id, ids.user_id, corr)
     return ids
