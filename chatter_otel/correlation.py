@@ -89,7 +89,7 @@ class ValidatingBaggageSpanProcessor(BaggageSpanProcessor):
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         # The request's id: the app's own when it keeps one, else ours, else a valid one from
         # the request's baggage.
-        value = (_from_app() if _app_sources else None) or valid_correlation_id(
+        value = current_correlation_id() or valid_correlation_id(
             baggage.get_baggage(CHATTER_CORRELATION_ID, parent_context), "baggage"
         )
         if value is not None:
@@ -112,6 +112,12 @@ def register_app_sources(*sources: Callable[[], Any] | None) -> None:
     _app_sources[:] = [s for s in sources if s is not None]
 
 
+# The request's id as last seen, shared (a mutable holder) by every task of the request: an id
+# the app made and dropped again (its middleware resets its ContextVar before the response, or
+# on an exception) is still the id the response carries.
+_request: ContextVar[list[str] | None] = ContextVar("chatter_otel_request", default=None)
+
+
 def _from_app() -> str | None:
     for source in _app_sources:
         try:
@@ -121,7 +127,13 @@ def _from_app() -> str | None:
                       "raised", exc_info=True)  # fmt: skip
             continue
         if value is not None:
-            return valid_correlation_id(value, "the app's correlation id")
+            cid = valid_correlation_id(value, "the app's correlation id")
+            holder = _request.get()
+            # [the request's id, the id we made]: ours, set in the app's variable for an app
+            # that makes none, must not overwrite one the app made.
+            if cid is not None and holder is not None and cid != holder[1]:
+                holder[0] = cid
+            return cid
     return None
 
 
@@ -130,6 +142,9 @@ def current_correlation_id() -> str | None:
     middleware's, else the running workflow's (``track_workflow(correlation_id=...)``), else one
     in baggage."""
     cid = _from_app() if _app_sources else None
+    holder = _request.get()
+    if holder is not None:  # inside a request: its id, the app's own if it made one
+        return holder[0]
     if cid is None:
         cid = _correlation.get()
     if cid is None:
@@ -195,6 +210,7 @@ class CorrelationMiddleware:
             await self.app(scope, receive, send)
             return
         cid = self._resolve(scope)
+        holder = [cid, cid]
         span = trace.get_current_span()  # the server span of the ASGI instrumentation, if any
         if span.is_recording():
             span.set_attribute(CHATTER_CORRELATION_ID, cid)
@@ -207,14 +223,20 @@ class CorrelationMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message.get("type") == "http.response.start":
-                # The app's middleware (inside ours) may have made the request's id since: it
-                # is the id of the response, and of the server span.
-                final = current_correlation_id() or cid
+                # The app's middleware (inside ours) may have made the request's id since: the
+                # id it answers with (or still keeps) is the id of the response, of the server
+                # span and of what starts from here on.
+                headers = list(message.get("headers") or ())
+                answered = next((v.decode("latin-1") for k, v in headers
+                                 if k.lower() == _HEADER_KEY), None)  # fmt: skip
+                if _app_sources:
+                    _from_app()  # what the app keeps now, if anything, into the holder
+                final = valid_correlation_id(answered, "the app's response") or holder[0]
                 if final != cid:
                     extra[0] = (_HEADER_KEY, final.encode("latin-1"))
+                    _correlation.set(final)
                     if span.is_recording():
                         span.set_attribute(CHATTER_CORRELATION_ID, final)
-                headers = list(message.get("headers") or ())
                 present = {k.lower() for k, _ in headers}
                 headers.extend((k, v) for k, v in extra if k not in present)
                 message["headers"] = headers
@@ -222,6 +244,7 @@ class CorrelationMiddleware:
 
         token = context.attach(baggage.set_baggage(CHATTER_CORRELATION_ID, cid))
         cid_token = _correlation.set(cid)
+        request_token = _request.set(holder)
         app_token = self.context_var.set(cid) if self.context_var is not None else None
         try:
             await self.app(scope, receive, send_with_headers)
@@ -229,6 +252,7 @@ class CorrelationMiddleware:
             if app_token is not None and self.context_var is not None:
                 self.context_var.reset(app_token)
             _correlation.reset(cid_token)
+            _request.reset(request_token)
             context.detach(token)
 
 
