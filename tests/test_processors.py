@@ -129,7 +129,7 @@ class Recording:
         self.calls: list[tuple[str, Any]] = []
         self.n = 0
 
-    def start_workflow_tracking(  # noqa: PLR0917 - the app's API
+    def start_workflow_tracking(
         self,
         user_id: str,
         conversation_id: str,
@@ -143,7 +143,7 @@ class Recording:
         self.calls.append(("start", (wid, user_id, correlation_id, workflow_config)))
         return wid
 
-    def update_workflow_metrics(  # noqa: PLR0917 - the app's API
+    def update_workflow_metrics(
         self,
         workflow_id: str,
         token_usage: Any = None,
