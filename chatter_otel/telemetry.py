@@ -189,6 +189,8 @@ def configure(
     record_completion: Callable[[Any], Any] | None = None,
     persistence: Any = None,
     metrics_exporter: str | None = None,
+    monitoring_llm_metrics: Any = None,
+    monitoring_timestamps: str = "datetime",
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -249,6 +251,8 @@ def configure(
         _install_processors(
             tel, tracer_provider, meters, events=events, monitoring=monitoring,
             analytics=analytics, record_completion=record_completion, persistence=persistence,
+            monitoring_llm_metrics=monitoring_llm_metrics,
+            monitoring_timestamps=monitoring_timestamps,
         )  # fmt: skip
         if log_correlation:
             _instrument_logging(tel)
@@ -384,6 +388,7 @@ def _pick(option: Any, builtin: Callable[[], Any]) -> Any:
 def _install_processors(
     tel: Telemetry, provider: TracerProvider, meters: MeterProvider, *, events: Any,
     monitoring: Any, analytics: Any, record_completion: Any, persistence: Any,
+    monitoring_llm_metrics: Any = None, monitoring_timestamps: str = "datetime",
 ) -> None:  # fmt: skip
     """Events, monitoring, analytics/metrics and (when given) the usage ledger."""
     tel.events = _pick(events, EventBus)
@@ -393,8 +398,9 @@ def _install_processors(
         tel._undo.append(_attach(provider, "events", EventSpanProcessor, bus=tel.events))
     if tel.monitoring is not None:
         tel._undo.append(
-            _attach(provider, "monitoring", MonitoringSpanProcessor, service=tel.monitoring)
-        )
+            _attach(provider, "monitoring", MonitoringSpanProcessor, service=tel.monitoring,
+                    llm_metrics=monitoring_llm_metrics, timestamps=monitoring_timestamps)
+        )  # fmt: skip
     tel._undo.append(
         _attach(
             provider,

@@ -16,6 +16,7 @@ built-in, in-memory and bounded implementation, with ``get_workflow_stats()``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -33,6 +34,8 @@ from chatter_otel.sinks.worker import SinkWorker
 
 if TYPE_CHECKING:
     from chatter_otel.instrumentation.records import Record, WorkflowStart
+
+_log = logging.getLogger("chatter_otel")
 
 __all__ = ["LLMMetrics", "MonitoringService", "MonitoringSpanProcessor", "WorkflowMetrics"]
 
@@ -193,9 +196,13 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
     """Records of our spans -> calls into ``service`` (any object with the monitoring API),
     off-thread, in order."""
 
-    def __init__(self, service: Any, worker: SinkWorker | None = None) -> None:
+    def __init__(
+        self, service: Any, worker: SinkWorker | None = None, *,
+        llm_metrics: Any = None, timestamps: str = "datetime",
+    ) -> None:  # fmt: skip
         self.service = service
         self.worker = worker or SinkWorker("monitoring")
+        self._types = AppTypes(llm_metrics, timestamps, own=isinstance(service, MonitoringService))
         # our workflow id -> the service's; only the worker thread touches it. Bounded: a run
         # whose finish never came is forgotten once _MAX_OPEN newer ones started.
         self._ids: OrderedDict[str, Any] = OrderedDict()
@@ -215,7 +222,7 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
         call = self.worker.call
         if isinstance(record, LLMCallRecord):
             provider = record.provider or "unknown"
-            metrics = LLMMetrics(
+            metrics = self._types.llm_metrics(
                 timestamp=datetime.fromtimestamp(record.end_ns / 1e9, tz=UTC),
                 provider=provider, model=record.model or "", operation=record.operation,
                 input_tokens=record.input_tokens or 0, output_tokens=record.output_tokens or 0,
@@ -252,11 +259,15 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
         if theirs is not None:
             self.service.finish_workflow_tracking(theirs)
 
-    def repoint(self, service: Any = None, **_: Any) -> None:
+    def repoint(
+        self, service: Any = None, llm_metrics: Any = None, timestamps: str = "datetime",
+        **_: Any,
+    ) -> None:  # fmt: skip
         """Report to ``service`` from now on (a new ``configure`` on the same provider)."""
         if self.worker.stopped:
             self.worker = SinkWorker("monitoring")
         self.service = service
+        self._types = AppTypes(llm_metrics, timestamps, own=isinstance(service, MonitoringService))
 
     def detach(self) -> None:
         """Stop reporting (processors cannot be removed from a provider); ends the worker."""
@@ -269,6 +280,36 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return self.worker.flush(timeout_millis / 1000)
+
+
+class AppTypes:
+    """What the app's own MonitoringService expects, from ``configure``: its LLM metrics class
+    (built from the fields it declares; ours when none is given), its timestamp format
+    (``"datetime"``, timezone-aware UTC, or ``"epoch"``, float seconds), and numbers it can sum:
+    for a service that is not the built-in one, an unknown cost is ``0.0``, never ``None``
+    (its totals add floats; our spans and records still say the cost is unknown)."""
+
+    def __init__(self, cls: Any, timestamps: str, *, own: bool) -> None:
+        if timestamps not in ("datetime", "epoch"):
+            _log.warning("chatter-otel: monitoring timestamps=%r is not datetime or epoch; "
+                         "using datetime", timestamps)  # fmt: skip
+            timestamps = "datetime"
+        self.cls = cls or LLMMetrics
+        self.epoch = timestamps == "epoch"
+        self.own = own
+        fields = getattr(self.cls, "__dataclass_fields__", None) or getattr(
+            self.cls, "model_fields", None
+        )
+        self.accepts = frozenset(fields) if fields else None
+
+    def llm_metrics(self, **values: Any) -> Any:
+        if self.epoch:
+            values["timestamp"] = values["timestamp"].timestamp()
+        if not self.own and values.get("cost_estimate") is None:
+            values["cost_estimate"] = 0.0
+        if self.accepts is not None:
+            values = {k: v for k, v in values.items() if k in self.accepts}
+        return self.cls(**values)
 
 
 class _NoService:
