@@ -211,6 +211,9 @@ class CorrelationMiddleware:
             return
         cid = self._resolve(scope)
         holder = [cid, cid]
+        from chatter_otel.sinks.forward import note_app_loop
+
+        note_app_loop()  # the app's loop, for an async emit the events are forwarded to
         span = trace.get_current_span()  # the server span of the ASGI instrumentation, if any
         if span.is_recording():
             span.set_attribute(CHATTER_CORRELATION_ID, cid)

@@ -101,13 +101,18 @@ class Telemetry:
         self.analytics: Any = None
         self.persistence: Any = None
         self.meter_provider: Any = None
+        self.forwarder: Any = None
+        self._fill = False
         self._owns_meters = False
         self._owns_provider = owns_provider
         self._undo: list[Callable[[], None]] = []
 
     def force_flush(self, timeout_millis: int = 5_000) -> bool:
         provider = self.tracer_provider
-        return bool(provider.force_flush(timeout_millis)) if provider is not None else True
+        done = bool(provider.force_flush(timeout_millis)) if provider is not None else True
+        if self.forwarder is not None:  # after the processors: their events are in its queue
+            done = self.forwarder.flush(timeout_millis / 1000) and done
+        return done
 
     def shutdown(self, timeout_millis: int = 5_000) -> None:
         """Uninstrument, then flush and shut down what was built here, within ``timeout_millis``.
@@ -191,6 +196,9 @@ def configure(
     metrics_exporter: str | None = None,
     monitoring_llm_metrics: Any = None,
     monitoring_timestamps: str = "datetime",
+    events_to: Callable[[Any], Any] | None = None,
+    event_converter: Callable[[Any], Any] | None = None,
+    monitoring_mode: str = "fill",
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -252,8 +260,10 @@ def configure(
             tel, tracer_provider, meters, events=events, monitoring=monitoring,
             analytics=analytics, record_completion=record_completion, persistence=persistence,
             monitoring_llm_metrics=monitoring_llm_metrics,
-            monitoring_timestamps=monitoring_timestamps,
+            monitoring_timestamps=monitoring_timestamps, monitoring_mode=monitoring_mode,
         )  # fmt: skip
+        if events_to is not None and tel.events is not None:
+            _forward_events(tel, events_to, event_converter)
         if log_correlation:
             _instrument_logging(tel)
         _instrument_outbound(tel)
@@ -323,6 +333,30 @@ def _add_exporters(
     return store
 
 
+def _forward_events(tel: Telemetry, emit: Callable[[Any], Any],
+                    convert: Callable[[Any], Any] | None) -> None:  # fmt: skip
+    """configure(events_to=...): forwarding set up now, no event loop needed (sinks/forward)."""
+    from chatter_otel.sinks.fill import fill_app_events
+    from chatter_otel.sinks.forward import AppEventForwarder
+
+    skip = None
+    if tel._fill:  # the app emits its own workflow events: fill those, do not add ours
+        undo = fill_app_events(emit)
+        if undo is not None:
+            tel._undo.append(undo)
+            skip = _is_workflow_event
+    forwarder = AppEventForwarder(tel.events, emit, convert, skip=skip)
+    tel.forwarder = forwarder
+    tel._undo.append(forwarder.close)
+
+
+def _is_workflow_event(event: Any) -> bool:
+    """Ours, for a run the app tracks and reports itself (its own events are filled)."""
+    return bool(event.metadata.get("app_tracked")) and event.event_type in (
+        "workflow_started", "workflow_completed", "workflow_failed",
+    )  # fmt: skip
+
+
 def _meters(
     given: MeterProvider | None, tracer_provider: TracerProvider, exporter: str | None, *,
     set_global: bool,
@@ -389,6 +423,7 @@ def _install_processors(
     tel: Telemetry, provider: TracerProvider, meters: MeterProvider, *, events: Any,
     monitoring: Any, analytics: Any, record_completion: Any, persistence: Any,
     monitoring_llm_metrics: Any = None, monitoring_timestamps: str = "datetime",
+    monitoring_mode: str = "fill",
 ) -> None:  # fmt: skip
     """Events, monitoring, analytics/metrics and (when given) the usage ledger."""
     tel.events = _pick(events, EventBus)
@@ -396,11 +431,21 @@ def _install_processors(
     tel.analytics = _pick(analytics, LiveAnalytics)
     if tel.events is not None:
         tel._undo.append(_attach(provider, "events", EventSpanProcessor, bus=tel.events))
+    fill = monitoring_mode == "fill" and monitoring not in (True, False, None)
+    if monitoring_mode not in ("fill", "parallel"):
+        _log.warning("chatter-otel: monitoring_mode=%r is not fill or parallel; using fill",
+                     monitoring_mode)  # fmt: skip
     if tel.monitoring is not None:
         tel._undo.append(
             _attach(provider, "monitoring", MonitoringSpanProcessor, service=tel.monitoring,
-                    llm_metrics=monitoring_llm_metrics, timestamps=monitoring_timestamps)
+                    llm_metrics=monitoring_llm_metrics, timestamps=monitoring_timestamps,
+                    workflows=not fill)
         )  # fmt: skip
+        if fill:
+            from chatter_otel.sinks.fill import fill_app_monitoring
+
+            tel._undo.append(fill_app_monitoring(tel.monitoring))
+    tel._fill = fill
     tel._undo.append(
         _attach(
             provider,

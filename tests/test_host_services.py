@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
+import pytest
 from langchain_core.messages import HumanMessage
 from opentelemetry.sdk.trace import TracerProvider
 
 import chatter_otel
+import chatter_otel.events
 from chatter_otel.reference.demo import build_chat_graph
 
 
@@ -74,5 +77,83 @@ def test_the_app_s_service_in_its_own_types() -> None:
         assert service.get_system_health() == {"calls": 2, "cost": 0.0}
         (wf,) = service.workflows.values()
         assert wf["tokens"] == 27 and "end" in wf
+    finally:
+        tel.shutdown()
+
+
+class EventPriority(Enum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+
+
+@dataclass
+class AppEvent:  # the host app's own event class: session_id, an enum, no trace or span ids
+    event_type: str
+    session_id: str | None = None
+    correlation_id: str | None = None
+    priority: EventPriority = EventPriority.NORMAL
+    source_system: str = "app"
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class AppEvents:
+    """The app's event manager: it emits its own workflow events too, with 0 tokens."""
+
+    def __init__(self) -> None:
+        self.seen: list[AppEvent] = []
+
+    async def emit(self, event: AppEvent) -> None:
+        self.seen.append(event)
+
+
+class AppTracker:
+    """The host app's own tracker: records each workflow with empty usage."""
+
+    def __init__(self, monitoring: AppMonitoring, events: AppEvents) -> None:
+        self.monitoring, self.events = monitoring, events
+
+    async def run(self, graph: Any, conversation: str) -> None:
+        wid = self.monitoring.start_workflow_tracking("u1", conversation)
+        await self.events.emit(AppEvent("workflow_started", session_id=conversation))
+        await graph.ainvoke({"messages": [HumanMessage("What is the weather in Paris?")]},
+                            {"configurable": {"thread_id": conversation}})  # fmt: skip
+        self.monitoring.update_workflow_metrics(wid, token_usage={"unknown": 0})
+        self.monitoring.finish_workflow_tracking(wid)
+        await self.events.emit(AppEvent("workflow_completed", session_id=conversation,
+                                        data={"total_tokens": 0}))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["fill", "parallel"])
+async def test_the_app_s_own_workflow_records_are_filled_not_doubled(mode: str) -> None:
+    service, events = AppMonitoring(), AppEvents()
+    convert = chatter_otel.events.app_event_converter(
+        AppEvent, field_map={"session_id": "conversation_id"},
+        enums={"priority": EventPriority}, constants={"source_system": "chatter-otel"},
+    )  # fmt: skip
+    tel = chatter_otel.configure(
+        tracer_provider=TracerProvider(), monitoring=service, monitoring_mode=mode,
+        events_to=events.emit, event_converter=convert, prices={},
+    )  # fmt: skip
+    try:
+        tracker = AppTracker(service, events)
+        for i in range(3):
+            await tracker.run(build_chat_graph(), f"conv-{i}")
+        assert tel.force_flush()
+        mine = [e for e in events.seen if e.source_system == "app"]
+        ours = [e for e in events.seen if e.source_system == "chatter-otel"]
+        assert all(isinstance(e.priority, EventPriority) for e in ours)
+        assert {e.event_type for e in ours} >= {"llm_call_completed", "tool_called"}
+        completed = [e for e in mine if e.event_type == "workflow_completed"]
+        if mode == "fill":
+            assert len(service.workflows) == 3  # one entry per run: the app's own
+            assert [w["tokens"] for w in service.workflows.values()] == [27, 27, 27]
+            assert [e.data["total_tokens"] for e in completed] == [27, 27, 27]  # filled
+            assert not [e for e in ours if e.event_type.startswith("workflow_")]
+        else:
+            assert len(service.workflows) == 6  # the app's (empty) and ours, side by side
+            assert sorted(w["tokens"] for w in service.workflows.values()) == [0, 0, 0, 27, 27, 27]
+            assert [e.data["total_tokens"] for e in completed] == [0, 0, 0]
+            assert len([e for e in ours if e.event_type == "workflow_completed"]) == 3
     finally:
         tel.shutdown()

@@ -37,7 +37,6 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
-    UniqueConstraint,
     select,
     update,
 )
@@ -90,8 +89,6 @@ class Conversation(Base):
 
 class Message(Base):
     __tablename__ = "messages"
-    # A turn's numbers are unique in its conversation: the database says so, not only the code.
-    __table_args__ = (UniqueConstraint("conversation_id", "sequence_number"),)
     id: Mapped[str] = mapped_column(String(26), primary_key=True, default=new_id)
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id"), index=True)
     role: Mapped[MessageRole] = mapped_column(Enum(MessageRole))  # stored by name: ASSISTANT

@@ -30,6 +30,7 @@ from chatter_otel.instrumentation.records import (
     WorkflowRecord,
 )
 from chatter_otel.sinks.dispatch import RecordSpanProcessor
+from chatter_otel.sinks.fill import app_tracking
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -135,12 +136,9 @@ class EventBus:
         self.queue_size = queue_size
         self._subs: tuple[Subscription, ...] = ()
         self._lock = threading.Lock()
+        self._listeners: tuple[Callable[[UnifiedEvent], Any], ...] = ()
         self.published = 0
         self.rejected = 0  # events dropped at a boundary (Redis in, SSE out, forwarding)
-
-    @property
-    def has_subscribers(self) -> bool:
-        return bool(self._subs)
 
     def subscribe(
         self,
@@ -171,6 +169,19 @@ class EventBus:
         self.published += 1
         for sub in self._subs:
             sub._offer(event)
+        for listener in self._listeners:
+            listener(event)  # a bounded worker's submit: never blocks
+
+    def add_listener(self, listener: Callable[[UnifiedEvent], Any]) -> None:
+        """A synchronous, non-blocking listener (``AppEventForwarder``): no event loop needed."""
+        self._listeners = (*self._listeners, listener)
+
+    def remove_listener(self, listener: Callable[[UnifiedEvent], Any]) -> None:
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    @property
+    def has_subscribers(self) -> bool:
+        return bool(self._subs or self._listeners)
 
     @property
     def dropped(self) -> int:
@@ -267,7 +278,11 @@ class EventSpanProcessor(RecordSpanProcessor):
                 workflow_id=workflow_id,
                 priority="high" if event_type == "workflow_failed" else "normal",
                 data={k: v for k, v in data.items() if v is not None},
-                metadata={"message_id": ids.message_id, "span_name": span_name},
+                metadata={
+                    "message_id": ids.message_id,
+                    "span_name": span_name,
+                    **({"app_tracked": True} if app_tracking.get() is not None else {}),
+                },
             )
         )
 

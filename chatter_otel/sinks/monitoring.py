@@ -30,6 +30,7 @@ from chatter_otel.instrumentation.records import (
     WorkflowRecord,
 )
 from chatter_otel.sinks.dispatch import RecordSpanProcessor
+from chatter_otel.sinks.fill import app_tracking
 from chatter_otel.sinks.worker import SinkWorker
 
 if TYPE_CHECKING:
@@ -198,9 +199,13 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
 
     def __init__(
         self, service: Any, worker: SinkWorker | None = None, *,
-        llm_metrics: Any = None, timestamps: str = "datetime",
+        llm_metrics: Any = None, timestamps: str = "datetime", workflows: bool = True,
     ) -> None:  # fmt: skip
         self.service = service
+        # False in fill mode (sinks/fill.py): a run the app tracks itself gets no entry of ours
+        # beside it (its own is filled), only its LLM calls; other runs get ours as usual.
+        self.workflows = workflows
+        self._apps: OrderedDict[str, bool] = OrderedDict()  # our workflow ids the app tracks
         self.worker = worker or SinkWorker("monitoring")
         self._types = AppTypes(llm_metrics, timestamps, own=isinstance(service, MonitoringService))
         # our workflow id -> the service's; only the worker thread touches it. Bounded: a run
@@ -208,6 +213,11 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
         self._ids: OrderedDict[str, Any] = OrderedDict()
 
     def workflow_started(self, start: WorkflowStart, span_id: str, trace_id: str) -> None:
+        if start.outermost and not self.workflows and app_tracking.get() is not None:
+            self._apps[span_id] = True  # the app tracks this run itself: it is filled, not doubled
+            while len(self._apps) > _MAX_OPEN:
+                self._apps.popitem(last=False)
+            return
         if start.outermost:
             ids = start.ids
             self.worker.call(
@@ -220,17 +230,15 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
         if workflow_id is None:
             return
         call = self.worker.call
+        if workflow_id in self._apps:  # the app's own record is filled (sinks/fill.py)
+            if isinstance(record, LLMCallRecord):
+                call(self.service.record_llm_operation, self._llm_metrics(record))
+            elif isinstance(record, WorkflowRecord) and record.outermost:
+                self._apps.pop(workflow_id, None)
+            return
         if isinstance(record, LLMCallRecord):
             provider = record.provider or "unknown"
-            metrics = self._types.llm_metrics(
-                timestamp=datetime.fromtimestamp(record.end_ns / 1e9, tz=UTC),
-                provider=provider, model=record.model or "", operation=record.operation,
-                input_tokens=record.input_tokens or 0, output_tokens=record.output_tokens or 0,
-                duration_ms=(record.end_ns - record.start_ns) / 1e6,
-                cost_estimate=float(record.cost) if record.cost is not None else None,
-                correlation_id=record.ids.correlation_id or "",
-            )  # fmt: skip
-            call(self.service.record_llm_operation, metrics)
+            call(self.service.record_llm_operation, self._llm_metrics(record))
             if record.total_tokens is not None:
                 usage = {provider: record.total_tokens}
                 call(self._call, workflow_id, "update_workflow_metrics", token_usage=usage)
@@ -241,6 +249,17 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
             call(self._call, workflow_id, "update_workflow_metrics", error=record.error_type)
         if closes:
             call(self._finish, workflow_id)
+
+    def _llm_metrics(self, record: LLMCallRecord) -> Any:
+        return self._types.llm_metrics(
+            timestamp=datetime.fromtimestamp(record.end_ns / 1e9, tz=UTC),
+            provider=record.provider or "unknown", model=record.model or "",
+            operation=record.operation, input_tokens=record.input_tokens or 0,
+            output_tokens=record.output_tokens or 0,
+            duration_ms=(record.end_ns - record.start_ns) / 1e6,
+            cost_estimate=float(record.cost) if record.cost is not None else None,
+            correlation_id=record.ids.correlation_id or "",
+        )  # fmt: skip
 
     def _start(self, ours: str, user: str, conversation: str, correlation: str, cfg: Any) -> None:
         self._ids[ours] = self.service.start_workflow_tracking(
@@ -261,12 +280,13 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
 
     def repoint(
         self, service: Any = None, llm_metrics: Any = None, timestamps: str = "datetime",
-        **_: Any,
+        workflows: bool = True, **_: Any,
     ) -> None:  # fmt: skip
         """Report to ``service`` from now on (a new ``configure`` on the same provider)."""
         if self.worker.stopped:
             self.worker = SinkWorker("monitoring")
         self.service = service
+        self.workflows = workflows
         self._types = AppTypes(llm_metrics, timestamps, own=isinstance(service, MonitoringService))
 
     def detach(self) -> None:
