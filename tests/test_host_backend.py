@@ -9,23 +9,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from langgraph.graph import START, MessagesState, StateGraph
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from starlette.middleware.base import BaseHTTPMiddleware
 
 import chatter_otel
 from chatter_otel.events import app_event_converter
-from tests.test_host_app import request_id
+from tests.test_host_app import AppCorrelation, request_id
 from tests.test_host_services import (
     AppEvent,
     AppEvents,
@@ -36,25 +34,7 @@ from tests.test_host_services import (
 from tests.test_host_startup import _get, _serve
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
-
-    from starlette.responses import Response
-
-
-class AppCorrelation(BaseHTTPMiddleware):
-    async def dispatch(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        raw = request.headers.get("x-correlation-id")
-        rid = raw if raw and len(raw) < 64 else uuid.uuid4().hex[:26].upper()
-        token = request_id.set(rid)
-        try:
-            logging.getLogger("backend").info("handling %s", request.url.path)
-            response = await call_next(request)
-        finally:
-            request_id.reset(token)
-        response.headers["X-Correlation-ID"] = rid
-        return response
+    from collections.abc import AsyncIterator
 
 
 def backend(model_url: str, exporter: InMemorySpanExporter, stream_usage: bool) -> Any:
@@ -151,7 +131,7 @@ def test_the_host_backend_end_to_end(
         app_events = [e for e in events.seen if e.source_system == "app"]
         assert sorted({e.correlation_id for e in app_events if e.correlation_id}) == sorted(seen)
         assert all(isinstance(e.priority, EventPriority) for e in events.seen)
-        logged = {r.correlation_id for r in caplog.records if r.name == "backend"}  # type: ignore[attr-defined]
+        logged = {r.correlation_id for r in caplog.records if r.name == "host.app"}  # type: ignore[attr-defined]
         assert logged == set(seen)
         # one monitoring entry and one set of workflow events per run, with the real tokens
         assert len(monitoring.workflows) == 5

@@ -16,6 +16,17 @@ print(out["messages"][-1].content)
 """
 
 
+def _instrumented(script: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``opentelemetry-instrument python script``, as a user runs it; it must succeed."""
+    bindir = Path(sys.executable).parent
+    proc = subprocess.run(
+        [str(bindir / "opentelemetry-instrument"), sys.executable, str(script)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_opentelemetry_instrument_exports_the_graph(otlp_http: Any, tmp_path: Path) -> None:
     script = tmp_path / "app.py"
     script.write_text(SCRIPT)
@@ -31,12 +42,7 @@ def test_opentelemetry_instrument_exports_the_graph(otlp_http: Any, tmp_path: Pa
         "OTEL_SERVICE_NAME": "zero-code-app",
         "CHATTER_OTEL_PRICES_FILE": str(prices),
     }
-    bindir = Path(sys.executable).parent
-    proc = subprocess.run(
-        [str(bindir / "opentelemetry-instrument"), sys.executable, str(script)],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = _instrumented(script, env)
     assert proc.stdout.strip() == "Here is what I found: Rome: 20°C, sunny"
     got = otlp_http.wait_for(7)
     assert sorted(s.name for _, s in got) == [
@@ -85,12 +91,7 @@ def test_zero_code_gets_the_processors_and_the_local_store(tmp_path: Path) -> No
         "OTEL_SERVICE_NAME": "zero-code-app",
         "CHATTER_OTEL_TRACE_STORE": str(store),
     }
-    bindir = Path(sys.executable).parent
-    proc = subprocess.run(
-        [str(bindir / "opentelemetry-instrument"), sys.executable, str(script)],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
+    proc = _instrumented(script, env)
     import json
 
     got = json.loads(proc.stdout.strip().splitlines()[-1])

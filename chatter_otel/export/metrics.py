@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
+from chatter_otel.export.otlp import otlp_protocol
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
     from opentelemetry.sdk.resources import Resource
@@ -47,11 +49,7 @@ def metric_exporter_names(kwarg: str | None = None) -> list[str]:
 
 
 def _otlp_reader() -> MetricReader:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
+    protocol = otlp_protocol("metrics")
     exporter: Any
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter

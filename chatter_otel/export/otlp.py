@@ -47,12 +47,18 @@ def exporter_names(kwarg: str | None) -> list[str]:
     return ["local"]
 
 
-def otlp_exporter() -> SpanExporter:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+def otlp_protocol(signal: str) -> str:
+    """``OTEL_EXPORTER_OTLP_{SIGNAL}_PROTOCOL``, else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else
+    ``http/protobuf`` (the specification's default)."""
+    return (
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
         or "http/protobuf"
     ).strip()
+
+
+def otlp_exporter() -> SpanExporter:
+    protocol = otlp_protocol("traces")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
