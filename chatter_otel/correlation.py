@@ -87,6 +87,9 @@ class ValidatingBaggageSpanProcessor(BaggageSpanProcessor):
         super().__init__(lambda key: key == CHATTER_CORRELATION_ID)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        attributes = getattr(span, "attributes", None) or {}
+        if CHATTER_CORRELATION_ID in attributes:
+            return  # set by whoever started it (ours: from the run's ids); theirs stands
         # The request's id: the app's own when it keeps one, else ours, else a valid one from
         # the request's baggage.
         value = current_correlation_id() or valid_correlation_id(

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from chatter_otel._safety import internal_error
+from chatter_otel._safety import internal_error, warn_once
 from chatter_otel.correlation import current_correlation_id
 from chatter_otel.instrumentation.runs import last_run
 
@@ -110,8 +110,16 @@ def fill_app_monitoring(service: Any) -> Callable[[], None]:
 
     wrappers = {"start_workflow_tracking": start, "update_workflow_metrics": update,
                 "finish_workflow_tracking": finish}  # fmt: skip
-    for name in originals:
-        setattr(service, name, wrappers[name])
+    try:
+        for name in originals:
+            setattr(service, name, wrappers[name])
+    except (AttributeError, TypeError):  # a slotted or frozen service: nothing to fill
+        for name in originals:
+            vars(service).pop(name, None) if hasattr(service, "__dict__") else None
+        warn_once("fill:monitoring", "chatter-otel: cannot wrap the app's MonitoringService "
+                  "(%s) to fill its records; its runs are recorded beside them instead",
+                  type(service).__name__)  # fmt: skip
+        return lambda: None
 
     def undo() -> None:
         for name in originals:
