@@ -1,7 +1,7 @@
 # The reference app (chatter-otel serve), as the compose stack runs it.
 FROM python:3.11-slim
 WORKDIR /srv
-COPY pyproject.toml constraints.txt README.md ./
+COPY pyproject.toml constraints.txt README.md LICENSE MANIFEST.in ./
 COPY chatter_otel ./chatter_otel
 RUN pip install --no-cache-dir -c constraints.txt '.[app]' \
     && useradd --system --uid 10001 chatter

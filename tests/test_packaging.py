@@ -157,3 +157,25 @@ def test_colour_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     plain = Terminal()
     console(plain).print(tree(recs))
     assert "\x1b[3" not in plain.getvalue()  # no colour codes (bold may stay)
+
+
+def test_the_dockerfile_copies_what_the_build_needs(tmp_path: Path) -> None:
+    """The image installs the package from exactly the files its COPY lines bring (no Docker
+    engine here: the same build, from the same files)."""
+    import shutil
+
+    copied: list[str] = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            copied += line.split()[1:-1]
+    for name in copied:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name)
+        else:
+            shutil.copy(src, tmp_path / name)
+    out = subprocess.run([sys.executable, "-m", "build", "-q", "--wheel", "--outdir",
+                          str(tmp_path / "dist"), str(tmp_path)], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert list((tmp_path / "dist").glob("chatter_otel-*.whl"))
