@@ -15,6 +15,7 @@ __all__ = [
     "CHATTER_INTERRUPTED",
     "CHATTER_LLM_CALLS",
     "CHATTER_MESSAGE_ID",
+    "CHATTER_RETRIEVAL_DOCUMENTS",
     "CHATTER_TOOL_CALLS",
     "CHATTER_USAGE_MISSING",
     "CHATTER_USAGE_TOTAL_TOKENS",
@@ -50,6 +51,9 @@ CHATTER_USAGE_MISSING: Final = "chatter.usage.missing"
 CHATTER_USAGE_TOTAL_TOKENS: Final = "chatter.usage.total_tokens"
 """Total tokens of a call or a run, by the one rule of docs/decisions.md ("Totals"): the
 provider's total when it reports one, else input + output. The conventions define no total."""
+
+CHATTER_RETRIEVAL_DOCUMENTS: Final = "chatter.retrieval.documents"
+"""How many documents a retrieval returned (the conventions define the documents, not a count)."""
 
 CHATTER_LLM_CALLS: Final = "chatter.llm.calls"
 """Roll-up on ``invoke_workflow``: LLM calls made inside the workflow, nested workflows included."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
-from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 from opentelemetry import trace
@@ -21,8 +20,8 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
 )
 
 from chatter_otel._safety import guarded, warn_once
-from chatter_otel.correlation import current_correlation_id, valid_correlation_id
 from chatter_otel.instrumentation.calls import LLMInvocation, ToolInvocation
+from chatter_otel.instrumentation.ids import ambient_ids, ids_from_config
 from chatter_otel.instrumentation.invocations import (
     Invocation,
     NodeInvocation,
@@ -31,10 +30,12 @@ from chatter_otel.instrumentation.invocations import (
 )
 from chatter_otel.instrumentation.providers import provider_name
 from chatter_otel.instrumentation.registry import Registry
-from chatter_otel.instrumentation.runs import EMPTY_IDS, RunIds, RunSlot, current_workflow
+from chatter_otel.instrumentation.retrieval import RetrievalInvocation, data_source
+from chatter_otel.instrumentation.runs import RunIds, RunSlot, current_workflow
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+    from uuid import UUID
 
     from opentelemetry.context import Context
     from opentelemetry.trace import Tracer
@@ -46,56 +47,6 @@ _OP_CHAT = GenAiOperationNameValues.CHAT.value
 _OP_TEXT = GenAiOperationNameValues.TEXT_COMPLETION.value
 _HIDDEN_NODES = frozenset({"__start__"})  # LangGraph's input-writing pseudo node
 _MAX_ID_LEN = 256
-
-
-def clean_id(value: Any) -> str | None:
-    if (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, UUID):
-        value = str(value)
-    if not isinstance(value, str) or not value:
-        return None
-    if len(value) > _MAX_ID_LEN:
-        warn_once("ids:long", "chatter-otel: ignoring an id over %d chars", _MAX_ID_LEN)
-        return None
-    return value
-
-
-def ids_from_config(config: Mapping[str, Any] | None) -> RunIds:
-    """App ids from a LangGraph config: ``metadata`` first, then ``configurable``.
-
-    ``conversation_id`` falls back to LangGraph's ``thread_id``.
-    """
-    if not config:
-        return EMPTY_IDS
-    md = config.get("metadata") or {}
-    conf = config.get("configurable") or {}
-
-    def pick(*keys: str) -> str | None:
-        for source in (md, conf):
-            for key in keys:
-                if (value := clean_id(source.get(key))) is not None:
-                    return value
-        return None
-
-    ids = RunIds(
-        conversation_id=pick("conversation_id", "thread_id"),
-        message_id=pick("message_id"),
-        user_id=pick("user_id"),
-        correlation_id=valid_correlation_id(pick("correlation_id"), "a graph's config"),
-    )
-    if any((ids.conversation_id, ids.message_id, ids.user_id, ids.correlation_id)):
-        return ids
-    return EMPTY_IDS
-
-
-def ambient_ids(ids: RunIds) -> RunIds:
-    """``ids`` over the enclosing ``track_workflow``'s, with the correlation id from baggage."""
-    outer = current_workflow.get()
-    ids = ids.merged_over(outer.ids if outer is not None else None)
-    if ids.correlation_id is None:
-        corr = current_correlation_id()  # the app's own id first, then ours, then baggage
-        if corr is not None:
-            ids = RunIds(ids.conversation_id, ids.message_id, ids.user_id, corr)
-    return ids
 
 
 class OtelCallbackHandler(BaseCallbackHandler):
@@ -162,6 +113,8 @@ class OtelCallbackHandler(BaseCallbackHandler):
             inv.stop(output, error, self.settings)
         elif isinstance(inv, NodeInvocation | WorkflowInvocation):
             inv.stop(error)
+        elif isinstance(inv, RetrievalInvocation):
+            inv.stop(output, error)
 
     # -- chains: graphs and nodes ---------------------------------------------------------------
 
@@ -371,24 +324,35 @@ class OtelCallbackHandler(BaseCallbackHandler):
         if isinstance(inv, ToolInvocation) and inv.run_id == run_id:
             inv.stop(output, error, self.settings)
 
-    # -- retrievers: no span yet, but their children keep their place in the tree --------------
+    # -- retrievers: `retrieval {data source}` spans ----------------------------------------------
 
     @guarded
     def on_retriever_start(
         self, serialized: Any, query: str, *, run_id: UUID, parent_run_id: UUID | None = None,
-        **kwargs: Any,
+        metadata: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
+        if not self.enabled:
+            return
         parent = self._runs.get(parent_run_id)
-        if parent is not None and self.enabled:
-            self._runs.put(run_id, parent)
+        inv = RetrievalInvocation(
+            run_id, parent.ids if parent is not None else self._ambient(metadata or {}), parent,
+            parent.workflow if parent is not None else current_workflow.get(), self.tracer,
+            source=data_source(serialized, kwargs), query=query, settings=self.settings,
+        )  # fmt: skip
+        self._runs.put(run_id, inv)
 
     @guarded
     def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._runs.pop(run_id)
+        self._end_retrieval(run_id, documents, None)
 
     @guarded
     def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._runs.pop(run_id)
+        self._end_retrieval(run_id, None, error)
+
+    def _end_retrieval(self, run_id: UUID, documents: Any, error: BaseException | None) -> None:
+        inv = self._runs.pop(run_id)
+        if isinstance(inv, RetrievalInvocation) and inv.run_id == run_id:
+            inv.stop(documents, error)
 
 
 _active: OtelCallbackHandler | None = None

@@ -33,10 +33,10 @@ from chatter_otel.correlation import throttle_hostile_header_logs
 from chatter_otel.instrumentation.callbacks import (
     OtelCallbackHandler,
     active_handler,
-    ids_from_config,
     set_active_handler,
 )
 from chatter_otel.instrumentation.cost import Pricer, warm_up
+from chatter_otel.instrumentation.ids import ids_from_config
 from chatter_otel.instrumentation.runs import new_slot
 from chatter_otel.instrumentation.sampling import always_record
 from chatter_otel.instrumentation.settings import Settings

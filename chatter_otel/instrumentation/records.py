@@ -29,6 +29,7 @@ __all__ = [
     "LLMCallRecord",
     "NodeRecord",
     "Record",
+    "RetrievalRecord",
     "ToolCallRecord",
     "WorkflowRecord",
     "WorkflowStart",
@@ -130,7 +131,13 @@ class ToolCallRecord(_Common):
     call_id: str | None
 
 
-Record = Union[WorkflowRecord, NodeRecord, LLMCallRecord, ToolCallRecord]  # noqa: UP007
+@dataclass(frozen=True, slots=True)
+class RetrievalRecord(_Common):
+    data_source: str
+    documents: int
+
+
+Record = Union[WorkflowRecord, NodeRecord, LLMCallRecord, ToolCallRecord, RetrievalRecord]  # noqa: UP007
 
 _starting = threading.local()
 _ending: dict[int, Record] = {}
