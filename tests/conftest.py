@@ -128,6 +128,7 @@ class FakeOpenAI:
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
     )
+    embedding_model: str = "text-embedding-3-small"
     status: int = 200
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -168,6 +169,20 @@ def _chunks(fake: FakeOpenAI, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield {**base, "choices": [], "usage": fake.usage}
 
 
+def _embeddings(fake: FakeOpenAI, req: dict[str, Any], inputs: list[Any]) -> dict[str, Any]:
+    # One token per whitespace-separated word: a usage the tests can compute from the input.
+    tokens = sum(len(str(text).split()) for text in inputs)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+            for i in range(len(inputs))
+        ],
+        "model": fake.embedding_model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 @pytest.fixture
 def openai_server() -> Iterator[FakeOpenAI]:
     fake = FakeOpenAI(url="")
@@ -189,6 +204,15 @@ def openai_server() -> Iterator[FakeOpenAI]:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload.encode())
+                return
+            if self.path.endswith("/embeddings"):
+                inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+                payload = json.dumps(_embeddings(fake, body, inputs)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
                 return
             if body.get("stream"):
                 self.send_response(200)

@@ -36,6 +36,7 @@ from chatter_otel.instrumentation.callbacks import (
     set_active_handler,
 )
 from chatter_otel.instrumentation.cost import Pricer, warm_up
+from chatter_otel.instrumentation.embeddings import wrap_openai_embeddings
 from chatter_otel.instrumentation.ids import ids_from_config
 from chatter_otel.instrumentation.runs import new_slot
 from chatter_otel.instrumentation.sampling import always_record
@@ -233,6 +234,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         wrap_function_wrapper(RunnableCallable, "invoke", _NodeContext(handler))
         wrap_function_wrapper(RunnableCallable, "ainvoke", _NodeContextAsync(handler))
         self._stream_usage = settings.stream_usage and _ask_for_stream_usage()
+        self._unwrap_embeddings = wrap_openai_embeddings(tracer, handler.pricer)
         self._handler = handler
         set_active_handler(handler)
         if kwargs.get("tracer_provider") is None:
@@ -244,12 +246,16 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     _telemetry: Any = None
     _stream_usage = False
+    _unwrap_embeddings: Any = None
 
     def _uninstrument(self, **kwargs: Any) -> None:
         unwrap(Pregel, "stream")
         unwrap(Pregel, "astream")
         unwrap(RunnableCallable, "invoke")
         unwrap(RunnableCallable, "ainvoke")
+        if self._unwrap_embeddings is not None:
+            self._unwrap_embeddings()
+            self._unwrap_embeddings = None
         if self._stream_usage:
             from langchain_openai.chat_models.base import BaseChatOpenAI
 
