@@ -5,11 +5,13 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from genai_prices import Usage, calc_price
 from langchain_openai import OpenAIEmbeddings
 from langgraph.graph import END, START, StateGraph
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 from typing_extensions import TypedDict
 
@@ -96,3 +98,19 @@ def test_uninstrument_removes_the_wrapper(instrument: Any, openai_server: Any) -
 
     LangGraphInstrumentor().uninstrument()
     assert not hasattr(Embeddings.create, "__wrapped__")
+
+
+def test_the_http_request_runs_inside_the_embeddings_span(spans: Any, openai_server: Any) -> None:
+    seen: list[Any] = []
+
+    def hook(request: httpx.Request) -> None:
+        seen.append(trace.get_current_span().get_span_context())
+
+    http = httpx.Client(event_hooks={"request": [hook]})
+    client = OpenAIEmbeddings(model="text-embedding-3-small", base_url=openai_server.url,
+                              api_key="sk-test", check_embedding_ctx_length=False,  # type: ignore[arg-type]
+                              http_client=http)  # fmt: skip
+    client.embed_query("one")
+    span = spans.one("embeddings text-embedding-3-small")
+    assert [c.span_id for c in seen] == [span.context.span_id]
+    assert not trace.get_current_span().get_span_context().is_valid  # detached after the call

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
@@ -24,7 +25,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
 
 from chatter_otel._safety import internal_error
 from chatter_otel.attributes import (
@@ -95,6 +96,26 @@ def _end(span: Span | None, result: Any, error: BaseException | None, pricer: Pr
             internal_error("embeddings.end_span")
 
 
+def _enter(span: Span | None) -> object | None:
+    # Current for the call, so the HTTP client's span nests under the embeddings span; attached
+    # and detached in the wrapper's own frame (and, async, its own task), so no token leaks.
+    if span is None:
+        return None
+    try:
+        return context.attach(set_span_in_context(span))
+    except Exception:
+        internal_error("embeddings.enter")
+        return None
+
+
+def _leave(token: object | None) -> None:
+    if token is not None:
+        try:
+            context.detach(token)  # type: ignore[arg-type]
+        except Exception:
+            internal_error("embeddings.leave")
+
+
 def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None] | None:
     """Wrap the openai SDK's embeddings calls; None when the SDK is not installed."""
     try:
@@ -106,21 +127,27 @@ def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None]
 
     def sync_create(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         span = _start(tracer, kwargs)
+        token = _enter(span)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
             _end(span, None, exc, pricer, kwargs.get("model"))
             raise
+        finally:
+            _leave(token)
         _end(span, result, None, pricer, kwargs.get("model"))
         return result
 
     async def async_create(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         span = _start(tracer, kwargs)
+        token = _enter(span)
         try:
             result = await wrapped(*args, **kwargs)
         except BaseException as exc:
             _end(span, None, exc, pricer, kwargs.get("model"))
             raise
+        finally:
+            _leave(token)
         _end(span, result, None, pricer, kwargs.get("model"))
         return result
 
