@@ -50,70 +50,78 @@ __all__ = ["wrap_openai_embeddings"]
 _OP = GenAiOperationNameValues.EMBEDDINGS.value
 
 
-def _start(tracer: Tracer, kwargs: dict[str, Any]) -> Span | None:
-    try:
+class _EmbeddingsCall:
+    """One embeddings call: owns its span, current for the call, ended in ``__exit__``.
+
+    A context manager so the sync and async wrappers share it; entered and left in the
+    wrapper's own frame (and, async, its own task), so the context token never leaks.
+    """
+
+    __slots__ = ("_pricer", "_request_model", "_token", "result", "span")
+
+    def __init__(self, tracer: Tracer, pricer: Pricer, kwargs: dict[str, Any]) -> None:
+        self._pricer = pricer
+        self._token: object | None = None
+        self.result: Any = None
         model = kwargs.get("model")
-        model = model if isinstance(model, str) and model else None
-        attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: _OP, GEN_AI_PROVIDER_NAME: "openai",
-                                 **ambient_ids(EMPTY_IDS).attributes()}  # fmt: skip
-        if model:
-            attrs[GEN_AI_REQUEST_MODEL] = model
-        name = f"{_OP} {model}" if model else _OP
-        return tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
-    except Exception:
-        internal_error("embeddings.start")
-        return None
-
-
-def _end(span: Span | None, result: Any, error: BaseException | None, pricer: Pricer,
-         request_model: Any) -> None:  # fmt: skip
-    if span is None:
-        return
-    try:
-        if error is not None:
-            etype = error_type(error)
-            span.set_attribute(ERROR_TYPE, etype)
-            span.set_status(Status(StatusCode.ERROR, etype))
-        else:
-            model = getattr(result, "model", None)
-            tokens = getattr(getattr(result, "usage", None), "prompt_tokens", None)
-            if isinstance(model, str) and model:
-                span.set_attribute(GEN_AI_RESPONSE_MODEL, model)
-            if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
-                span.set_attribute(GEN_AI_USAGE_INPUT_TOKENS, tokens)
-                usage = TokenUsage(input_tokens=tokens, output_tokens=0, total_tokens=tokens)
-                cost = pricer.cost(usage, (model, request_model), "openai")
-                if cost is not None:
-                    span.set_attribute(GEN_AI_USAGE_COST_AMOUNT, float(cost.amount))
-                    span.set_attribute(GEN_AI_USAGE_COST_CURRENCY, cost.currency)
-                    span.set_attribute(GEN_AI_USAGE_COST_SOURCE, cost.source)
-    except Exception:
-        internal_error("embeddings.end")
-    finally:
+        self._request_model = model if isinstance(model, str) and model else None
+        self.span: Span | None = None
         try:
-            span.end(end_time=time.time_ns())
+            attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: _OP, GEN_AI_PROVIDER_NAME: "openai",
+                                     **ambient_ids(EMPTY_IDS).attributes()}  # fmt: skip
+            if self._request_model:
+                attrs[GEN_AI_REQUEST_MODEL] = self._request_model
+            name = f"{_OP} {self._request_model}" if self._request_model else _OP
+            self.span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
         except Exception:
-            internal_error("embeddings.end_span")
+            internal_error("embeddings.start")
 
+    def __enter__(self) -> _EmbeddingsCall:
+        # Current for the call, so the HTTP client's span nests under the embeddings span.
+        if self.span is not None:
+            try:
+                self._token = context.attach(set_span_in_context(self.span))
+            except Exception:
+                internal_error("embeddings.enter")
+        return self
 
-def _enter(span: Span | None) -> object | None:
-    # Current for the call, so the HTTP client's span nests under the embeddings span; attached
-    # and detached in the wrapper's own frame (and, async, its own task), so no token leaks.
-    if span is None:
-        return None
-    try:
-        return context.attach(set_span_in_context(span))
-    except Exception:
-        internal_error("embeddings.enter")
-        return None
-
-
-def _leave(token: object | None) -> None:
-    if token is not None:
+    def __exit__(self, etype: Any, error: BaseException | None, tb: Any) -> None:
+        if self._token is not None:
+            try:
+                context.detach(self._token)  # type: ignore[arg-type]
+            except Exception:
+                internal_error("embeddings.leave")
+        span = self.span
+        if span is None:
+            return
         try:
-            context.detach(token)  # type: ignore[arg-type]
+            if error is not None:
+                name = error_type(error)
+                span.set_attribute(ERROR_TYPE, name)
+                span.set_status(Status(StatusCode.ERROR, name))
+            else:
+                self._record(span)
         except Exception:
-            internal_error("embeddings.leave")
+            internal_error("embeddings.end")
+        finally:
+            try:
+                span.end(end_time=time.time_ns())
+            except Exception:
+                internal_error("embeddings.end_span")
+
+    def _record(self, span: Span) -> None:
+        model = getattr(self.result, "model", None)
+        tokens = getattr(getattr(self.result, "usage", None), "prompt_tokens", None)
+        if isinstance(model, str) and model:
+            span.set_attribute(GEN_AI_RESPONSE_MODEL, model)
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
+            span.set_attribute(GEN_AI_USAGE_INPUT_TOKENS, tokens)
+            usage = TokenUsage(input_tokens=tokens, output_tokens=0, total_tokens=tokens)
+            cost = self._pricer.cost(usage, (model, self._request_model), "openai")
+            if cost is not None:
+                span.set_attribute(GEN_AI_USAGE_COST_AMOUNT, float(cost.amount))
+                span.set_attribute(GEN_AI_USAGE_COST_CURRENCY, cost.currency)
+                span.set_attribute(GEN_AI_USAGE_COST_SOURCE, cost.source)
 
 
 def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None] | None:
@@ -126,30 +134,14 @@ def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None]
     from wrapt import wrap_function_wrapper
 
     def sync_create(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        span = _start(tracer, kwargs)
-        token = _enter(span)
-        try:
-            result = wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _end(span, None, exc, pricer, kwargs.get("model"))
-            raise
-        finally:
-            _leave(token)
-        _end(span, result, None, pricer, kwargs.get("model"))
-        return result
+        with _EmbeddingsCall(tracer, pricer, kwargs) as call:
+            call.result = wrapped(*args, **kwargs)
+        return call.result
 
     async def async_create(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-        span = _start(tracer, kwargs)
-        token = _enter(span)
-        try:
-            result = await wrapped(*args, **kwargs)
-        except BaseException as exc:
-            _end(span, None, exc, pricer, kwargs.get("model"))
-            raise
-        finally:
-            _leave(token)
-        _end(span, result, None, pricer, kwargs.get("model"))
-        return result
+        with _EmbeddingsCall(tracer, pricer, kwargs) as call:
+            call.result = await wrapped(*args, **kwargs)
+        return call.result
 
     wrap_function_wrapper(Embeddings, "create", sync_create)
     wrap_function_wrapper(AsyncEmbeddings, "create", async_create)
