@@ -27,8 +27,11 @@ __all__ = [
     "GEN_AI_USAGE_COST_AMOUNT",
     "GEN_AI_USAGE_COST_CURRENCY",
     "GEN_AI_USAGE_COST_SOURCE",
+    "LANGGRAPH_CHECKPOINT_ID",
+    "LANGGRAPH_INTERRUPT_IDS",
     "LANGGRAPH_NODE_NAME",
     "LANGGRAPH_STEP",
+    "LANGGRAPH_THREAD_ID",
     "LEDGER_DROPPED_METRIC",
     "LEDGER_QUARANTINED_METRIC",
     "LEDGER_SPOOLED_METRIC",
@@ -82,6 +85,15 @@ LANGGRAPH_NODE_NAME: Final = "langgraph.node.name"
 
 LANGGRAPH_STEP: Final = "langgraph.step"
 """The Pregel superstep the node ran in (an int)."""
+
+LANGGRAPH_THREAD_ID: Final = "langgraph.thread.id"
+"""The ``thread_id`` of a paused or resuming run (``configurable.thread_id``)."""
+
+LANGGRAPH_CHECKPOINT_ID: Final = "langgraph.checkpoint.id"
+"""The checkpoint a run paused at, or resumes from: what joins the two runs in a backend."""
+
+LANGGRAPH_INTERRUPT_IDS: Final = "langgraph.interrupt.ids"
+"""The ids of the ``Interrupt`` objects that paused a run (string array)."""
 
 ORPHANED_ERROR_TYPE: Final = "chatter.orphaned"
 """``error.type`` of a span that the bounded run registry had to end (its run never finished)."""

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,22 +131,37 @@ class FakeOpenAI:
     )
     embedding_model: str = "text-embedding-3-small"
     status: int = 200
+    # Scripted tool calls: each chat request takes the next entry, if any, and answers with
+    # those calls (name, arguments) instead of content; an agent's loop then runs the tools.
+    tool_calls: deque[list[tuple[str, dict[str, Any]]]] = field(default_factory=deque)
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
 
 
+def _next_calls(fake: FakeOpenAI) -> list[dict[str, Any]] | None:
+    try:
+        calls = fake.tool_calls.popleft()
+    except IndexError:
+        return None
+    return [
+        {"id": f"call_{i}_{name}", "type": "function",
+         "function": {"name": name, "arguments": json.dumps(args)}}
+        for i, (name, args) in enumerate(calls)
+    ]  # fmt: skip
+
+
 def _completion(fake: FakeOpenAI, req: dict[str, Any]) -> dict[str, Any]:
+    calls = _next_calls(fake)
+    message: dict[str, Any] = {"role": "assistant", "content": fake.content}
+    if calls:
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
     return {
         "id": "chatcmpl-loopback-1",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": fake.model,
         "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": fake.content},
-                "finish_reason": "stop",
-            }
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}
         ],
         "usage": fake.usage,
     }
@@ -158,13 +174,19 @@ def _chunks(fake: FakeOpenAI, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
         "created": int(time.time()),
         "model": fake.model,
     }
-    words = fake.content.split(" ")
-    for i, word in enumerate(words):
-        delta = {"content": (" " if i else "") + word}
-        if i == 0:
-            delta["role"] = "assistant"
+    calls = _next_calls(fake)
+    if calls:
+        deltas = [{"index": i, **c} for i, c in enumerate(calls)]
+        delta: dict[str, Any] = {"role": "assistant", "tool_calls": deltas}
         yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    else:
+        for i, word in enumerate(fake.content.split(" ")):
+            delta = {"content": (" " if i else "") + word}
+            if i == 0:
+                delta["role"] = "assistant"
+            yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    done = {"index": 0, "delta": {}, "finish_reason": "tool_calls" if calls else "stop"}
+    yield {**base, "choices": [done]}
     if (req.get("stream_options") or {}).get("include_usage"):
         yield {**base, "choices": [], "usage": fake.usage}
 

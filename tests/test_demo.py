@@ -84,3 +84,28 @@ def test_the_printed_next_commands_work_as_printed(tmp_path: Any) -> None:
                           text=True, timeout=60, check=False, env=env)  # fmt: skip
     assert miss.returncode == 1
     assert "may not be there yet" in miss.stderr and miss.stderr.count("\n") == 1
+
+
+def test_agents_demo_prints_the_agent_and_the_paused_and_resumed_runs(tmp_path: Any) -> None:
+    store = str(tmp_path / "traces.db")
+    proc = _cli("demo", "--agents", store=store)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Traceback" not in proc.stderr
+    agent, paused, resumed = (part.split("\n\n")[0] for part in out.split(":\ntrace ")[1:])
+    # the ReAct loop under its agent span, with the agent's roll-up
+    assert re.search(r"└── invoke_agent weather .* tokens=9/10", agent)
+    assert agent.count("invoke_node model") == 2 and "execute_tool get_weather" in agent
+    flat = lambda text: " ".join(text.split())  # noqa: E731 - long lines wrap at 80 columns
+    checkpoint = re.search(r"paused at checkpoint ([0-9a-f-]{36})", flat(paused)).group(1)
+    assert "invoke_node review" in paused and "invoke_node send" not in paused
+    assert f"resumed from checkpoint {checkpoint}" in flat(resumed)
+    assert "invoke_node send" in resumed and "invoke_node draft" not in resumed
+    ids = re.findall(r"^trace ([0-9a-f]{32})", out, re.MULTILINE)
+    assert len(set(ids)) == 3  # three traces
+
+    # the same trees from the store, by trace id
+    for tid, tree in zip(ids, (agent, paused, resumed), strict=True):
+        shown = _cli("trace", tid, store=store)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.strip() == f"trace {tree}".strip()

@@ -21,6 +21,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
 
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.instrumentation.calls import LLMInvocation, ToolInvocation
+from chatter_otel.instrumentation.chain_starts import Announced, ChainStarts
 from chatter_otel.instrumentation.ids import ambient_ids, ids_from_config
 from chatter_otel.instrumentation.invocations import (
     Invocation,
@@ -28,6 +29,7 @@ from chatter_otel.instrumentation.invocations import (
     Orphaned,
     WorkflowInvocation,
 )
+from chatter_otel.instrumentation.pauses import Pauses, checkpoint_of
 from chatter_otel.instrumentation.providers import provider_name
 from chatter_otel.instrumentation.registry import Registry
 from chatter_otel.instrumentation.retrieval import RetrievalInvocation, data_source
@@ -68,13 +70,17 @@ class OtelCallbackHandler(BaseCallbackHandler):
             settings.max_runs, settings.max_run_age_s, self._evict
         )
         # Graph runs announced by the Pregel.stream/astream wrapper, by run id.
-        self._graphs: OrderedDict[UUID, tuple[str, RunIds, RunSlot]] = OrderedDict()
+        self._graphs: OrderedDict[UUID, Announced] = OrderedDict()
+        self.pauses = Pauses(settings.max_runs, settings.max_run_age_s)
+        self._starts = ChainStarts(tracer, settings, self.pauses)
 
     # -- announced by the instrumentor ---------------------------------------------------------
 
-    def expect_graph(self, run_id: UUID, name: str, ids: RunIds, slot: RunSlot) -> None:
+    def expect_graph(
+        self, run_id: UUID, name: str, ids: RunIds, slot: RunSlot, prebuilt_agent: bool
+    ) -> None:
         graphs = self._graphs
-        graphs[run_id] = (name, ids, slot)
+        graphs[run_id] = (name, ids, slot, prebuilt_agent)
         while len(graphs) > self.settings.max_runs:
             graphs.popitem(last=False)
 
@@ -91,6 +97,15 @@ class OtelCallbackHandler(BaseCallbackHandler):
         if trace.get_current_span() is span:
             return None
         return trace.set_span_in_context(span)
+
+    @guarded
+    def interrupted(self, config: Mapping[str, Any]) -> None:
+        """A node's function raised ``GraphInterrupt``: note the checkpoint its task ran from
+        (the pause the resume will link to is keyed by it)."""
+        parent_id = getattr(config.get("callbacks"), "parent_run_id", None)
+        inv = self._runs.get(parent_id)
+        if inv is not None and inv.checkpoint_id is None:
+            inv.checkpoint_id = checkpoint_of(config.get("configurable"))
 
     def _evict(self, run_id: UUID, inv: Invocation) -> None:
         if inv.run_id != run_id:  # an alias entry; its owner is evicted on its own
@@ -111,7 +126,11 @@ class OtelCallbackHandler(BaseCallbackHandler):
             inv.stop(output, error, self.pricer, self.settings)
         elif isinstance(inv, ToolInvocation):
             inv.stop(output, error, self.settings)
-        elif isinstance(inv, NodeInvocation | WorkflowInvocation):
+        elif isinstance(inv, WorkflowInvocation):
+            inv.stop(error)
+            if inv.pause is not None:
+                self.pauses.paused(inv.pause)
+        elif isinstance(inv, NodeInvocation):
             inv.stop(error)
         elif isinstance(inv, RetrievalInvocation):
             inv.stop(output, error)
@@ -136,44 +155,24 @@ class OtelCallbackHandler(BaseCallbackHandler):
         parent = self._runs.get(parent_run_id)
         node_name: str | None = None
         if (
-            parent is not None
-            and isinstance(parent, WorkflowInvocation)
+            isinstance(parent, WorkflowInvocation)
+            and parent.graph
             and parent.run_id == parent_run_id
             and metadata is not None
             and "langgraph_node" in metadata
         ):
             node_name = str(kwargs.get("name") or metadata["langgraph_node"])
-        if graph is None:
-            if node_name is not None and node_name not in _HIDDEN_NODES:
-                assert parent is not None and metadata is not None
-                self._runs.put(run_id, self._node(run_id, node_name, parent, metadata))
-            elif parent is not None:
-                self._runs.put(run_id, parent)  # alias: no span of its own
-            return
-        name, ids, slot = graph
-        node = None
-        if node_name is not None:  # a compiled subgraph added as a node: node, then workflow
+        starts = self._starts
+        if graph is not None:
+            inv: Invocation = starts.graph(run_id, graph, node_name, parent, inputs, metadata)
+        elif node_name is not None and node_name not in _HIDDEN_NODES:
             assert parent is not None and metadata is not None
-            node = self._node(run_id, str(kwargs.get("name") or name), parent, metadata)
-        under = node or parent
-        if under is not None:
-            outer = under.workflow
-            ids = ids.merged_over(under.ids)
+            inv = starts.node(run_id, node_name, parent, metadata)
+        elif parent is not None:
+            inv = parent  # alias: no span of its own
         else:
-            outer = current_workflow.get()
-            ids = ambient_ids(ids)
-        inv = WorkflowInvocation(
-            run_id, name, ids, self.tracer, self.settings, parent=under, outer=outer, node=node
-        )
-        inv.slot = slot
+            return
         self._runs.put(run_id, inv)
-
-    def _node(
-        self, run_id: UUID, name: str, parent: Invocation, metadata: Mapping[str, Any]
-    ) -> NodeInvocation:
-        step = metadata.get("langgraph_step")
-        step = step if isinstance(step, int) and not isinstance(step, bool) else None
-        return NodeInvocation(run_id, parent, name, step, self.tracer)
 
     @guarded
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:

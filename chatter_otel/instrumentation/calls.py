@@ -92,7 +92,10 @@ class LLMInvocation(Invocation):
     def _start_attributes(
         self, md: Mapping[str, Any], settings: Settings, inputs: list[Any]
     ) -> dict[str, Any]:
-        attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: self.operation, **self.ids.attributes()}
+        attrs: dict[str, Any] = {
+            GEN_AI_OPERATION_NAME: self.operation, **self.ids.attributes(),
+            **self.agent_attributes(),
+        }  # fmt: skip
         if self.provider:
             attrs[GEN_AI_PROVIDER_NAME] = self.provider
         if self.request_model:
@@ -267,6 +270,7 @@ class ToolInvocation(Invocation):
                 GEN_AI_TOOL_NAME: name,
                 GEN_AI_TOOL_TYPE: "function",
                 **ids.attributes(),
+                **self.agent_attributes(),
             }
             if call_id:
                 attrs[GEN_AI_TOOL_CALL_ID] = call_id

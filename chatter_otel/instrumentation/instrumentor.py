@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.tracers.context import register_configure_hook
 from langgraph._internal._runnable import RunnableCallable
+from langgraph.errors import GraphInterrupt
 from langgraph.pregel.main import Pregel
 from opentelemetry import context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
@@ -30,6 +31,7 @@ from wrapt import wrap_function_wrapper
 
 from chatter_otel._safety import warn_once
 from chatter_otel.correlation import throttle_hostile_header_logs
+from chatter_otel.instrumentation.agents import built_by_factory
 from chatter_otel.instrumentation.callbacks import (
     OtelCallbackHandler,
     active_handler,
@@ -122,7 +124,9 @@ class _AnnounceGraph:
             run_id = config["run_id"] = uuid.uuid4()
         name = config.get("run_name") or graph.get_name()
         # new_slot() runs here, in the app's own context, so last_run() can see the result.
-        self._handler.expect_graph(run_id, str(name), ids_from_config(config), new_slot())
+        self._handler.expect_graph(
+            run_id, str(name), ids_from_config(config), new_slot(), built_by_factory(graph)
+        )
         if len(args) > 1:
             args = (args[0], config, *args[2:])
         else:
@@ -131,7 +135,8 @@ class _AnnounceGraph:
 
 
 class _NodeContext:
-    """Around ``RunnableCallable.invoke``: the node span is current while the node runs."""
+    """Around ``RunnableCallable.invoke``: the node span is current while the node runs; an
+    interrupt raised in it notes the checkpoint its task ran from (what a resume links to)."""
 
     def __init__(self, handler: OtelCallbackHandler) -> None:
         self._handler = handler
@@ -139,14 +144,17 @@ class _NodeContext:
     def __call__(self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if _runs_no_app_code(instance):
             return wrapped(*args, **kwargs)
-        ctx = self._handler.context_for(_config_arg(args, kwargs))
-        if ctx is None:
-            return wrapped(*args, **kwargs)
-        token = context.attach(ctx)
+        config = _config_arg(args, kwargs)
+        ctx = self._handler.context_for(config)
+        token = context.attach(ctx) if ctx is not None else None
         try:
             return wrapped(*args, **kwargs)
+        except GraphInterrupt:
+            self._handler.interrupted(config)
+            raise
         finally:
-            context.detach(token)
+            if token is not None:
+                context.detach(token)
 
 
 class _NodeContextAsync(_NodeContext):
@@ -155,14 +163,17 @@ class _NodeContextAsync(_NodeContext):
     ) -> Any:
         if _runs_no_app_code(instance):
             return await wrapped(*args, **kwargs)
-        ctx = self._handler.context_for(_config_arg(args, kwargs))
-        if ctx is None:
-            return await wrapped(*args, **kwargs)
-        token = context.attach(ctx)
+        config = _config_arg(args, kwargs)
+        ctx = self._handler.context_for(config)
+        token = context.attach(ctx) if ctx is not None else None
         try:
             return await wrapped(*args, **kwargs)
+        except GraphInterrupt:
+            self._handler.interrupted(config)
+            raise
         finally:
-            context.detach(token)
+            if token is not None:
+                context.detach(token)
 
 
 def _usage_unless_told_not(
@@ -217,6 +228,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             max_run_age_s=kwargs.get("max_run_age_s"),
             prices=kwargs.get("prices"),
             stream_usage=kwargs.get("stream_usage"),
+            semconv_opt_in=kwargs.get("semconv_opt_in"),
         )
         # Recorded whatever the sampler says (at least RECORD_ONLY): the processors see every
         # run of ours; only sampled spans are exported (instrumentation/sampling.py).

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from langgraph.errors import GraphBubbleUp, GraphInterrupt
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_OPERATION_NAME,
-    GEN_AI_WORKFLOW_NAME,
     GenAiOperationNameValues,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
@@ -36,16 +35,19 @@ from chatter_otel.attributes import (
     ORPHANED_ERROR_TYPE,
 )
 from chatter_otel.instrumentation import records as r
+from chatter_otel.instrumentation.pauses import PAUSED_EVENT, RESUMED_EVENT, Pause, interrupt_ids
 from chatter_otel.instrumentation.runs import RunIds, WorkflowRun
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Span, Tracer
 
+    from chatter_otel.instrumentation.agents import Agent
     from chatter_otel.instrumentation.runs import RunSlot
     from chatter_otel.instrumentation.settings import Settings
 
 _OP_WORKFLOW = GenAiOperationNameValues.INVOKE_WORKFLOW.value
+_OP_AGENT = GenAiOperationNameValues.INVOKE_AGENT.value
 _MAX_DESC_LEN = 256
 
 
@@ -84,8 +86,8 @@ class Invocation:
     """What every operation has: its span, ids, parent, the workflow it rolls up into."""
 
     __slots__ = (
-        "error_id", "ids", "parent", "run_id", "settings", "span", "span_id", "start_mono_ns",
-        "start_ns", "trace_id", "workflow",
+        "agent", "checkpoint_id", "error_id", "ids", "parent", "run_id", "settings", "span",
+        "span_id", "start_mono_ns", "start_ns", "trace_id", "workflow",
     )  # fmt: skip
 
     def __init__(
@@ -102,21 +104,30 @@ class Invocation:
         self.start_ns = time.time_ns()
         self.start_mono_ns = time.monotonic_ns()
         self.error_id = 0  # id() of the exception a child already recorded
+        # The agent this operation runs in (its own, for an agent), named on the spans below.
+        self.agent: Agent | None = parent.agent if parent is not None else None
+        self.checkpoint_id: str | None = None  # of a node's task, noted when it is interrupted
 
     @property
     def workflow_id(self) -> str | None:
         return self.workflow.root_id if self.workflow is not None else None
 
-    def _open(
+    def agent_attributes(self) -> dict[str, str]:
+        """The enclosing agent's attributes, for an LLM, tool or retrieval span."""
+        agent = self.agent
+        return agent.child_attributes(self.settings.semconv) if agent is not None else {}
+
+    def _open(  # noqa: PLR0917 - internal, positional at every call site
         self, tracer: Tracer, name: str, kind: SpanKind, attrs: dict[str, Any],
-        context: Context | None = None,
+        context: Context | None = None, links: list[Any] | None = None,
     ) -> None:  # fmt: skip
         # Attributes known at the start go in at the start: samplers and on_start see them.
         if context is None and self.parent is not None:
             context = set_span_in_context(self.parent.span)
         self.span = tracer.start_span(
-            name, context=context, kind=kind, attributes=attrs, start_time=self.start_ns
-        )
+            name, context=context, kind=kind, attributes=attrs, links=links,
+            start_time=self.start_ns,
+        )  # fmt: skip
         ctx = self.span.get_span_context()
         self.span_id, self.trace_id = format(ctx.span_id, "016x"), format(ctx.trace_id, "032x")
 
@@ -129,6 +140,7 @@ class Invocation:
             # LangGraph control flow (interrupt, Command to parent, drain) is not a failure.
             if isinstance(error, GraphInterrupt):
                 span.set_attribute(CHATTER_INTERRUPTED, True)
+                self._interrupt_up(interrupt_ids(error))
                 return r.INTERRUPTED, None, None
             return r.OK, None, None
         if is_cancel(error):
@@ -154,6 +166,16 @@ class Invocation:
         if self.parent is not None:
             self.parent.error_id = id(error)
         return r.ERROR, etype, message
+
+    def _interrupt_up(self, ids: tuple[str, ...]) -> None:
+        """Tell every enclosing workflow that it pauses: the outermost one records the pause."""
+        checkpoint = self.checkpoint_id
+        inv: Invocation | None = self
+        while inv is not None:
+            if isinstance(inv, WorkflowInvocation):
+                inv.note_interrupt(checkpoint, ids)
+            checkpoint = checkpoint or inv.checkpoint_id
+            inv = inv.parent
 
     def _safe_outcome(self, error: BaseException | None) -> tuple[str, str | None, str | None]:
         try:
@@ -209,10 +231,14 @@ class NodeInvocation(Invocation):
 
 
 class WorkflowInvocation(Invocation):
-    """A workflow: a compiled graph's run, or ``track_workflow``. Owns a ``WorkflowRun`` (what
-    the app gets back) and rolls it up into the enclosing workflow, if any, when it ends."""
+    """A workflow: a compiled graph's run, or ``track_workflow``; an agent's run is one too
+    (``invoke_agent`` span: a graph an agent factory built, or a graph or node the app marked).
+    Owns a ``WorkflowRun`` (what the app gets back) and rolls it up into the enclosing workflow,
+    if any, when it ends."""
 
-    __slots__ = ("node", "outer", "run", "slot")
+    __slots__ = (
+        "graph", "interrupted", "is_agent", "node", "outer", "pause", "run", "slot", "thread_id",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -226,23 +252,70 @@ class WorkflowInvocation(Invocation):
         outer: WorkflowRun | None = None,
         node: NodeInvocation | None = None,
         context: Context | None = None,
+        agent: Agent | None = None,
+        graph: bool = True,
+        extra: dict[str, Any] | None = None,
+        thread_id: str | None = None,
+        resumes: Pause | None = None,
     ) -> None:
-        run = WorkflowRun(name=name, ids=ids)
+        run = WorkflowRun(name=agent.name if agent is not None else name, ids=ids)
         super().__init__(run_id, ids, parent, run, settings)
         self.run = run
         self.outer = outer  # the enclosing workflow, where this one's totals roll up
         self.node = node  # the node span of a subgraph added as a node
+        self.graph = graph  # a graph run (its child chains are nodes), not a marked node
         self.slot: RunSlot | None = None  # where last_run() finds it, if outermost
-        attrs = {GEN_AI_OPERATION_NAME: _OP_WORKFLOW, GEN_AI_WORKFLOW_NAME: name}
+        self.thread_id = thread_id
+        self.is_agent = agent is not None
+        # (checkpoint id, interrupt ids) once something inside it was interrupted
+        self.interrupted: tuple[str | None, tuple[str, ...]] | None = None
+        self.pause: Pause | None = None  # what its end recorded, for the resume to link to
+        attrs: dict[str, Any]
+        if agent is not None:
+            self.agent = agent
+            attrs = {GEN_AI_OPERATION_NAME: _OP_AGENT, **agent.attributes(settings.semconv)}
+        else:
+            attrs = {GEN_AI_OPERATION_NAME: _OP_WORKFLOW}
+            attrs.update(dict.fromkeys(settings.semconv.workflow_name_keys, name))
+        span_name = r.workflow_span_name(run.name, agent is not None)
+        if extra:
+            attrs.update(extra)
+        if resumes is not None:
+            attrs.update(resumes.attributes())
         attrs.update(ids.attributes())
-        start = r.WorkflowStart(name, outer is None, ids)
+        start = r.WorkflowStart(run.name, outer is None, ids, self.is_agent)
+        links = [resumes.link()] if resumes is not None and resumes.context.is_valid else None
         with r.carry_start(start):
-            self._open(tracer, f"invoke_workflow {name}", SpanKind.INTERNAL, attrs, context)
+            self._open(tracer, span_name, SpanKind.INTERNAL, attrs, context, links)
+        if resumes is not None:
+            self.span.add_event(RESUMED_EVENT, resumes.attributes(), timestamp=self.start_ns)
         if self.span_id and self.span.get_span_context().is_valid:
             run.trace_id, run.workflow_id = self.trace_id, self.span_id
         run.root_id = outer.root_id if outer is not None else run.workflow_id
         if outer is None and run.workflow_id:
             self.span.set_attribute(CHATTER_WORKFLOW_ID, run.workflow_id)
+
+    def note_interrupt(self, checkpoint_id: str | None, ids: tuple[str, ...]) -> None:
+        prev = self.interrupted
+        if prev is not None:
+            checkpoint_id = prev[0] or checkpoint_id
+            ids = prev[1] + tuple(i for i in ids if i not in prev[1])
+        self.interrupted = (checkpoint_id, ids)
+
+    def _paused(self, status: str, end_ns: int) -> str:
+        """A run something inside it interrupted ends ``interrupted``; the outermost one
+        records the pause (event, and the registry entry the resume links to)."""
+        assert self.interrupted is not None
+        self.span.set_attribute(CHATTER_INTERRUPTED, True)
+        if self.thread_id is not None:  # the app's own graph call (set only there)
+            checkpoint, ids = self.interrupted
+            pause = Pause(self.span.get_span_context(), self.thread_id, checkpoint, ids,
+                          time.monotonic())  # fmt: skip
+            # On the span too: a backend's search (TraceQL, Jaeger tags) finds both runs by it.
+            self.span.set_attributes(pause.attributes())
+            self.span.add_event(PAUSED_EVENT, pause.attributes(), timestamp=end_ns)
+            self.pause = pause
+        return r.INTERRUPTED if status == r.OK else status
 
     def stop(self, error: BaseException | None) -> WorkflowRun:
         end_ns = time.time_ns()
@@ -250,6 +323,8 @@ class WorkflowInvocation(Invocation):
         record = None
         try:
             status, etype, message = self._safe_outcome(error)
+            if self.interrupted is not None:
+                status = self._paused(status, end_ns)
             u = run.usage
             u.response_time_ms = (time.monotonic_ns() - self.start_mono_ns) // 1_000_000
             run.finished_at = time.time()
@@ -259,7 +334,7 @@ class WorkflowInvocation(Invocation):
                 self.span_id, self.trace_id, self.workflow_id, self.ids, self.start_ns, end_ns,
                 status, etype, message, run.name, self.outer is None, u.prompt_tokens,
                 u.completion_tokens, u.total_tokens, u.cost, u.cost_currency, u.provider,
-                u.model, u.llm_calls, u.tool_calls,
+                u.model, u.llm_calls, u.tool_calls, self.is_agent,
             )  # fmt: skip
             run.record = record
             try:

@@ -41,6 +41,10 @@ __all__ = [
 OK, ERROR, INTERRUPTED, CANCELLED, ORPHANED = "ok", "error", "interrupted", "cancelled", "orphaned"
 
 
+def workflow_span_name(name: str, agent: bool) -> str:
+    return f"invoke_agent {name}" if agent else f"invoke_workflow {name}"
+
+
 @dataclass(frozen=True, slots=True)
 class _Common:
     span_id: str  # 16 hex
@@ -71,6 +75,11 @@ class WorkflowStart:
     name: str
     outermost: bool
     ids: RunIds = EMPTY_IDS
+    agent: bool = False  # an agent's run (``invoke_agent``), not a plain workflow
+
+    @property
+    def span_name(self) -> str:
+        return workflow_span_name(self.name, self.agent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,11 @@ class WorkflowRecord(_Common):
     model: str | None
     llm_calls: int
     tool_calls: int
+    agent: bool = False  # an agent's run (``invoke_agent``); ``name`` is the agent's name
+
+    @property
+    def span_name(self) -> str:
+        return workflow_span_name(self.name, self.agent)
 
 
 @dataclass(frozen=True, slots=True)

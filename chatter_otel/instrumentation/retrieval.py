@@ -71,6 +71,7 @@ class RetrievalInvocation(Invocation):
         try:
             attrs: dict[str, Any] = {
                 GEN_AI_OPERATION_NAME: _OP, GEN_AI_DATA_SOURCE_ID: source, **ids.attributes(),
+                **self.agent_attributes(),
             }  # fmt: skip
             if settings.capture_content and isinstance(query, str):
                 attrs[GEN_AI_RETRIEVAL_QUERY_TEXT] = _content.render(settings, "retrieval.query",

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatter_otel.instrumentation.semconv_modes import DEFAULT, SemconvMode, resolve_mode
+
 _log = logging.getLogger("chatter_otel")
 
 ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -95,6 +97,8 @@ class Settings:
     # Ask OpenAI-compatible chat models (langchain-openai) for usage on streamed calls, where
     # the app left ``stream_usage`` unset: without it a streamed call reports no tokens.
     stream_usage: bool = False
+    # Which GenAI convention names spans carry (OTEL_SEMCONV_STABILITY_OPT_IN; semconv_modes).
+    semconv: SemconvMode = field(default_factory=lambda: SemconvMode(DEFAULT))
 
     @classmethod
     def resolve(
@@ -108,6 +112,7 @@ class Settings:
         max_run_age_s: int | None = None,
         prices: Mapping[str, Any] | None = None,
         stream_usage: bool | None = None,
+        semconv_opt_in: str | None = None,
     ) -> Settings:
         if redact is not None and not callable(redact):
             _warn("redact", redact, None, "not callable")
@@ -129,4 +134,5 @@ class Settings:
             max_run_age_s=resolve_int(ENV_MAX_RUN_AGE, max_run_age_s, 3_600),
             prices=dict(prices),
             stream_usage=resolve_bool(ENV_STREAM_USAGE, stream_usage, False),
+            semconv=resolve_mode(semconv_opt_in),
         )

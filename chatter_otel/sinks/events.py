@@ -288,7 +288,7 @@ class EventSpanProcessor(RecordSpanProcessor):
 
     def workflow_started(self, start: WorkflowStart, span_id: str, trace_id: str) -> None:
         if start.outermost and self._listening():
-            self._event(start.ids, trace_id, span_id, span_id, f"invoke_workflow {start.name}",
+            self._event(start.ids, trace_id, span_id, span_id, start.span_name,
                         "workflow_started", workflow_name=start.name)  # fmt: skip
 
     def ended(self, rec: Record) -> None:
@@ -303,7 +303,7 @@ class EventSpanProcessor(RecordSpanProcessor):
             if not rec.outermost:
                 return
             self._event(
-                *common, f"invoke_workflow {rec.name}",
+                *common, rec.span_name,
                 event_type="workflow_failed" if rec.failed else "workflow_completed",
                 workflow_name=rec.name, duration_ms=duration_ms, input_tokens=rec.input_tokens,
                 output_tokens=rec.output_tokens, total_tokens=rec.total_tokens,

@@ -59,6 +59,8 @@ def _source(args: argparse.Namespace) -> Any:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.agents:
+        return _agent_demo(args)
     from chatter_otel.reference.demo import run_demo
 
     result = run_demo(args.question, store_path=args.store)
@@ -82,6 +84,20 @@ def _demo(args: argparse.Namespace) -> int:
     prog = _prog()
     print(f"look it up:      {prog} trace {result.trace_id}")
     print(f"                 {prog} find --correlation-id {result.correlation_id}")
+    return 0
+
+
+def _agent_demo(args: argparse.Namespace) -> int:
+    from chatter_otel.reference.agent_demo import run_agent_demo
+
+    result = run_agent_demo(store_path=args.store)
+    print("A prebuilt ReAct agent:")
+    print(result.agent_tree)
+    print("\nA graph paused by an interrupt (a human must approve):")
+    print(result.paused_tree)
+    print("\nThe same thread resumed with Command(resume='yes'): a new trace, linked to it:")
+    print(result.resumed_tree)
+    print(f"\nstored in:       {result.store_path}")
     return 0
 
 
@@ -207,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--question", default="What is the weather in Paris?",
                       help="what to ask the reference workflow")  # fmt: skip
     demo.add_argument("--store", default=None, help=store_help)
+    demo.add_argument(
+        "--agents", action="store_true",
+        help="run a ReAct agent and an interrupted, resumed graph instead",
+    )  # fmt: skip
     demo.set_defaults(func=_demo)
 
     sv = sub.add_parser("serve", help="run the reference chat app (FastAPI) on embedded defaults")

@@ -20,8 +20,10 @@ from rich.tree import Tree
 
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
+    CHATTER_INTERRUPTED,
     CHATTER_USAGE_MISSING,
     GEN_AI_USAGE_COST_AMOUNT,
+    LANGGRAPH_CHECKPOINT_ID,
 )
 
 if TYPE_CHECKING:
@@ -93,6 +95,12 @@ def _details(rec: SpanRecord) -> str:
     cost = _number(a.get(GEN_AI_USAGE_COST_AMOUNT))
     if cost is not None:
         parts.append(f"cost=${cost:.7f}")
+    checkpoint = a.get(LANGGRAPH_CHECKPOINT_ID)
+    checkpoint = checkpoint if isinstance(checkpoint, str) else None
+    if a.get(CHATTER_INTERRUPTED) is True:  # a human-in-the-loop pause: where it can resume
+        parts.append("paused" + (f" at checkpoint {checkpoint}" if checkpoint else ""))
+    elif checkpoint:  # a resumed run names the checkpoint it continued from
+        parts.append(f"resumed from checkpoint {checkpoint}")
     return "  ".join(parts)
 
 
