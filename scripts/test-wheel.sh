@@ -11,8 +11,8 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cp -r tests pyproject.toml "$work/"
 no_extras=(test_content test_cost test_demo test_errors_and_control_flow test_hostile
-  test_instrumentor test_processors test_sources test_spans test_store_cli test_usage
-  test_workflow_api)
+  test_instrumentor test_interrupts test_processors test_semconv_modes test_sources test_spans
+  test_store_cli test_usage test_workflow_api)
 files=()
 for name in "${no_extras[@]}"; do files+=("tests/$name.py"); done
 
