@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-wheel lint typecheck package services bench clean
+.PHONY: demo test test-wheel lint typecheck package services stack-bin bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ lint: $(STAMP)
 services:
 	bash scripts/services.sh
 
+# The real collector (exactly our components), Jaeger v2 and Prometheus, built from their Go
+# modules (and Debian's package) into ~/.cache/chatter-otel, reused while the pins are the same.
+stack-bin:
+	bash scripts/stack-bin.sh
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
@@ -36,7 +41,7 @@ package: $(STAMP)
 test-wheel: package services
 	bash scripts/test-wheel.sh
 
-test: lint typecheck package services
+test: lint typecheck package services stack-bin
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	bash scripts/test-wheel.sh
 

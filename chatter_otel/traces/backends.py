@@ -186,37 +186,40 @@ class JaegerSource(_Http):
         return recs
 
     def _find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
+        """Jaeger filters by tag on the server only in its v1 search (``/api/traces?tags=``,
+        what its UI uses, still served by Jaeger v2); v3's HTTP search takes no attributes, so
+        it is the fallback, filtered here (``query.num_traces`` deep)."""
         _check_ids(ids)
         if not self.service:
             raise SourceError("jaeger's search needs --service (the app's service.name)")
         now = datetime.now(UTC)
         start = now - timedelta(seconds=self.lookback_s)
+        traces: dict[str, list[SpanRecord]] = {}
+        tags = {_KEYS[k]: v for k, v in ids.items() if v}
+        v1 = self._get(
+            "/api/traces",
+            {"service": self.service, "tags": json.dumps(tags), "limit": limit,
+             "start": int(start.timestamp() * 1e6), "end": int(now.timestamp() * 1e6)},
+        )  # fmt: skip
+        if v1 is not None:
+            for doc in self._json(v1):
+                for t in doc.get("data") or []:
+                    recs = _from_jaeger_v1(t)
+                    if recs:
+                        traces[recs[0].trace_id] = recs
+            return self._summaries(traces, ids, limit)
         v3 = self._get(
             "/api/v3/traces",
             {
                 "query.service_name": self.service,
                 "query.start_time_min": start.isoformat().replace("+00:00", "Z"),
                 "query.start_time_max": now.isoformat().replace("+00:00", "Z"),
-                "query.search_depth": max(limit * 5, 100),
+                "query.num_traces": max(limit * 5, 100),
             },
         )
-        traces: dict[str, list[SpanRecord]] = {}
-        if v3 is not None:
-            for doc in self._json(v3):
-                for r in records_from_otlp_json(doc.get("result") or doc):
-                    traces.setdefault(r.trace_id, []).append(r)
-        else:
-            tags = {_KEYS[k]: v for k, v in ids.items() if v}
-            v1 = self._get(
-                "/api/traces",
-                {"service": self.service, "tags": json.dumps(tags), "limit": limit,
-                 "start": int(start.timestamp() * 1e6), "end": int(now.timestamp() * 1e6)},
-            )  # fmt: skip
-            for doc in self._json(v1 or b"{}"):
-                for t in doc.get("data") or []:
-                    recs = _from_jaeger_v1(t)
-                    if recs:
-                        traces[recs[0].trace_id] = recs
+        for doc in self._json(v3 or b"{}"):
+            for r in records_from_otlp_json(doc.get("result") or doc):
+                traces.setdefault(r.trace_id, []).append(r)
         return self._summaries(traces, ids, limit)
 
 

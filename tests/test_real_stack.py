@@ -1,0 +1,440 @@
+"""The real stack: the app -> OTLP -> the collector running the shipped config -> Jaeger v2 and
+Prometheus (and a stand-in OTLP receiver where the config's Tempo exporter sends: Tempo itself is
+not built here, see the README). Binaries from `make stack-bin`; a missing one fails the test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+from langchain_core.messages import HumanMessage
+from langgraph.types import Command
+
+from chatter_otel import configure, last_run, track_workflow
+from chatter_otel.reference.agent_demo import build_approval_graph
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+from tests.conftest import start_grpc_receiver
+from tests.stack import ROOT, Stack, binaries, http_get, start_stack, stop_stack, wait_until
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from chatter_otel.traces.spans import SpanRecord
+
+SERVICE = "chat-api-stack"
+Q = {"messages": [HumanMessage("What is the weather in Oslo?")]}
+OK_RUNS, STREAMED_RUNS, FAILED_RUNS = 100, 10, 3
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tempo, server = start_grpc_receiver()
+    s = start_stack(tmp_path_factory.mktemp("stack"), tempo)
+    try:
+        yield s
+    finally:
+        stop_stack(s)
+        server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def workload(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Chats through configure(), exported over OTLP/gRPC to the collector and, for the
+    comparison, to the local store too: ok, streamed, failing, and one paused then resumed."""
+    store_path = tmp_path_factory.mktemp("store") / "traces.db"
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": stack.otlp_grpc,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        }.items():
+            mp.setenv(name, value)
+        tel = configure(service_name=SERVICE, exporter="otlp,local", trace_store=str(store_path),
+                        set_global=False, prices=LOCAL_MODEL_PRICES)  # fmt: skip
+        try:
+            # Warm-up: one of each kind, so every series exists (and was scraped) before the
+            # measured chats; Prometheus cannot know a series it first sees was 0 just before.
+            warm = _chats(tel, "warm", ok=4, streamed=1, failed=1, llm_down=1)
+            assert tel.force_flush()
+            wait_until(lambda: _scraped_twice(stack), "the warm-up series scraped", timeout=60)
+            start = time.time()
+            runs = _chats(tel, "stack", ok=OK_RUNS, streamed=STREAMED_RUNS, failed=FAILED_RUNS,
+                          llm_down=2)  # fmt: skip
+            assert tel.force_flush()
+            store = tel.trace_store
+            assert store is not None
+            hitl = [store.trace(runs.pop("hitl-paused").trace_id),
+                    store.trace(runs.pop("hitl-resumed").trace_id)]  # fmt: skip
+            warm_hitl = [store.trace(warm.pop(k).trace_id)
+                         for k in ("hitl-paused", "hitl-resumed")]  # fmt: skip
+            local = {cid: store.trace(run.trace_id) for cid, run in runs.items()}
+            warm_local = [store.trace(run.trace_id) for run in warm.values()]
+        finally:
+            tel.shutdown()
+    return {"runs": runs, "local": local, "store": str(store_path), "hitl": hitl,
+            "warm": [*warm_local, *warm_hitl], "warm_runs": warm, "start": start}  # fmt: skip
+
+
+def _scraped_twice(stack: Stack) -> bool:
+    counts = stack.promql("count_over_time(chatter_gen_ai_input_tokens_total[1m])")
+    errors = stack.promql(
+        "count_over_time(traces_span_metrics_calls_total{"
+        'status_code="STATUS_CODE_ERROR",gen_ai_operation_name="chat"}[1m])'
+    )
+    return (
+        bool(counts) and bool(errors) and all(float(r["value"][1]) >= 2 for r in [*counts, *errors])
+    )
+
+
+def _chats(tel: Any, tag: str, *, ok: int, streamed: int, failed: int, llm_down: int
+           ) -> dict[str, Any]:  # fmt: skip
+    """The runs of one phase by correlation id: ok chats over four conversations, streamed
+    ones, ones the app fails after the graph, LLM calls to a server that is down, and a graph
+    paused by an interrupt then resumed."""
+    from langchain_openai import ChatOpenAI
+
+    runs: dict[str, Any] = {}
+    graph = build_chat_graph()
+    for i in range(ok):
+        with track_workflow("turn", conversation_id=f"conv-{i % 4}",
+                            correlation_id=f"{tag}-ok-{i}") as run:  # fmt: skip
+            graph.invoke(Q)
+        runs[run.correlation_id] = run
+
+    async def one_streamed(i: int) -> Any:
+        async with track_workflow("turn", conversation_id="conv-s",
+                                  correlation_id=f"{tag}-stream-{i}") as run:  # fmt: skip
+            async for _ in graph.astream(Q, stream_mode="messages"):
+                pass
+        return run
+
+    for i in range(streamed):
+        run = asyncio.run(one_streamed(i))
+        runs[run.correlation_id] = run
+    for i in range(failed):
+        with pytest.raises(Boom), track_workflow(
+            "turn", conversation_id="conv-e", correlation_id=f"{tag}-err-{i}"
+        ) as run:  # fmt: skip
+            graph.invoke(Q)
+            raise Boom
+        runs[run.correlation_id] = run
+    down = ChatOpenAI(
+        model="gpt-4o-mini", base_url="http://127.0.0.1:9/v1", api_key="k", max_retries=0
+    )  # nothing listens there: the LLM call fails
+    for i in range(llm_down):
+        with (
+            pytest.raises(Exception),
+            track_workflow(
+                "turn", conversation_id="conv-e", correlation_id=f"{tag}-err-llm-{i}"
+            ) as run,
+        ):
+            down.invoke("hello")
+        runs[run.correlation_id] = run
+    approval = build_approval_graph()
+    cfg: Any = {"configurable": {"thread_id": "stack-thread"}}  # one conversation, both phases
+    approval.invoke({"question": "Refund?"}, cfg)
+    runs["hitl-paused"] = last_run()
+    approval.invoke(Command(resume="yes"), cfg)
+    runs["hitl-resumed"] = last_run()
+    return runs
+
+
+def _jaeger_trace(stack: Stack, trace_id: str) -> list[dict[str, Any]] | None:
+    """The OTLP JSON resource spans Jaeger's v3 API has for a trace, None if it has none."""
+    try:
+        doc = http_get(f"{stack.jaeger}/api/v3/traces/{trace_id}")
+    except Exception:
+        return None
+    spans = doc.get("result", {}).get("resourceSpans")
+    return spans or None
+
+
+def _sampled(stack: Stack, workload: dict[str, Any]) -> dict[str, bool]:
+    """Which runs' traces reached Jaeger, once the tail sampler decided (errors first)."""
+    runs = workload["runs"]
+    errors = [r for c, r in runs.items() if c.startswith("stack-err")]
+    wait_until(lambda: all(_jaeger_trace(stack, r.trace_id) for r in errors),
+               "the error traces in jaeger", timeout=60)  # fmt: skip
+    stack.check_alive()
+    return {c: _jaeger_trace(stack, r.trace_id) is not None for c, r in runs.items()}
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chatter_otel.cli", *argv], capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+
+
+# -- the shipped config, the built collector ---------------------------------------------------
+
+
+def test_the_shipped_config_validates_on_the_built_collector() -> None:
+    otelcol = binaries()["OTELCOL"]
+    config = str(ROOT / "collector/otel-collector.yaml")
+    proc = subprocess.run([otelcol, "validate", "--config", config], capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "deprecated" not in proc.stderr
+    built = yaml.safe_load(subprocess.run([otelcol, "components"], capture_output=True, text=True,
+                                          timeout=60, check=True).stdout)  # fmt: skip
+    manifest = yaml.safe_load((ROOT / "collector/builder-config.yaml").read_text())
+    otel = yaml.safe_load((ROOT / "collector/otel-collector.yaml").read_text())
+    assert built["buildinfo"]["version"] == manifest["dist"]["version"]
+    for kind in ("receivers", "processors", "exporters", "connectors", "extensions"):
+        modules = {f"{c['module']}" for c in built[kind]}
+        assert modules == {c["gomod"] for c in manifest[kind]}, kind
+        # exactly the components the config uses: nothing missing, nothing extra
+        used = {name.split("/", 1)[0] for name in otel.get(kind) or {}}
+        assert {c["name"] for c in built[kind]} == used, kind
+
+
+# -- traces: Jaeger ------------------------------------------------------------------------------
+
+
+def test_tail_sampling_keeps_errors_and_a_baseline_and_both_backends_agree(
+    stack: Stack, workload: dict[str, Any]
+) -> None:
+    sampled = _sampled(stack, workload)
+    errors = [c for c in sampled if c.startswith("stack-err")]
+    assert errors and all(sampled[c] for c in errors)
+    kept_ok = sum(sampled[c] for c in sampled if not c.startswith("stack-err"))
+    # 10% baseline of 110 ok runs: binomial, mean 11 (P(0) and P(> 35) are below 1e-5)
+    assert 1 <= kept_ok <= 35, kept_ok
+    # the Tempo exporter received exactly the traces Jaeger has
+    kept = {workload["runs"][c].trace_id for c, yes in sampled.items() if yes}
+    wait_until(lambda: kept <= _tempo_traces(stack), "the tempo stand-in", timeout=30)
+    ours = {r.trace_id for r in workload["runs"].values()}
+    assert _tempo_traces(stack) & ours == kept
+
+
+def _tempo_traces(stack: Stack) -> set[str]:
+    return {span.trace_id.hex() for _, span in stack.tempo_stand_in.spans()}
+
+
+def test_find_then_trace_from_jaeger_is_the_local_tree(
+    stack: Stack, workload: dict[str, Any]
+) -> None:
+    sampled = _sampled(stack, workload)
+    picks = ["stack-err-0", next(c for c in sampled if sampled[c] and "ok" in c)]
+    stream = next((c for c in sampled if sampled[c] and "stream" in c), None)
+    picks += [stream] if stream else []
+    for cid in picks:
+        run = workload["runs"][cid]
+        found = _cli("find", "--correlation-id", cid, "--from", "jaeger", "--url", stack.jaeger,
+                     "--service", SERVICE, "--json")  # fmt: skip
+        assert found.returncode == 0, found.stderr
+        (hit,) = json.loads(found.stdout)
+        assert hit["trace_id"] == run.trace_id
+        assert hit["input_tokens"] == run.usage.prompt_tokens
+        assert hit["output_tokens"] == run.usage.completion_tokens
+        assert hit["cost"] == pytest.approx(float(run.usage.cost))
+        from_jaeger = _cli("trace", run.trace_id, "--from", "jaeger", "--url", stack.jaeger)
+        from_store = _cli("trace", run.trace_id, "--store", workload["store"])
+        assert from_jaeger.returncode == 0, from_jaeger.stderr
+        assert from_jaeger.stdout == from_store.stdout  # the same tree, tokens and cost
+        assert (
+            f"tokens={run.usage.prompt_tokens}/{run.usage.completion_tokens}" in from_jaeger.stdout
+        )
+
+
+def test_jaeger_search_is_filtered_by_the_server(stack: Stack, workload: dict[str, Any]) -> None:
+    sampled = _sampled(stack, workload)
+    cid = next(c for c in sampled if sampled[c] and "ok" in c)
+    # Jaeger's own tag search: only that request's trace comes back, limit 1 or not
+    doc = http_get(f"{stack.jaeger}/api/traces", {
+        "service": SERVICE, "tags": json.dumps({"chatter.correlation.id": cid}), "limit": 1,
+        "lookback": "1h",
+    })  # fmt: skip
+    (trace,) = doc["data"]
+    assert trace["traceID"] == workload["runs"][cid].trace_id
+    # the CLI asks the server for it: limit 1 still finds it among the many kept traces
+    found = _cli("find", "--correlation-id", cid, "--from", "jaeger", "--url", stack.jaeger,
+                 "--service", SERVICE, "--limit", "1", "--json")  # fmt: skip
+    assert json.loads(found.stdout)[0]["trace_id"] == workload["runs"][cid].trace_id
+    conv = _cli("find", "--conversation-id", "conv-e", "--from", "jaeger", "--url", stack.jaeger,
+                "--service", SERVICE, "--json")  # fmt: skip
+    measured = {r.trace_id for c, r in workload["runs"].items()
+                if sampled[c] and r.conversation_id == "conv-e"}  # fmt: skip
+    warm = {r.trace_id for r in workload["warm_runs"].values() if r.conversation_id == "conv-e"}
+    got = {h["trace_id"] for h in json.loads(conv.stdout)}
+    assert measured <= got <= measured | warm  # the warm-up's failures are kept too
+
+
+def test_the_resumed_run_links_to_the_paused_one_in_jaeger(
+    stack: Stack, workload: dict[str, Any]
+) -> None:
+    paused, resumed = workload["hitl"]
+    p_wf = next(r for r in paused if r.parent_id is None)
+    r_wf = next(r for r in resumed if r.parent_id is None)
+    # kept by the shipped sampler's human-in-the-loop policy, whatever the baseline drew
+    wait_until(lambda: _jaeger_trace(stack, r_wf.trace_id) and _jaeger_trace(stack, p_wf.trace_id),
+               "the paused and the resumed trace in jaeger", timeout=60)  # fmt: skip
+    doc = http_get(f"{stack.jaeger}/api/traces/{r_wf.trace_id}")
+    (trace,) = doc["data"]
+    span = next(s for s in trace["spans"] if s["spanID"] == r_wf.span_id)
+    refs = [(r["refType"], r["traceID"], r["spanID"]) for r in span["references"]]
+    assert ("FOLLOWS_FROM", p_wf.trace_id, p_wf.span_id) in refs
+    tags = {t["key"]: t["value"] for t in span["tags"]}
+    assert tags["langgraph.thread.id"] == "stack-thread"
+    p_doc = http_get(f"{stack.jaeger}/api/traces/{p_wf.trace_id}")
+    p_span = next(s for s in p_doc["data"][0]["spans"] if s["spanID"] == p_wf.span_id)
+    assert next(log["fields"] for log in p_span["logs"])[0] == {
+        "key": "event",
+        "type": "string",
+        "value": "gen_ai.agent.paused",
+    }
+    assert {t["key"]: t["value"] for t in p_span["tags"]}["langgraph.checkpoint.id"] == tags[
+        "langgraph.checkpoint.id"
+    ]
+
+
+# -- metrics: Prometheus, from the collector's derived metrics ------------------------------------
+
+
+def _spans(traces: list[list[SpanRecord]], operation: str) -> list[SpanRecord]:
+    return [r for t in traces for r in t if r.attributes.get("gen_ai.operation.name") == operation]
+
+
+def _measured(workload: dict[str, Any]) -> list[list[SpanRecord]]:
+    return [*workload["local"].values(), *workload["hitl"]]
+
+
+def _value(result: list[dict[str, Any]]) -> float:
+    assert len(result) == 1, result
+    return float(result[0]["value"][1])
+
+
+def _totals(traces: list[list[SpanRecord]]) -> dict[str, Any]:
+    chats = _spans(traces, "chat")
+    per_conv: dict[str, float] = defaultdict(float)
+    for r in _spans(traces, "invoke_workflow"):
+        a = r.attributes
+        if a.get("chatter.workflow.id") and "gen_ai.usage.cost.amount" in a:
+            per_conv[str(a["gen_ai.conversation.id"])] += float(a["gen_ai.usage.cost.amount"])
+    calls = Counter(str(r.attributes["gen_ai.request.model"]) for r in chats)
+    return {
+        "chats": chats,
+        "calls": calls,
+        "errors": sum(r.status == "ERROR" for r in chats),
+        "in": sum(int(r.attributes.get("gen_ai.usage.input_tokens", 0)) for r in chats),
+        "out": sum(int(r.attributes.get("gen_ai.usage.output_tokens", 0)) for r in chats),
+        "cost": math.fsum(float(r.attributes.get("gen_ai.usage.cost.amount", 0)) for r in chats),
+        "streamed": sum("gen_ai.response.time_to_first_chunk" in r.attributes for r in chats),
+        "per_conv": dict(per_conv),
+    }
+
+
+def _all_scraped(stack: Stack, workload: dict[str, Any]) -> dict[str, Any]:
+    """Waits until Prometheus has every request of both phases; the totals of both."""
+    t = _totals([*_measured(workload), *workload["warm"]])
+    q = stack.promql
+    wait_until(lambda: q("sum(chatter_gen_ai_input_tokens_total)")
+               and _value(q("sum(chatter_gen_ai_input_tokens_total)")) == t["in"]
+               and _value(q('sum(traces_span_metrics_calls_total{gen_ai_operation_name="chat"})'))
+               == len(t["chats"]) and _value(q("sum(chatter_gen_ai_conversation_cost_usd_total)"))
+               == pytest.approx(math.fsum(t["per_conv"].values()), rel=1e-9),
+               "prometheus to scrape every request", timeout=60)  # fmt: skip
+    return t
+
+
+def test_the_derived_metrics_count_every_request(stack: Stack, workload: dict[str, Any]) -> None:
+    """Sampled or not, every call is in the derived metrics, exactly."""
+    t = _all_scraped(stack, workload)
+    q = stack.promql
+    assert t["errors"] == 3 and t["streamed"] >= (STREAMED_RUNS + 1) * 2
+    assert _value(q("sum(chatter_gen_ai_output_tokens_total)")) == t["out"]
+    assert _value(q("sum(chatter_gen_ai_cost_usd_total)")) == pytest.approx(t["cost"], rel=1e-9)
+    chat = 'gen_ai_operation_name="chat"'
+    assert _value(q(f"sum(traces_span_metrics_duration_seconds_count{{{chat}}})")) == len(
+        t["chats"]
+    )
+    buckets = {b["metric"]["le"]: float(b["value"][1]) for b in q(
+        f"sum by (le) (traces_span_metrics_duration_seconds_bucket{{{chat}}})")}  # fmt: skip
+    assert buckets["+Inf"] == len(t["chats"])
+    ordered = [buckets[k] for k in sorted(buckets, key=float)]
+    assert ordered == sorted(ordered)  # cumulative
+    assert _value(q("sum(chatter_gen_ai_time_to_first_chunk_seconds_count)")) == t["streamed"]
+    err = q(f'sum(traces_span_metrics_calls_total{{{chat},status_code="STATUS_CODE_ERROR"}})')
+    assert _value(err) == t["errors"]
+    by_model = {
+        s["metric"]["gen_ai_request_model"]: float(s["value"][1])
+        for s in q(f"sum by (gen_ai_request_model) (traces_span_metrics_calls_total{{{chat}}})")
+    }
+    assert by_model == dict(t["calls"])
+    got = {
+        s["metric"]["gen_ai_conversation_id"]: float(s["value"][1])
+        for s in q("sum by (gen_ai_conversation_id) (chatter_gen_ai_conversation_cost_usd_total)")
+    }
+    assert got == pytest.approx(t["per_conv"], rel=1e-9)
+
+
+def _bucket_of(value: float, bounds: list[float]) -> tuple[float, float]:
+    lower = 0.0
+    for b in bounds:
+        if value <= b:
+            return lower, b
+        lower = b
+    return lower, math.inf
+
+
+def test_every_dashboard_query_gives_the_right_number(
+    stack: Stack, workload: dict[str, Any]
+) -> None:
+    """Each panel's query, evaluated in Prometheus right after the measured chats, against what
+    those chats were. rate() and increase() extrapolate to their window's edges (PromQL's rule),
+    so they are compared within 10%; quantiles within the bucket the true value falls in."""
+    _all_scraped(stack, workload)
+    m = _totals(_measured(workload))
+    window = 300.0  # the panels' [5m]
+    assert time.time() - workload["start"] < window - 30, "the measured chats left the window"
+    otel = yaml.safe_load((ROOT / "collector/otel-collector.yaml").read_text())
+    bounds = otel["connectors"]["span_metrics"]["histogram"]["explicit"]["buckets"]
+    durations = sorted(r.duration_ms / 1000 for r in m["chats"])
+    ttfc = sorted(float(r.attributes["gen_ai.response.time_to_first_chunk"]) for r in m["chats"]
+                  if "gen_ai.response.time_to_first_chunk" in r.attributes)  # fmt: skip
+    local = "chatter-local-1"
+    expected: dict[str, Any] = {
+        "Tokens per second by model": [{local: m["in"] / window}, {local: m["out"] / window}],
+        "Cost per hour by provider (USD)": [{"chatter.local": m["cost"]}],
+        "LLM calls per second by model": [{k: v / window for k, v in m["calls"].items()}],
+        "LLM error rate": [{"": m["errors"] / len(m["chats"])}],
+        "Top conversations by cost, last hour (USD)": [m["per_conv"]],
+    }
+    quantiles = {"LLM call latency (p50/p95/p99)": durations,
+                 "Time to first chunk (p50/p95/p99)": ttfc}  # fmt: skip
+    dash = json.loads((ROOT / "collector/grafana/dashboards/chatter-genai.json").read_text())
+    checked = 0
+    for panel in dash["panels"]:
+        title = panel["title"]
+        for n, target in enumerate(panel["targets"]):
+            result = stack.promql(target["expr"])
+            assert result, (title, target["expr"])
+            if title in quantiles:
+                values = quantiles[title]
+                phi = float(re.match(r"histogram_quantile\(([0-9.]+)", target["expr"])[1])
+                true = values[min(int(phi * len(values)), len(values) - 1)]
+                lo, hi = _bucket_of(true, bounds)
+                assert lo <= _value(result) <= hi, (title, phi, true, result)
+            else:
+                want = expected[title][n]
+                got = {next(iter(s["metric"].values()), ""): float(s["value"][1]) for s in result}
+                if title.startswith("Top conversations"):  # the ten costliest of them
+                    want = dict(sorted(want.items(), key=lambda kv: -kv[1])[:10])
+                    assert target.get("instant") is True and target.get("range") is False
+                assert got == pytest.approx(want, rel=0.10), title
+            checked += 1
+    assert checked == 12
