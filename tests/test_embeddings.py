@@ -114,3 +114,40 @@ def test_the_http_request_runs_inside_the_embeddings_span(spans: Any, openai_ser
     span = spans.one("embeddings text-embedding-3-small")
     assert [c.span_id for c in seen] == [span.context.span_id]
     assert not trace.get_current_span().get_span_context().is_valid  # detached after the call
+
+
+def test_embeddings_are_counted_by_the_genai_metrics(spans: Any, openai_server: Any) -> None:
+    """The call's record reaches the processors: tokens, duration and cost in the metrics, with
+    gen_ai.operation.name=embeddings; a failed call is counted with its error.type."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from chatter_otel.sinks.analytics import AnalyticsSpanProcessor
+
+    reader = InMemoryMetricReader()
+    spans.provider.add_span_processor(
+        AnalyticsSpanProcessor(None, MeterProvider(metric_readers=[reader]))
+    )
+    _client(openai_server).embed_documents(["one two three", "four five"])
+    openai_server.status = 500
+    with pytest.raises(openai.InternalServerError):
+        _client(openai_server).embed_query("x")
+    points: dict[str, list[Any]] = {}
+    data = reader.get_metrics_data()
+    assert data is not None
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                points.setdefault(metric.name, []).extend(metric.data.data_points)
+    (tokens,) = points["gen_ai.client.token.usage"]
+    assert tokens.sum == 5 and tokens.count == 1
+    assert dict(tokens.attributes) == {
+        "gen_ai.operation.name": "embeddings", "gen_ai.provider.name": "openai",
+        "gen_ai.request.model": "text-embedding-3-small",
+        "gen_ai.response.model": "text-embedding-3-small", "gen_ai.token.type": "input",
+    }  # fmt: skip
+    durations = {p.attributes.get("error.type"): p.count
+                 for p in points["gen_ai.client.operation.duration"]}  # fmt: skip
+    assert durations == {None: 1, "openai.InternalServerError": 1}
+    (cost,) = points["chatter.gen_ai.cost"]
+    assert cost.value == pytest.approx(_expected_cost(5))

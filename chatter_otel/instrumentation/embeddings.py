@@ -33,6 +33,7 @@ from chatter_otel.attributes import (
     GEN_AI_USAGE_COST_CURRENCY,
     GEN_AI_USAGE_COST_SOURCE,
 )
+from chatter_otel.instrumentation import records as r
 from chatter_otel.instrumentation.ids import ambient_ids
 from chatter_otel.instrumentation.invocations import error_type
 from chatter_otel.instrumentation.runs import EMPTY_IDS
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["wrap_openai_embeddings"]
 
 _OP = GenAiOperationNameValues.EMBEDDINGS.value
+_PROVIDER = "openai"
 
 
 class _EmbeddingsCall:
@@ -57,7 +59,7 @@ class _EmbeddingsCall:
     wrapper's own frame (and, async, its own task), so the context token never leaks.
     """
 
-    __slots__ = ("_pricer", "_request_model", "_token", "result", "span")
+    __slots__ = ("_ids", "_pricer", "_request_model", "_start_ns", "_token", "result", "span")
 
     def __init__(self, tracer: Tracer, pricer: Pricer, kwargs: dict[str, Any]) -> None:
         self._pricer = pricer
@@ -66,13 +68,17 @@ class _EmbeddingsCall:
         model = kwargs.get("model")
         self._request_model = model if isinstance(model, str) and model else None
         self.span: Span | None = None
+        self._ids = EMPTY_IDS
+        self._start_ns = time.time_ns()
         try:
-            attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: _OP, GEN_AI_PROVIDER_NAME: "openai",
-                                     **ambient_ids(EMPTY_IDS).attributes()}  # fmt: skip
+            self._ids = ambient_ids(EMPTY_IDS)
+            attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: _OP, GEN_AI_PROVIDER_NAME: _PROVIDER,
+                                     **self._ids.attributes()}  # fmt: skip
             if self._request_model:
                 attrs[GEN_AI_REQUEST_MODEL] = self._request_model
             name = f"{_OP} {self._request_model}" if self._request_model else _OP
-            self.span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs)
+            self.span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attrs,
+                                          start_time=self._start_ns)  # fmt: skip
         except Exception:
             internal_error("embeddings.start")
 
@@ -94,34 +100,50 @@ class _EmbeddingsCall:
         span = self.span
         if span is None:
             return
+        end_ns = time.time_ns()
+        record = None
         try:
-            if error is not None:
-                name = error_type(error)
-                span.set_attribute(ERROR_TYPE, name)
-                span.set_status(Status(StatusCode.ERROR, name))
-            else:
-                self._record(span)
+            record = self._finish(span, error, end_ns)
         except Exception:
             internal_error("embeddings.end")
         finally:
-            try:
-                span.end(end_time=time.time_ns())
+            try:  # with its record, for the processors (the GenAI metrics count it)
+                r.end_with(span, record, end_ns)
             except Exception:
                 internal_error("embeddings.end_span")
 
-    def _record(self, span: Span) -> None:
-        model = getattr(self.result, "model", None)
-        tokens = getattr(getattr(self.result, "usage", None), "prompt_tokens", None)
-        if isinstance(model, str) and model:
-            span.set_attribute(GEN_AI_RESPONSE_MODEL, model)
-        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
-            span.set_attribute(GEN_AI_USAGE_INPUT_TOKENS, tokens)
-            usage = TokenUsage(input_tokens=tokens, output_tokens=0, total_tokens=tokens)
-            cost = self._pricer.cost(usage, (model, self._request_model), "openai")
-            if cost is not None:
-                span.set_attribute(GEN_AI_USAGE_COST_AMOUNT, float(cost.amount))
-                span.set_attribute(GEN_AI_USAGE_COST_CURRENCY, cost.currency)
-                span.set_attribute(GEN_AI_USAGE_COST_SOURCE, cost.source)
+    def _finish(self, span: Span, error: BaseException | None, end_ns: int) -> r.EmbeddingsRecord:
+        model: str | None = None
+        tokens: int | None = None
+        cost = None
+        etype = None
+        if error is not None:
+            etype = error_type(error)
+            span.set_attribute(ERROR_TYPE, etype)
+            span.set_status(Status(StatusCode.ERROR, etype))
+        else:
+            got = getattr(self.result, "model", None)
+            model = got if isinstance(got, str) and got else None
+            count = getattr(getattr(self.result, "usage", None), "prompt_tokens", None)
+            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                tokens = count
+            if model:
+                span.set_attribute(GEN_AI_RESPONSE_MODEL, model)
+            if tokens is not None:
+                span.set_attribute(GEN_AI_USAGE_INPUT_TOKENS, tokens)
+                usage = TokenUsage(input_tokens=tokens, output_tokens=0, total_tokens=tokens)
+                cost = self._pricer.cost(usage, (model, self._request_model), _PROVIDER)
+                if cost is not None:
+                    span.set_attribute(GEN_AI_USAGE_COST_AMOUNT, float(cost.amount))
+                    span.set_attribute(GEN_AI_USAGE_COST_CURRENCY, cost.currency)
+                    span.set_attribute(GEN_AI_USAGE_COST_SOURCE, cost.source)
+        ctx = span.get_span_context()
+        return r.EmbeddingsRecord(
+            format(ctx.span_id, "016x"), format(ctx.trace_id, "032x"), None, self._ids,
+            self._start_ns, end_ns, r.ERROR if error is not None else r.OK, etype, etype,
+            _PROVIDER, self._request_model, model, tokens,
+            cost.amount if cost is not None else None,
+        )  # fmt: skip
 
 
 def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None] | None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from decimal import Decimal
 
 __all__ = [
+    "EmbeddingsRecord",
     "LLMCallRecord",
     "NodeRecord",
     "Record",
@@ -151,7 +152,24 @@ class RetrievalRecord(_Common):
     documents: int
 
 
-Record = Union[WorkflowRecord, NodeRecord, LLMCallRecord, ToolCallRecord, RetrievalRecord]  # noqa: UP007
+@dataclass(frozen=True, slots=True)
+class EmbeddingsRecord(_Common):
+    """One embeddings call. Counted by the GenAI metrics (tokens, duration, cost); never part
+    of a run's chat usage, so the ledger, monitoring and events leave it alone."""
+
+    provider: str
+    request_model: str | None
+    response_model: str | None
+    input_tokens: int | None
+    cost: Decimal | None
+    operation: str = "embeddings"
+    output_tokens: None = None  # the shape the metrics read, as for an LLM call
+    time_to_first_chunk_s: None = None
+
+
+Record = Union[  # noqa: UP007
+    WorkflowRecord, NodeRecord, LLMCallRecord, ToolCallRecord, RetrievalRecord, EmbeddingsRecord
+]
 
 _starting = threading.local()
 _ending: dict[int, Record] = {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chatter_otel.attributes import COST_METRIC
-from chatter_otel.instrumentation.records import LLMCallRecord
+from chatter_otel.instrumentation.records import EmbeddingsRecord, LLMCallRecord
 from chatter_otel.sinks.dispatch import RecordSpanProcessor
 from chatter_otel.sinks.metrics import GenAIMetrics
 from chatter_otel.sinks.worker import SinkWorker
@@ -139,6 +139,9 @@ class AnalyticsSpanProcessor(RecordSpanProcessor):
         self.metrics = GenAIMetrics(meter_provider)
 
     def ended(self, rec: Record) -> None:
+        if isinstance(rec, EmbeddingsRecord):  # metrics only: not a chat completion
+            self.metrics.record(rec, (rec.error_type or "_OTHER") if rec.failed else None)
+            return
         if not isinstance(rec, LLMCallRecord):
             return
         error = (rec.error_type or "_OTHER") if rec.failed else None

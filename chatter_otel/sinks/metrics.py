@@ -34,7 +34,7 @@ from chatter_otel.version import SCHEMA_URL, __version__
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
 
-    from chatter_otel.instrumentation.records import LLMCallRecord
+    from chatter_otel.instrumentation.records import EmbeddingsRecord, LLMCallRecord
 
 __all__ = ["DURATION_BUCKETS", "TOKEN_BUCKETS", "GenAIMetrics"]
 
@@ -70,7 +70,7 @@ class GenAIMetrics:
             COST_METRIC, unit="USD", description="Cost of GenAI calls, where it could be priced."
         )
 
-    def record(self, rec: LLMCallRecord, error: str | None) -> None:
+    def record(self, rec: LLMCallRecord | EmbeddingsRecord, error: str | None) -> None:
         attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: rec.operation}
         if rec.provider:
             attrs[GEN_AI_PROVIDER_NAME] = rec.provider
