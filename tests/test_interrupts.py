@@ -161,6 +161,11 @@ def test_pauses_are_bounded_and_keyed_by_thread_and_checkpoint(instrument: Any) 
     cfg = {"configurable": {"thread_id": "t-18", "checkpoint_id": "1f0-not-the-one"}}
     graph.invoke(Command(resume="1"), cfg)
     assert spans.starting("invoke_workflow hitl")[0].links == ()
+    spans.clear()
+    at = _paused_at(graph, {"configurable": {"thread_id": "t-17"}})
+    graph.invoke(Command(resume="1"), {"configurable": {"thread_id": "t-17", "checkpoint_id": at}})
+    (link,) = spans.one("invoke_workflow hitl").links
+    assert dict(link.attributes or {})["langgraph.checkpoint.id"] == at
 
 
 def test_no_pause_no_link(spans: Any) -> None:

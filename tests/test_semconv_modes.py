@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, TypedDict
 
@@ -16,7 +17,9 @@ class S(TypedDict, total=False):
     n: int
 
 
-def _run() -> None:
+def _run(mode: str = "sync") -> Any:
+    """Runs the graph; the run as ``last_run()`` gives it where it ran."""
+
     def step(state: S) -> S:
         return {"n": state["n"] + 1}
 
@@ -27,7 +30,16 @@ def _run() -> None:
     g.add_edge(START, "step")
     g.add_edge("step", "helper")
     g.add_edge("helper", END)
-    assert g.compile(name="flow").invoke({"n": 0}) == {"n": 2}
+    graph = g.compile(name="flow")
+    if mode == "sync":
+        assert graph.invoke({"n": 0}) == {"n": 2}
+        return last_run()
+
+    async def main() -> Any:
+        assert await graph.ainvoke({"n": 0}) == {"n": 2}
+        return last_run()
+
+    return asyncio.run(main())
 
 
 # (env value, kwarg) -> (workflow name keys, agent id kept)
@@ -44,17 +56,18 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize(("env", "kwarg", "keys", "agent_id"), CASES)
 def test_modes(
     instrument: Any, monkeypatch: pytest.MonkeyPatch, env: str | None, kwarg: str | None,
-    keys: set[str], agent_id: bool,
+    keys: set[str], agent_id: bool, mode: str,
 ) -> None:  # fmt: skip
     if env is None:
         monkeypatch.delenv("OTEL_SEMCONV_STABILITY_OPT_IN", raising=False)
     else:
         monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", env)
     spans = instrument(**({"semconv_opt_in": kwarg} if kwarg else {}))
-    _run()
+    run = _run(mode)
     wf = spans.one("invoke_workflow flow")
     a = wf.attributes
     assert a["gen_ai.operation.name"] == "invoke_workflow"  # the same in every mode
@@ -67,8 +80,8 @@ def test_modes(
     if agent_id:
         assert agent.attributes["gen_ai.agent.id"] == "agent-1"
     # what the processors read does not change with the mode
-    run = last_run()
     assert run is not None and run.name == "flow" and run.record is not None
+    assert run.workflow_id == format(wf.context.span_id, "016x")  # this very run
     assert run.record.span_name == "invoke_workflow flow"
 
 
