@@ -204,8 +204,9 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Instrument LangGraph and LangChain with OpenTelemetry GenAI spans.
 
     ``LangGraphInstrumentor().instrument(tracer_provider=..., capture_content=..., prices=...,
-    redact=..., max_content_length=..., max_runs=..., max_run_age_s=...)``; each option falls
-    back to its environment variable (see README), then to the default. Idempotent.
+    redact=..., max_content_length=..., max_runs=..., max_run_age_s=..., stream_usage=...,
+    semconv_opt_in=...)``; each option falls back to its environment variable (see README),
+    then to the default. Idempotent.
     """
 
     _handler: OtelCallbackHandler | None = None
