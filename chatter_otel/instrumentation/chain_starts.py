@@ -79,8 +79,9 @@ class ChainStarts:
     def _resumes(
         self, thread: str, inputs: Any, metadata: Mapping[str, Any] | None
     ) -> Pause | None:
-        """The pause a graph run resumes: ``Command(resume=...)``, or ``None`` as input (after a
-        static breakpoint) on a thread this process saw pause."""
+        """The pause a graph run resumes: ``Command(resume=...)``, or ``None`` as input (go on
+        from the checkpoint) on a thread this process saw pause. New input starts over: no
+        resume."""
         is_resume = isinstance(inputs, Command) and inputs.resume is not None
         if not is_resume and inputs is not None:
             return None

@@ -15,8 +15,8 @@ backend can join the two even when the resume runs in another process, where no 
 first, and entries older than ``max_run_age_s`` ignored.
 
 Static breakpoints (``interrupt_before``/``interrupt_after``) end a run without any callback
-saying so, so they record no pause; a run started with ``None`` on a thread this process saw
-pause is still linked as its resume.
+saying so, so they record no pause. A run started with ``None`` (go on from the checkpoint) on a
+thread this process saw pause is linked like a ``Command(resume=...)``.
 """
 
 from __future__ import annotations
