@@ -22,6 +22,10 @@ JAEGER_V2=2.13.0
 collector_version="$(sed -n 's/^  version: *//p' collector/builder-config.yaml)"
 manifest_key="$(sha256sum collector/builder-config.yaml | cut -c1-12)"
 
+# Go: on PATH, else where the official tarball puts it.
+command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
+command -v go >/dev/null || { echo "stack-bin: Go is needed (https://go.dev/dl/)" >&2; exit 1; }
+
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 took() { echo "stack-bin: $1 built in $(( $(date +%s) - $2 )) s"; }
 
