@@ -28,6 +28,7 @@ from tests.stack import ROOT, Stack, binaries, http_get, start_stack, stop_stack
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from chatter_otel.traces.spans import SpanRecord
 
@@ -438,3 +439,50 @@ def test_every_dashboard_query_gives_the_right_number(
                 assert got == pytest.approx(want, rel=0.10), title
             checked += 1
     assert checked == 12
+
+
+def test_the_reference_app_over_otlp_http_to_jaeger(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reference app served on loopback, exporting over OTLP/HTTP to the collector: a
+    request whose model is down fails (500), its error trace is kept by the tail sampler, and in
+    Jaeger every span of it, the app's HTTP server span included, carries its correlation id."""
+    from chatter_otel.reference.app import create_app, create_tables
+    from tests.test_reference_app import ENV, Served
+
+    for name in ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", stack.otlp_http)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("CHATTER_MODEL_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens
+    app = create_app(database_url=f"sqlite+aiosqlite:///{tmp_path}/app.db", set_global=False)
+    asyncio.run(create_tables(app))
+    served = Served(app)
+    try:
+        status, headers, _ = served.request("POST", "/chat", {"message": "weather in Oslo"},
+                                            {"X-Correlation-ID": "inc-77"})  # fmt: skip
+        assert status == 500
+        assert headers["x-correlation-id"] == "inc-77"
+        trace_id = headers["traceresponse"].split("-")[1]
+        assert app.state.telemetry.force_flush()
+    finally:
+        served.close()
+    wait_until(lambda: _jaeger_trace(stack, trace_id), "the failed request in jaeger", timeout=60)
+    found = _cli("find", "--correlation-id", "inc-77", "--from", "jaeger", "--url", stack.jaeger,
+                 "--service", "chatter-reference-app", "--json")  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    assert [h["trace_id"] for h in json.loads(found.stdout)] == [trace_id]
+    (trace,) = http_get(f"{stack.jaeger}/api/traces/{trace_id}")["data"]
+    names = {s["operationName"] for s in trace["spans"]}
+    assert {"POST /chat", "invoke_workflow chat", "chat gpt-4o-mini"} <= names, names
+    for span in trace["spans"]:
+        tags = {t["key"]: t["value"] for t in span["tags"]}
+        assert tags.get("chatter.correlation.id") == "inc-77", span["operationName"]
+    chat = next(s for s in trace["spans"] if s["operationName"] == "chat gpt-4o-mini")
+    assert {t["key"]: t["value"] for t in chat["tags"]}["error"] is True
+    shown = _cli("trace", trace_id, "--from", "jaeger", "--url", stack.jaeger)
+    assert (
+        shown.returncode == 0
+        and "ERROR" in shown.stdout
+        and "correlation_id=inc-77" in shown.stdout
+    )
