@@ -73,7 +73,7 @@ def workload(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             warm = _chats(tel, "warm", ok=4, streamed=1, failed=1, llm_down=1)
             assert tel.force_flush()
             wait_until(lambda: _scraped_twice(stack), "the warm-up series scraped", timeout=60)
-            start = time.time()
+            ready = start = time.time()
             runs = _chats(tel, "stack", ok=OK_RUNS, streamed=STREAMED_RUNS, failed=FAILED_RUNS,
                           llm_down=2)  # fmt: skip
             assert tel.force_flush()
@@ -88,7 +88,8 @@ def workload(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         finally:
             tel.shutdown()
     return {"runs": runs, "local": local, "store": str(store_path), "hitl": hitl,
-            "warm": [*warm_local, *warm_hitl], "warm_runs": warm, "start": start}  # fmt: skip
+            "warm": [*warm_local, *warm_hitl], "warm_runs": warm, "start": start,
+            "ready": ready}  # fmt: skip
 
 
 def _scraped_twice(stack: Stack) -> bool:
@@ -392,31 +393,56 @@ def _bucket_of(value: float, bounds: list[float]) -> tuple[float, float]:
     return lower, math.inf
 
 
+# Each panel's query, and what it reads: (metric with its matchers, the label it groups by, the
+# range); the error-rate panel is the ratio of two of them.
+_PANELS: dict[str, list[tuple[str, str, str]]] = {
+    "Tokens per second by model": [
+        ("chatter_gen_ai_input_tokens_total", "gen_ai_request_model", "5m"),
+        ("chatter_gen_ai_output_tokens_total", "gen_ai_request_model", "5m"),
+    ],
+    "Cost per hour by provider (USD)": [
+        ("chatter_gen_ai_cost_usd_total", "gen_ai_provider_name", "1h")],
+    "LLM calls per second by model": [
+        ('traces_span_metrics_calls_total{gen_ai_operation_name="chat"}',
+         "gen_ai_request_model", "5m")],
+    "Top conversations by cost, last hour (USD)": [
+        ("chatter_gen_ai_conversation_cost_usd_total", "gen_ai_conversation_id", "1h")],
+}  # fmt: skip
+
+
+def _increase_seen(stack: Stack, metric: str, label: str, window: str) -> dict[str, float]:
+    """What the window holds for each group: its value now minus its first sample in the
+    window (a counter's minimum). Both exact: the totals were checked against the spans."""
+    now = stack.promql(f"sum by ({label}) ({metric})")
+    first = stack.promql(f"sum by ({label}) (min_over_time({metric}[{window}]))")
+    base = {s["metric"].get(label, ""): float(s["value"][1]) for s in first}
+    return {s["metric"].get(label, ""): float(s["value"][1]) - base[s["metric"].get(label, "")]
+            for s in now}  # fmt: skip
+
+
 def test_every_dashboard_query_gives_the_right_number(
     stack: Stack, workload: dict[str, Any]
 ) -> None:
-    """Each panel's query, evaluated in Prometheus right after the measured chats, against what
-    those chats were. rate() and increase() extrapolate to their window's edges (PromQL's rule),
-    so they are compared within 10%; quantiles within the bucket the true value falls in."""
+    """Each panel's query, evaluated in Prometheus after the measured chats, against the data
+    its window holds. rate() and increase() extrapolate a series that starts inside the window
+    by up to half a scrape interval before its first sample and up to 1.1 intervals after its
+    last: with 1 s scrapes over at least SPAN seconds of samples, the panel reads between the
+    true increase and (SPAN + 1.65) / SPAN of it. Quantiles: inside the bucket of the true
+    value."""
     _all_scraped(stack, workload)
+    span = 20.0  # seconds of samples at least, since the warm-up series were first scraped
+    time.sleep(max(0.0, workload["ready"] + span - time.time()))
+    high = (span + 1.65) / span
     m = _totals(_measured(workload))
-    window = 300.0  # the panels' [5m]
-    assert time.time() - workload["start"] < window - 30, "the measured chats left the window"
+    assert time.time() - workload["start"] < 300 - 30, "the measured chats left the window"
     otel = yaml.safe_load((ROOT / "collector/otel-collector.yaml").read_text())
     bounds = otel["connectors"]["span_metrics"]["histogram"]["explicit"]["buckets"]
-    durations = sorted(r.duration_ms / 1000 for r in m["chats"])
-    ttfc = sorted(float(r.attributes["gen_ai.response.time_to_first_chunk"]) for r in m["chats"]
-                  if "gen_ai.response.time_to_first_chunk" in r.attributes)  # fmt: skip
-    local = "chatter-local-1"
-    expected: dict[str, Any] = {
-        "Tokens per second by model": [{local: m["in"] / window}, {local: m["out"] / window}],
-        "Cost per hour by provider (USD)": [{"chatter.local": m["cost"]}],
-        "LLM calls per second by model": [{k: v / window for k, v in m["calls"].items()}],
-        "LLM error rate": [{"": m["errors"] / len(m["chats"])}],
-        "Top conversations by cost, last hour (USD)": [m["per_conv"]],
-    }
-    quantiles = {"LLM call latency (p50/p95/p99)": durations,
-                 "Time to first chunk (p50/p95/p99)": ttfc}  # fmt: skip
+    quantiles = {
+        "LLM call latency (p50/p95/p99)": sorted(r.duration_ms / 1000 for r in m["chats"]),
+        "Time to first chunk (p50/p95/p99)": sorted(
+            float(r.attributes["gen_ai.response.time_to_first_chunk"]) for r in m["chats"]
+            if "gen_ai.response.time_to_first_chunk" in r.attributes),
+    }  # fmt: skip
     dash = json.loads((ROOT / "collector/grafana/dashboards/chatter-genai.json").read_text())
     checked = 0
     for panel in dash["panels"]:
@@ -424,21 +450,35 @@ def test_every_dashboard_query_gives_the_right_number(
         for n, target in enumerate(panel["targets"]):
             result = stack.promql(target["expr"])
             assert result, (title, target["expr"])
+            got = {next(iter(s["metric"].values()), ""): float(s["value"][1]) for s in result}
             if title in quantiles:
                 values = quantiles[title]
                 phi = float(re.match(r"histogram_quantile\(([0-9.]+)", target["expr"])[1])
                 true = values[min(int(phi * len(values)), len(values) - 1)]
                 lo, hi = _bucket_of(true, bounds)
                 assert lo <= _value(result) <= hi, (title, phi, true, result)
+            elif title == "LLM error rate":
+                chat = 'traces_span_metrics_calls_total{gen_ai_operation_name="chat"%s}'
+                errors = _increase_seen(stack, chat % ',status_code="STATUS_CODE_ERROR"', "x", "5m")
+                calls = _increase_seen(stack, chat % "", "x", "5m")
+                assert got[""] == pytest.approx(errors[""] / calls[""], rel=high - 1), title
+                assert errors[""] >= m["errors"]  # the measured round's failures are in it
             else:
-                want = expected[title][n]
-                got = {next(iter(s["metric"].values()), ""): float(s["value"][1]) for s in result}
+                metric, label, window = _PANELS[title][n]
+                seen = _increase_seen(stack, metric, label, window)
+                per_s = 300.0 if window == "5m" else 1.0
+                want = {k: v / per_s for k, v in seen.items() if v > 0}
                 if title.startswith("Top conversations"):  # the ten costliest of them
                     want = dict(sorted(want.items(), key=lambda kv: -kv[1])[:10])
                     assert target.get("instant") is True and target.get("range") is False
-                assert got == pytest.approx(want, rel=0.10), title
+                assert set(got) == set(want), title
+                for key, value in want.items():
+                    assert value * 0.999 <= got[key] <= value * high, (title, key, got[key], value)
             checked += 1
     assert checked == 12
+    # and the measured round is what those windows saw, give or take the warm-up's tail
+    seen_in = _increase_seen(stack, "chatter_gen_ai_input_tokens_total", "x", "5m")[""]
+    assert m["in"] <= seen_in <= m["in"] + _totals(workload["warm"])["in"]
 
 
 def test_the_reference_app_over_otlp_http_to_jaeger(
