@@ -10,7 +10,6 @@
 # ~/.cache/chatter-otel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root="$PWD"
 cache="${CHATTER_OTEL_CACHE:-$HOME/.cache/chatter-otel}"
 bin="$cache/bin"
 mkdir -p "$bin"
@@ -70,4 +69,3 @@ PROMETHEUS=$prometheus
 EOF
 echo "stack-bin: ready ($cache/stack.env): otelcol-chatter $collector_version," \
   "jaeger $JAEGER_VERSION (v$JAEGER_V2), $("$prometheus" --version 2>&1 | head -1)"
-cd "$root"

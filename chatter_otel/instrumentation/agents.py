@@ -50,10 +50,8 @@ class Agent:
     description: str | None = None
 
     def attributes(self, mode: SemconvMode) -> dict[str, str]:
-        """On the agent's own span."""
-        attrs = {GEN_AI_AGENT_NAME: self.name}
-        if self.id is not None and mode.agent_id_on_internal:
-            attrs[GEN_AI_AGENT_ID] = self.id
+        """On the agent's own span: what the spans below carry, and the description."""
+        attrs = self.child_attributes(mode)
         if self.description is not None:
             attrs[GEN_AI_AGENT_DESCRIPTION] = self.description
         return attrs

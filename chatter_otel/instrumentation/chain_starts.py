@@ -20,7 +20,7 @@ from chatter_otel.instrumentation.invocations import (
     NodeInvocation,
     WorkflowInvocation,
 )
-from chatter_otel.instrumentation.pauses import Pause, Pauses, checkpoint_of, thread_of
+from chatter_otel.instrumentation.pauses import Pause, Pauses, asked_checkpoint, thread_of
 from chatter_otel.instrumentation.runs import RunIds, RunSlot, current_workflow
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class ChainStarts:
         is_resume = isinstance(inputs, Command) and inputs.resume is not None
         if not is_resume and inputs is not None:
             return None
-        asked = checkpoint_of({"checkpoint_id": (metadata or {}).get("checkpoint_id")})
+        asked = asked_checkpoint(metadata)
         pause = self.pauses.resuming(thread, asked)
         if pause is None and is_resume:  # paused in another process: no link, still joinable
             return Pause(trace.INVALID_SPAN_CONTEXT, thread, asked, (), 0.0)

@@ -140,7 +140,8 @@ class Invocation:
             # LangGraph control flow (interrupt, Command to parent, drain) is not a failure.
             if isinstance(error, GraphInterrupt):
                 span.set_attribute(CHATTER_INTERRUPTED, True)
-                self._interrupt_up(interrupt_ids(error))
+                if self.error_id != id(error):  # not yet told upwards by the run it came from
+                    self._interrupt_up(error)
                 return r.INTERRUPTED, None, None
             return r.OK, None, None
         if is_cancel(error):
@@ -167,14 +168,17 @@ class Invocation:
             self.parent.error_id = id(error)
         return r.ERROR, etype, message
 
-    def _interrupt_up(self, ids: tuple[str, ...]) -> None:
-        """Tell every enclosing workflow that it pauses: the outermost one records the pause."""
+    def _interrupt_up(self, error: BaseException) -> None:
+        """Tell every enclosing workflow that it pauses (the outermost one records the pause),
+        once: each ancestor the interrupt then reaches knows it came this way (``error_id``)."""
+        ids = interrupt_ids(error)
         checkpoint = self.checkpoint_id
         inv: Invocation | None = self
         while inv is not None:
             if isinstance(inv, WorkflowInvocation):
                 inv.note_interrupt(checkpoint, ids)
             checkpoint = checkpoint or inv.checkpoint_id
+            inv.error_id = id(error)
             inv = inv.parent
 
     def _safe_outcome(self, error: BaseException | None) -> tuple[str, str | None, str | None]:
@@ -280,15 +284,16 @@ class WorkflowInvocation(Invocation):
         span_name = r.workflow_span_name(run.name, agent is not None)
         if extra:
             attrs.update(extra)
-        if resumes is not None:
-            attrs.update(resumes.attributes())
+        resumed = resumes.attributes() if resumes is not None else None
+        if resumed:
+            attrs.update(resumed)
         attrs.update(ids.attributes())
         start = r.WorkflowStart(run.name, outer is None, ids, self.is_agent)
         links = [resumes.link()] if resumes is not None and resumes.context.is_valid else None
         with r.carry_start(start):
             self._open(tracer, span_name, SpanKind.INTERNAL, attrs, context, links)
-        if resumes is not None:
-            self.span.add_event(RESUMED_EVENT, resumes.attributes(), timestamp=self.start_ns)
+        if resumed:
+            self.span.add_event(RESUMED_EVENT, resumed, timestamp=self.start_ns)
         if self.span_id and self.span.get_span_context().is_valid:
             run.trace_id, run.workflow_id = self.trace_id, self.span_id
         run.root_id = outer.root_id if outer is not None else run.workflow_id

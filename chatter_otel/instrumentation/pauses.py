@@ -45,6 +45,7 @@ __all__ = [
     "RESUMED_EVENT",
     "Pause",
     "Pauses",
+    "asked_checkpoint",
     "checkpoint_of",
     "interrupt_ids",
     "thread_of",
@@ -120,6 +121,11 @@ def _id(value: Any) -> str | None:
 def thread_of(metadata: Mapping[str, Any] | None) -> str | None:
     """The run's ``thread_id`` (LangChain copies ``configurable`` scalars into metadata)."""
     return _id(metadata.get("thread_id")) if metadata else None
+
+
+def asked_checkpoint(metadata: Mapping[str, Any] | None) -> str | None:
+    """The checkpoint a run was explicitly started from (``configurable.checkpoint_id``)."""
+    return _id(metadata.get("checkpoint_id")) if metadata else None
 
 
 def checkpoint_of(configurable: Mapping[str, Any] | None) -> str | None:

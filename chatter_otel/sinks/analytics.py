@@ -139,13 +139,12 @@ class AnalyticsSpanProcessor(RecordSpanProcessor):
         self.metrics = GenAIMetrics(meter_provider)
 
     def ended(self, rec: Record) -> None:
-        if isinstance(rec, EmbeddingsRecord):  # metrics only: not a chat completion
-            self.metrics.record(rec, (rec.error_type or "_OTHER") if rec.failed else None)
-            return
-        if not isinstance(rec, LLMCallRecord):
+        if not isinstance(rec, LLMCallRecord | EmbeddingsRecord):
             return
         error = (rec.error_type or "_OTHER") if rec.failed else None
         self.metrics.record(rec, error)
+        if isinstance(rec, EmbeddingsRecord):  # metrics only: not a chat completion
+            return
         cost = float(rec.cost) if rec.cost is not None else None
         if self.analytics is None and self.worker is None:
             return
