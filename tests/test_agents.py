@@ -286,3 +286,39 @@ async def test_agent_run_feeds_the_events(spans: Any, openai_server: Any) -> Non
     assert done.data["tool_calls"] == 1
     agent = spans.one("invoke_agent helper")
     assert done.workflow_id == format(agent.context.span_id, "016x")
+
+
+async def test_an_unsampled_agent_run_is_still_accounted(openai_server: Any) -> None:
+    """Accounting is not sampling: with ALWAYS_OFF nothing is exported, yet the agent's run and
+    its LLM calls reach the processors (events here) with the exact usage."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    from chatter_otel import LangGraphInstrumentor
+    from chatter_otel.sinks.events import EventBus, EventSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    bus = EventBus()
+    provider.add_span_processor(EventSpanProcessor(bus))
+    sub = bus.subscribe()
+    inst = LangGraphInstrumentor()
+    inst.instrument(tracer_provider=provider)
+    try:
+        openai_server.tool_calls.append([("add", {"a": 2, "b": 3})])
+        await create_agent(_llm(openai_server), [add], name="helper").ainvoke(_ask())
+        events = []
+        while not events or events[-1].event_type != "workflow_completed":
+            events.append(await asyncio.wait_for(sub.get(), timeout=10))
+    finally:
+        inst.uninstrument()
+    assert exporter.get_finished_spans() == ()
+    done = events[-1]
+    assert done.metadata["span_name"] == "invoke_agent helper"
+    assert done.data["input_tokens"] == 46 and done.data["output_tokens"] == 14
+    assert done.data["llm_calls"] == 2 and done.data["tool_calls"] == 1
+    calls = [e for e in events if e.event_type == "llm_call_completed"]
+    assert sum(e.data["input_tokens"] for e in calls) == 46
