@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-wheel lint typecheck package services stack-bin bench clean
+.PHONY: demo test test-wheel lint typecheck package services services-stop stack-bin bench bench-run clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,9 +19,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# PostgreSQL and Redis on loopback (installed from Debian's packages when missing).
+# PostgreSQL and Redis of this checkout's own (.services/, ports 55432 and 56379, overridable
+# with CHATTER_OTEL_PG_PORT and CHATTER_OTEL_REDIS_PORT); installed from Debian's packages
+# when missing. `make test` starts them and stops them again.
 services:
-	bash scripts/services.sh
+	bash scripts/services.sh start
+
+services-stop:
+	bash scripts/services.sh stop
 
 # The real collector (exactly our components), Jaeger v2 and Prometheus, built from their Go
 # modules (and Debian's package) into ~/.cache/chatter-otel, reused while the pins are the same.
@@ -38,14 +43,18 @@ package: $(STAMP)
 	$(BIN)/twine check --strict dist/*
 
 # The built wheel on the newest set and at the lower bounds (scripts/test-wheel.sh).
-test-wheel: package services
-	bash scripts/test-wheel.sh
+test-wheel: package
+	bash scripts/services.sh run bash scripts/test-wheel.sh
 
-test: lint typecheck package services stack-bin
-	$(BIN)/python -m pytest -q -p no:cacheprovider
-	bash scripts/test-wheel.sh
+test: lint typecheck package stack-bin
+	bash scripts/services.sh run sh -c \
+	  '$(BIN)/python -m pytest -q -p no:cacheprovider && bash scripts/test-wheel.sh'
 
-bench: $(STAMP) services
+# The benchmarks, with the test services up for their run (results: docs/performance.md).
+bench: $(STAMP)
+	bash scripts/services.sh run $(MAKE) --no-print-directory bench-run
+
+bench-run:
 	$(BIN)/python -m benchmarks.bench_overhead
 	$(BIN)/python -m benchmarks.bench_handler
 	$(BIN)/python -m benchmarks.bench_sinks
@@ -54,4 +63,5 @@ bench: $(STAMP) services
 	$(BIN)/python -m benchmarks.bench_before_after
 
 clean:
-	rm -rf $(VENV) .venv-newest .venv-lowest build dist *.egg-info
+	bash scripts/services.sh stop
+	rm -rf $(VENV) .venv-newest .venv-lowest .services build dist *.egg-info

@@ -2,7 +2,7 @@
 
 **Throughput**: ``N`` ledger records (one per LLM call, as the span processor makes them) are
 submitted as fast as possible and timed until ``flush()`` says they are in the database, on
-SQLite (aiosqlite, a file) and on PostgreSQL (asyncpg, 127.0.0.1:5432, a scratch database).
+SQLite (aiosqlite, a file) and on PostgreSQL (asyncpg, the test PostgreSQL of scripts/services.sh, a scratch database).
 Every record passes through the durable spool first, so this is the end-to-end rate.
 
 **Request path**: the host app's chat (the reference workflow with ``ainvoke``, then the app
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import threading
@@ -41,7 +42,8 @@ from chatter_otel.reference.app import Base, Conversation, Message, MessageRole,
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 
-PG_ADMIN = {"host": "127.0.0.1", "port": 5432, "user": "postgres", "database": "test"}
+PG_PORT = int(os.environ.get("CHATTER_OTEL_PG_PORT", "55432"))
+PG_ADMIN = {"host": "127.0.0.1", "port": PG_PORT, "user": "postgres", "database": "test"}
 LEDGER_THREAD = "chatter-otel-ledger"
 
 
@@ -208,7 +210,7 @@ def _scratch_pg() -> str | None:
     except OSError as exc:
         print(f"PostgreSQL unavailable ({exc}): SQLite only")
         return None
-    return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{prefix}_{{}}"
+    return f"postgresql+asyncpg://postgres@127.0.0.1:{PG_PORT}/{prefix}_{{}}"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ from chatter_otel import LangGraphInstrumentor
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+# The test services (scripts/services.sh): private PostgreSQL and Redis on ports of their own.
+PG_PORT = int(os.environ.get("CHATTER_OTEL_PG_PORT", "55432"))
+REDIS_PORT = int(os.environ.get("CHATTER_OTEL_REDIS_PORT", "56379"))
+REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
+
 
 class Spans:
     """Finished spans of one test, with lookups that fail loudly."""

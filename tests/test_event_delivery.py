@@ -80,13 +80,14 @@ async def test_a_bad_emit_is_skipped(bus: EventBus, mode: str, caplog: Any) -> N
 
 SUBSCRIBER = textwrap.dedent(
     """
-    import asyncio, json, sys
+    import asyncio, json, os, sys
+    REDIS_URL = f"redis://127.0.0.1:{os.environ.get('CHATTER_OTEL_REDIS_PORT', '56379')}/0"
     from chatter_otel.sinks.events import EventBus
     from chatter_otel.sinks.redis import RedisEventBridge
 
     async def main(channel, expected):
         bus = EventBus()
-        bridge = RedisEventBridge(bus, channel=channel)
+        bridge = RedisEventBridge(bus, url=REDIS_URL, channel=channel)
         sub = bus.subscribe()
         await bridge.start()
         print("READY", flush=True)
@@ -103,7 +104,8 @@ SUBSCRIBER = textwrap.dedent(
 
 PUBLISHER = textwrap.dedent(
     """
-    import asyncio, json, sys
+    import asyncio, json, os, sys
+    REDIS_URL = f"redis://127.0.0.1:{os.environ.get('CHATTER_OTEL_REDIS_PORT', '56379')}/0"
     from langchain_core.messages import HumanMessage
     from opentelemetry.sdk.trace import TracerProvider
     from chatter_otel import configure, track_workflow
@@ -113,7 +115,7 @@ PUBLISHER = textwrap.dedent(
 
     async def main(channel):
         bus = EventBus()
-        bridge = RedisEventBridge(bus, channel=channel)
+        bridge = RedisEventBridge(bus, url=REDIS_URL, channel=channel)
         await bridge.start()
         tel = configure(tracer_provider=TracerProvider(), events=bus)
         async with track_workflow("turn", correlation_id="via-redis") as run:

@@ -17,6 +17,7 @@ from chatter_otel.sinks.redis import RedisEventBridge
 from chatter_otel.sinks.sse import sse_response
 from chatter_otel.sinks.validation import InvalidEvent, validate_event
 from tests.test_persistence import _Proxy
+from tests.conftest import REDIS_PORT, REDIS_URL
 
 INJECTION = 'x\nevent: injected\ndata: {"pwned":true}\n\n'
 
@@ -94,9 +95,9 @@ async def test_malformed_redis_messages_are_dropped_and_the_subscription_kept() 
     channel = f"chatter-otel-test-{uuid.uuid4().hex}"
     bus = EventBus()
     sub = bus.subscribe()
-    bridge = RedisEventBridge(bus, channel=channel)
+    bridge = RedisEventBridge(bus, url=REDIS_URL, channel=channel)
     await bridge.start()
-    client = redis.from_url("redis://127.0.0.1:6379/0")
+    client = redis.from_url(REDIS_URL)
     try:
         bad = [
             "not json", "[]", json.dumps({"event": {}}), _envelope({"category": "workflow"}),
@@ -118,13 +119,13 @@ async def test_malformed_redis_messages_are_dropped_and_the_subscription_kept() 
 
 async def test_redis_outages_are_counted_and_survived() -> None:
     channel = f"chatter-otel-test-{uuid.uuid4().hex}"
-    proxy = _Proxy(6379)
+    proxy = _Proxy(REDIS_PORT)
     bus = EventBus()
     reader = InMemoryMetricReader()
     bridge = RedisEventBridge(bus, url=f"redis://127.0.0.1:{proxy.port}/0", channel=channel,
                               meter_provider=MeterProvider(metric_readers=[reader]))  # fmt: skip
     await bridge.start()
-    client = redis.from_url("redis://127.0.0.1:6379/0")
+    client = redis.from_url(REDIS_URL)
     listener = client.pubsub()
     await listener.subscribe(channel)
     try:

@@ -41,14 +41,16 @@ from chatter_otel.reference.app import MessageRole as Role
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 
+from tests.conftest import PG_PORT
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/{db}"
+PG = f"postgresql+asyncpg://postgres@127.0.0.1:{PG_PORT}/{{db}}"
 
 
 async def _pg_admin(sql: str) -> None:
-    conn = await asyncpg.connect(host="127.0.0.1", port=5432, user="postgres", database="test")
+    conn = await asyncpg.connect(host="127.0.0.1", port=PG_PORT, user="postgres", database="test")
     try:
         await conn.execute(sql)
     finally:
@@ -361,7 +363,7 @@ class _Proxy:
     """A TCP proxy on loopback in front of PostgreSQL that a test can cut and restore: a real
     outage as the ledger's driver sees it (connections reset, new ones refused)."""
 
-    def __init__(self, port: int = 5432) -> None:
+    def __init__(self, port: int = PG_PORT) -> None:
         self.target = port
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from chatter_otel.reference.app import Conversation, Message, create_app, create_tables
 from chatter_otel.sinks.events import EventCategory, UnifiedEvent
 from tests.test_persistence import PG, _pg_admin, _Proxy
+from tests.conftest import REDIS_PORT, REDIS_URL
 
 
 @pytest.fixture
@@ -63,7 +64,7 @@ async def test_fifty_concurrent_chats_into_one_conversation(
 async def test_redis_down_at_boot_then_back(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = _Proxy(6379)
+    proxy = _Proxy(REDIS_PORT)
     proxy.cut()  # Redis unreachable when the app starts
     monkeypatch.setenv("CHATTER_REDIS_URL", f"redis://127.0.0.1:{proxy.port}/0")
     app = create_app(database_url=f"sqlite+aiosqlite:///{tmp_path}/app.db", set_global=False,
@@ -83,7 +84,7 @@ async def test_redis_down_at_boot_then_back(
             proxy.restore()  # Redis is back: the bridge subscribes by itself
             import redis.asyncio as redis
 
-            client_r = redis.from_url("redis://127.0.0.1:6379/0")
+            client_r = redis.from_url(REDIS_URL)
             try:
                 for _ in range(200):
                     await asyncio.sleep(0.05)
