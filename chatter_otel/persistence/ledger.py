@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import Observation
 
 from chatter_otel._safety import warn_once
@@ -24,6 +23,7 @@ from chatter_otel.attributes import (
     LEDGER_WRITTEN_METRIC,
 )
 from chatter_otel.persistence.binding import BindingHooks
+from chatter_otel.persistence.dbloop import DatabaseLoop
 from chatter_otel.persistence.schema import MessageMapping
 from chatter_otel.persistence.spool import Spool, SpoolCount, set_aside
 from chatter_otel.persistence.writer import LedgerWriter
@@ -43,20 +43,10 @@ _log = logging.getLogger("chatter_otel")
 __all__ = ["UsagePersistence"]
 
 _STARTUP_WAIT_S = 2.0
+_SPOOL_RETRY_S = 2.0  # a spool that cannot be written is tried again this often
 
 
-@dataclass
-class _LoopState:
-    """The worker loop's retry and batching clock."""
-
-    backoff: float = 0.5
-    next_try: float = 0.0  # monotonic: no database round before (backing off)
-    next_sweep: float = 0.0  # monotonic: the next sweep of runs no message took
-    failing: bool = False
-    pending_since: float | None = None  # when the spool last got records not yet written
-
-
-class UsagePersistence(BindingHooks, LedgerWriter):
+class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
     """Ledger, binding and conversation totals for one database (see the module docstring).
 
     ``configure(persistence=UsagePersistence("postgresql+asyncpg://..."))`` wires it: the span
@@ -99,8 +89,8 @@ class UsagePersistence(BindingHooks, LedgerWriter):
         self.create_tables = create_tables
         base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
         self.spool_path = Path(spool_path or Path(base) / "chatter-otel" / "usage-spool.db")
-        self.stats = {"written": 0, "spooled": 0, "dropped": 0, "quarantined": 0, "applied": 0,
-                      "failures": 0, "in_transaction": 0}  # fmt: skip
+        self.stats = {"written": 0, "spooled": 0, "held": 0, "dropped": 0, "quarantined": 0,
+                      "applied": 0, "failures": 0, "in_transaction": 0}  # fmt: skip
         # Stage 1, the intake: the one bounded worker design (drop counter, re-made after a
         # fork) moves records from memory to the spool file at once, in whatever batch is queued.
         self._intake: BoundedWorker[tuple[str, dict[str, Any]]] = BoundedWorker(
@@ -109,6 +99,12 @@ class UsagePersistence(BindingHooks, LedgerWriter):
         )  # fmt: skip
         self._counter = SpoolCount()
         self._intake_spool: Spool | None = None  # the intake thread's connection
+        self._spool_retry_at = 0.0  # monotonic: the spool is not tried again before
+        self._spool_down_since: float | None = None
+        # Records the spool could not take, for the database thread (under _counter.lock).
+        self._held: deque[tuple[str, dict[str, Any]]] = deque()
+        self._max_held = max_queue
+        self._held_total = 0
         # Stage 2, the database worker: its own thread, event loop and engine.
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -160,6 +156,8 @@ class UsagePersistence(BindingHooks, LedgerWriter):
         re-makes itself); the spool file is shared safely (SQLite locking, idempotent replay)."""
         self._counter = SpoolCount()
         self._intake_spool = None
+        self._held = deque()  # the parent's: written (or spooled) by the parent
+        self._spool_retry_at, self._spool_down_since, self._held_total = 0.0, None, 0
         self._settle = threading.Condition()
         self._wake, self._hurry = threading.Event(), threading.Event()
         self._stop = threading.Event()
@@ -223,160 +221,88 @@ class UsagePersistence(BindingHooks, LedgerWriter):
         meter.create_observable_gauge(LEDGER_SPOOLED_METRIC, [observe("spooled")],
                                       unit="{record}")  # fmt: skip
 
-    # -- stage 1: the intake thread, memory -> spool ---------------------------------------------
+    # -- stage 1: the intake thread, memory -> spool (or straight to the database) -------------
 
     def _to_spool(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """Append ``batch`` to the spool, as far as ``max_spool`` leaves room (the rest is
-        dropped and counted). While the file cannot be opened or written (locked by another
-        process, a full disk) the batch is held and retried with backoff; meanwhile the bounded
-        queue fills and drops, counted. Given up only when stopping, with a log line."""
-        backoff = 0.5
-        while True:
+        dropped and counted). While the spool cannot be written (locked by another process,
+        corrupt, read-only, a full disk) the batch is held in memory for the database thread to
+        write straight to the database, and the spool is tried again every few seconds: a
+        broken spool never holds records back from a database that is up."""
+        now = time.monotonic()
+        if now >= self._spool_retry_at:
             try:
                 spool = self._intake_spool or self._open_spool()
                 self._intake_spool = spool
                 room = max(self.max_spool - spool.count, 0)
                 spool.add(batch[:room], dropped=max(len(batch) - room, 0))
             except (sqlite3.Error, OSError) as exc:
-                if self._intake_spool is not None:
-                    why = "the disk is full" if "full" in str(exc).lower() else str(exc)
-                    warn_once("ledger:spool-write", "chatter-otel: usage spool at %s cannot be "
-                              "written (%s); %d record(s) held in memory, retrying",
-                              self.spool_path, why, len(batch))  # fmt: skip
-                if self._stop.is_set():
-                    _log.error("chatter-otel: usage ledger stopped with %d record(s) it could "
-                               "not spool; they are not written", len(batch))  # fmt: skip
-                    return
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            break
-        self.stats["spooled"] = spool.count
+                self._spool_unwritable(exc, len(batch))
+            else:
+                self._spool_writable()
+                self.stats["spooled"] = spool.count
+                if room < len(batch):
+                    self._count_dropped(len(batch) - room, "the spool is full "
+                                        f"({self.max_spool} records)")  # fmt: skip
+                self._wake.set()
+                return
+        self._hold(batch)
+
+    def _spool_unwritable(self, exc: BaseException, n: int) -> None:
+        why = "the disk is full" if "full" in str(exc).lower() else f"{type(exc).__name__}: {exc}"
+        if self._spool_down_since is None:
+            self._spool_down_since = time.monotonic()
+            _log.warning("chatter-otel: usage spool at %s cannot be written (%s); %d record(s) "
+                         "go straight to the database until it can", self.spool_path, why,
+                         n)  # fmt: skip
+        self._spool_retry_at = time.monotonic() + _SPOOL_RETRY_S
+        spool, self._intake_spool = self._intake_spool, None
+        if spool is not None and not isinstance(exc, sqlite3.OperationalError | OSError):
+            with contextlib.suppress(sqlite3.Error):  # corrupt: reopened (and set aside) later
+                spool.close()
+        elif spool is not None:
+            self._intake_spool = spool  # locked, full or read-only: the connection is fine
+
+    def _spool_writable(self) -> None:
+        if self._spool_down_since is not None:
+            _log.warning("chatter-otel: usage spool at %s can be written again after %.1f s; "
+                         "%d record(s) went straight to the database meanwhile",
+                         self.spool_path, time.monotonic() - self._spool_down_since,
+                         self._held_total)  # fmt: skip
+            self._spool_down_since = None
+            self._held_total = 0
+
+    def _hold(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """Records for the database thread to write without the spool; bounded by
+        ``max_queue`` records (beyond it dropped and counted, exactly)."""
+        with self._counter.lock:
+            room = max(self._max_held - len(self._held), 0)
+            self._held.extend(batch[:room])
+            self._counter.handled += len(batch)
+            self._held_total += min(room, len(batch))
+            self.stats["held"] = len(self._held)
         if room < len(batch):
-            self.stats["dropped"] += len(batch) - room
-            warn_once("ledger:spool", "chatter-otel: usage spool at %s is full (%d records); "
-                      "%d record(s) dropped so far", self.spool_path, self.max_spool,
-                      self.stats["dropped"])  # fmt: skip
+            self._count_dropped(len(batch) - room, "neither the spool nor the database can "
+                                "take them")  # fmt: skip
         self._wake.set()
 
+    def _count_dropped(self, n: int, why: str) -> None:
+        self.stats["dropped"] += n
+        _log.error("chatter-otel: usage ledger dropped %d record(s): %s (%d dropped in all)",
+                   n, why, self.stats["dropped"])  # fmt: skip
+
     def _open_spool(self) -> Spool:
-        """A connection to the spool; a file that is unusable (corrupt, not a database,
-        read-only) is set aside and a fresh one opened at once. Raises while it cannot be
-        opened (locked by another process, an unwritable folder), saying so once a minute."""
+        """A connection to the spool; a file that is unusable (corrupt, not a database) is set
+        aside and a fresh one opened at once. Raises while it cannot be opened (locked by
+        another process, an unwritable folder), saying so once a minute."""
         try:
             return Spool(self.spool_path, self._counter)
         except (sqlite3.Error, OSError) as exc:
-            if isinstance(exc, sqlite3.DatabaseError) and set_aside(self.spool_path, exc):
+            if isinstance(exc, sqlite3.DatabaseError) and set_aside(
+                self.spool_path, exc, self._counter
+            ):
                 return Spool(self.spool_path, self._counter)
             warn_once("ledger:spool-open", "chatter-otel: usage spool at %s cannot be opened "
                       "(%s: %s); retrying", self.spool_path, type(exc).__name__,
                       exc)  # fmt: skip
             raise
-
-    # -- stage 2: the database thread, spool -> database ------------------------------------------
-
-    def _thread_main(self) -> None:
-        with suppress_instrumentation():  # our own SQL is never traced as app work
-            try:
-                asyncio.run(self._main())
-            except Exception:  # a bug of ours: say so loudly rather than dying silently
-                _log.exception("chatter-otel: usage ledger worker stopped; spooled records are "
-                               "written when it next starts")  # fmt: skip
-
-    def _engine(self) -> Any:
-        from sqlalchemy.ext.asyncio import create_async_engine
-
-        # A database that does not answer (dropped packets) must not hold the worker for
-        # asyncpg's 60 s default. No statement timeout: waiting for the app's row lock is fine
-        # off the request path.
-        connect_args = {"timeout": 10} if self._url.get_backend_name() == "postgresql" else {}
-        return create_async_engine(self._url, pool_pre_ping=True, connect_args=connect_args)
-
-    async def _reader(self) -> Spool | None:
-        """This thread's connection to the spool, retried with backoff; None when stopping."""
-        backoff = 0.5
-        while True:
-            try:
-                return self._open_spool()
-            except (sqlite3.Error, OSError):
-                if self._stop.is_set():
-                    return None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _main(self) -> None:
-        engine = self._engine()
-        spool = await self._reader()
-        if spool is None:
-            self._first_check.set()
-            await engine.dispose()
-            return
-        self.stats["spooled"] = spool.count
-        if spool.count:
-            _log.info("chatter-otel: %d usage record(s) in the spool at %s from an earlier run; "
-                      "replaying", spool.count, self.spool_path)  # fmt: skip
-        state = _LoopState()
-        try:
-            while True:
-                stopping = self._stop.is_set() and not self._intake.pending()
-                if not stopping:  # woken by the intake or a flush; sweeps are time-driven
-                    # Blocking is fine: this event loop is the worker's own, with nothing else.
-                    self._wake.wait(0.05)
-                self._wake.clear()
-                now = time.monotonic()
-                if spool.count and state.pending_since is None:
-                    state.pending_since = now
-                if now >= state.next_try and (stopping or self._db_due(now, state, spool.count)):
-                    await self._db_round(engine, spool, state, stopping)
-                if stopping:
-                    break
-        finally:
-            await self._stopped(spool, engine)
-
-    async def _db_round(self, engine: Any, spool: Spool, state: _LoopState, stopping: bool) -> None:
-        """Write what the spool holds, sweep the runs no message took; back off on failure."""
-        try:
-            try:
-                await self._ensure_tables(engine)
-            finally:
-                self._first_check.set()
-            written = await self._drain(engine, spool)
-            if not stopping and time.monotonic() >= state.next_sweep:
-                await self._apply_due_runs(engine)
-                state.next_sweep = time.monotonic() + min(1.0, self.grace_s)
-            if state.failing:
-                _log.warning("chatter-otel: usage ledger reached the database again; "
-                             "%d spooled record(s) written", written)  # fmt: skip
-            state.backoff, state.failing, state.pending_since = 0.5, False, None
-            handled = spool.settled_upto()
-            if handled is not None:
-                self.stats["spooled"] = 0
-                if not self._intake.pending():
-                    self._hurry.clear()  # every flush asked so far is done: batch again
-                self._mark_settled(handled)
-        except Exception as exc:  # the database is down or refused the batch
-            self.stats["failures"] += 1
-            state.failing = True
-            warn_once("ledger:db", "chatter-otel: usage ledger cannot write to the database "
-                      "(%s: %.300s); %d record(s) spooled at %s, retrying", type(exc).__name__,
-                      exc, spool.count, self.spool_path)  # fmt: skip
-            state.next_try = time.monotonic() + state.backoff
-            state.backoff = min(state.backoff * 2, 30.0)
-
-    async def _stopped(self, spool: Spool, engine: Any) -> None:
-        """Say what a stopping worker leaves behind, then close the spool and the engine."""
-        if spool.count:
-            _log.warning("chatter-otel: usage ledger stopped with %d record(s) in the spool at "
-                         "%s; they are written when it next starts", spool.count,
-                         self.spool_path)  # fmt: skip
-        spool.close()
-        await engine.dispose()
-
-    def _db_due(self, now: float, state: _LoopState, spooled: int) -> bool:
-        """The database in batches: one transaction per ``batch_delay_s`` (or a full batch, a
-        flush, the sweep), not per record: each write takes interpreter time from the app."""
-        return (
-            self._hurry.is_set() or now >= state.next_sweep or spooled >= self.batch_size
-            or (state.pending_since is not None
-                and now - state.pending_since >= self.batch_delay_s)
-        )  # fmt: skip

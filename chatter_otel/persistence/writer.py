@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from chatter_otel.persistence.schema import (
     insert_ignore,
     metadata,
 )
+from chatter_otel.persistence.spool import SpoolUnusable
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -96,10 +98,14 @@ class LedgerWriter:
         return {m.conversation_pk, m.conversation_total_tokens, m.conversation_total_cost}
 
     async def _drain(self, engine: Any, spool: Spool) -> int:
-        """Write the spool to the database in batches, oldest first; returns rows written."""
+        """Write the spool to the database in batches, oldest first; returns rows written.
+        Raises ``SpoolUnusable`` when the spool cannot be read (the database is not at fault)."""
         written = 0
         while True:
-            rows = spool.peek(self.batch_size)
+            try:
+                rows = spool.peek(self.batch_size)
+            except (sqlite3.Error, OSError) as exc:
+                raise SpoolUnusable(str(exc)) from exc
             if spool.bad:
                 self.stats["quarantined"] += spool.bad
                 spool.bad = 0
@@ -133,7 +139,10 @@ class LedgerWriter:
                 spool.delete(row[0])
                 written += self._count_written(spool, 1)
                 continue
-            spool.quarantine(row[0], f"{type(refused).__name__}: {refused}")
+            try:
+                spool.quarantine(row[0], f"{type(refused).__name__}: {refused}")
+            except (sqlite3.Error, OSError) as exc:
+                raise SpoolUnusable(str(exc)) from exc
             self.stats["quarantined"] += 1
             _log.error("chatter-otel: the usage database refused a %s record (%s: %.300s); "
                        "kept aside in table 'quarantine' of %s", row[1], type(refused).__name__,

@@ -35,7 +35,7 @@ __all__ = ["COST_METRIC", "AnalyticsSpanProcessor", "LLMCompletion", "LiveAnalyt
 DIMENSIONS = ("model", "provider", "user", "conversation")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LLMCompletion:
     """One finished LLM call, as analytics and the push hook see it."""
 
@@ -62,35 +62,100 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 class LiveAnalytics:
-    """Sliding-window aggregates; bounded in keys per dimension and samples per key."""
+    """Sliding-window aggregates, bounded on write (never by a reader's visit).
+
+    Each ``record`` evicts what the window has passed: the touched keys' samples older than
+    ``window_s``, and (at most once a second) the keys whose newest sample is older, found from
+    the least recently active end, so the work is proportional to what goes. Counts bound it
+    too: at most ``max_keys`` keys and ``max_samples`` samples per key, and ``max_total``
+    samples per dimension (the least recently active key gives up its oldest first). Memory is
+    at most about ``max_total`` samples however long the process runs and whether or not
+    ``snapshot()`` is ever called; ``evicted`` counts samples let go by a count bound before
+    the window passed them (percentiles then cover the newest ``max_total`` calls).
+    """
 
     def __init__(
-        self, window_s: float = 300.0, max_keys: int = 1_000, max_samples: int = 10_000
-    ) -> None:
+        self, window_s: float = 300.0, max_keys: int = 1_000, max_samples: int = 10_000,
+        max_total: int = 100_000,
+    ) -> None:  # fmt: skip
         self.window_s = window_s
         self._max_keys = max_keys
         self._max_samples = max_samples
+        self._max_total = max_total
         self._series: dict[str, OrderedDict[str, deque[LLMCompletion]]] = {
             d: OrderedDict() for d in DIMENSIONS
         }
+        self._totals = dict.fromkeys(DIMENSIONS, 0)
+        self._next_sweep = 0.0
+        self.evicted = 0
         self._lock = threading.Lock()
 
     def record(self, c: LLMCompletion) -> None:
-        keys = {"model": c.model, "provider": c.provider, "user": c.user_id,
-                "conversation": c.conversation_id}  # fmt: skip
+        keys = (("model", c.model), ("provider", c.provider), ("user", c.user_id),
+                ("conversation", c.conversation_id))  # fmt: skip
+        now = time.time()
+        cutoff = now - self.window_s
         with self._lock:
-            for dim, key in keys.items():
+            for dim, key in keys:
                 if not key:
                     continue
                 series = self._series[dim]
                 samples = series.get(key)
                 if samples is None:
-                    if len(series) >= self._max_keys:
-                        series.popitem(last=False)  # the least recently active key
-                    samples = series[key] = deque(maxlen=self._max_samples)
+                    if len(series) >= self._max_keys:  # the least recently active key goes
+                        self._drop_key(dim, next(iter(series)), counted=True)
+                    samples = series[key] = deque()
                 else:
                     series.move_to_end(key)
+                    gone = 0
+                    while samples and samples[0].timestamp < cutoff:
+                        samples.popleft()
+                        gone += 1
+                    if len(samples) >= self._max_samples:
+                        samples.popleft()
+                        gone += 1
+                        self.evicted += 1
+                    self._totals[dim] -= gone
                 samples.append(c)
+                self._totals[dim] += 1
+                if self._totals[dim] > self._max_total:
+                    self._trim(dim)
+            if now >= self._next_sweep:
+                self._next_sweep = now + 1.0
+                self._sweep(cutoff)
+
+    def _drop_key(self, dim: str, key: str, *, counted: bool) -> None:
+        samples = self._series[dim].pop(key)
+        self._totals[dim] -= len(samples)
+        if counted:
+            self.evicted += len(samples)
+
+    def _trim(self, dim: str) -> None:
+        """Over ``max_total``: the oldest samples of the least recently active keys go."""
+        series = self._series[dim]
+        while self._totals[dim] > self._max_total and series:
+            key = next(iter(series))
+            samples = series[key]
+            samples.popleft()
+            self._totals[dim] -= 1
+            self.evicted += 1
+            if not samples:
+                del series[key]
+
+    def _sweep(self, cutoff: float) -> None:
+        """Keys whose newest sample the window has passed, from the least recently active."""
+        for dim, series in self._series.items():
+            while series:
+                key = next(iter(series))
+                samples = series[key]
+                if samples and samples[-1].timestamp >= cutoff:
+                    break
+                self._drop_key(dim, key, counted=False)
+
+    def size(self) -> int:
+        """Samples held, over all dimensions (each call is held once per dimension it has)."""
+        with self._lock:
+            return sum(self._totals.values())
 
     def snapshot(self, now: float | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         """Per dimension and key, over the window: calls, errors, tokens, cost, percentiles."""
@@ -102,6 +167,7 @@ class LiveAnalytics:
                 for key, samples in list(series.items()):
                     while samples and samples[0].timestamp < cutoff:
                         samples.popleft()
+                        self._totals[dim] -= 1
                     if not samples:
                         del series[key]
                         continue

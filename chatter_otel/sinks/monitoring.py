@@ -94,14 +94,18 @@ class _Totals:
 
 
 class MonitoringService:
-    """The built-in, in-memory MonitoringService. Bounded: at most ``max_active`` open runs
-    (the oldest is finished early when more start), the last ``history`` finished ones, and
+    """The built-in, in-memory MonitoringService. Bounded on write: at most ``max_active``
+    open runs, none older than ``max_active_age_s`` (a run never finished is finished early,
+    counted as ``evicted``, when a later one starts), the last ``history`` finished ones, and
     ``_MAX_KEYS`` providers and models."""
 
-    def __init__(self, max_active: int = 10_000, history: int = 1_000) -> None:
+    def __init__(
+        self, max_active: int = 10_000, history: int = 1_000, max_active_age_s: float = 3_600.0
+    ) -> None:
         self._active: OrderedDict[str, WorkflowMetrics] = OrderedDict()
         self._finished: deque[WorkflowMetrics] = deque(maxlen=history)
         self._max_active = max_active
+        self._max_age_s = max_active_age_s
         self._by_provider: dict[str, _Totals] = {}
         self._by_model: dict[str, _Totals] = {}
         self._ops = {"started": 0, "finished": 0, "failed": 0, "evicted": 0}
@@ -125,9 +129,12 @@ class MonitoringService:
                 workflow_config,
             )  # fmt: skip
             self._ops["started"] += 1
-            while len(self._active) > self._max_active:
+            now = time.time()
+            while len(self._active) > self._max_active or (
+                now - next(iter(self._active.values())).start_time > self._max_age_s
+            ):
                 _, old = self._active.popitem(last=False)
-                old.end_time = time.time()
+                old.end_time = now
                 self._finished.append(old)
                 self._ops["evicted"] += 1
         return workflow_id
