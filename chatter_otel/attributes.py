@@ -124,3 +124,11 @@ LEDGER_QUARANTINED_METRIC: Final = "chatter.usage.ledger.quarantined"
 
 LEDGER_SPOOLED_METRIC: Final = "chatter.usage.ledger.spooled"
 """Gauge of usage-ledger records waiting in the local spool for the database."""
+
+SPANS_DROPPED_METRIC: Final = "chatter.spans.dropped"
+"""Counter of finished spans that never left the process, by ``error.type``: ``queue_full``
+(the batch processor's queue), ``export_failed`` (the exporter gave up after its retries),
+``already_shutdown``; and ``chatter.exporter`` (otlp, local, console)."""
+
+EVENTS_UNSIGNED_METRIC: Final = "chatter.events.unsigned"
+"""Events from Redis dropped because a signing secret is set and theirs is missing or wrong."""

@@ -40,20 +40,26 @@ if TYPE_CHECKING:
     ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 __all__ = [
+    "CORRELATION_ID_PATTERN",
     "HEADER",
     "CorrelationLogFilter",
     "CorrelationMiddleware",
     "ValidatingBaggageSpanProcessor",
     "current_correlation_id",
+    "is_valid_app_id",
     "is_valid_correlation_id",
     "valid_correlation_id",
 ]
 
 HEADER = "X-Correlation-ID"
 _HEADER_KEY = HEADER.lower().encode("latin-1")
-# Letters, digits, and . _ : - / @ + = and inner spaces: what request ids are made of (UUIDs,
-# ULIDs, "req id/7"), never CR/LF, quotes, angle brackets, backslashes or control characters.
-_VALID = re.compile(r"[A-Za-z0-9._:/@+=-](?:[A-Za-z0-9._:/@+= -]{0,126}[A-Za-z0-9._:/@+=-])?")
+# The one character set of a correlation id, wherever it enters (header, baggage, the app's
+# variable or getter, a graph's config, track_workflow, events from Redis): letters, digits and
+# ``. _ : -``, 1 to 128 of them. UUIDs, ULIDs, "req-7", "svc:42.a" pass; spaces, slashes,
+# ``@ + =``, quotes, markup, CR/LF, control and bidi characters never do: the id is echoed in
+# headers, written in log lines and shown in UIs.
+CORRELATION_ID_PATTERN = "[A-Za-z0-9._:-]{1,128}"
+_VALID = re.compile(CORRELATION_ID_PATTERN, re.ASCII)
 _correlation: ContextVar[str | None] = ContextVar("chatter_otel_correlation_id", default=None)
 
 
@@ -63,6 +69,18 @@ def is_valid_correlation_id(value: object) -> bool:
     ``[A-Za-z0-9._:-]``. No CR/LF, markup, spaces or separators: the id is echoed in headers,
     written in log lines and shown in UIs."""
     return isinstance(value, str) and _VALID.fullmatch(value) is not None
+
+
+# Conversation, message and user ids: the app's own, so wider than a correlation id, but never
+# whitespace, quotes, angle brackets, backslashes, control or bidi characters (nothing that is
+# not printable), and at most 256 characters.
+_APP_ID = re.compile(r"[^\s<>\"'`\\]{1,256}")
+
+
+def is_valid_app_id(value: object) -> bool:
+    """The one validator for the app's conversation, message and user ids (spans, events,
+    Redis, the ledger)."""
+    return isinstance(value, str) and value.isprintable() and _APP_ID.fullmatch(value) is not None
 
 
 def valid_correlation_id(value: object, source: str) -> str | None:
@@ -222,7 +240,7 @@ class CorrelationMiddleware:
             span.set_attribute(CHATTER_CORRELATION_ID, cid)
         span_ctx = span.get_span_context()
         extra = [(_HEADER_KEY, cid.encode("latin-1"))]
-        if span_ctx.is_valid:
+        if span_ctx.is_valid and not _outer_middleware_answers_traceresponse(span):
             flags = int(span_ctx.trace_flags)
             value = f"00-{span_ctx.trace_id:032x}-{span_ctx.span_id:016x}-{flags:02x}"
             extra.append((b"traceresponse", value.encode("latin-1")))
@@ -262,6 +280,18 @@ class CorrelationMiddleware:
             context.detach(token)
 
 
+def _outer_middleware_answers_traceresponse(span: Span) -> bool:
+    """The ASGI instrumentation's middleware is outside ours (the current span is its server
+    span) and a response propagator is set: it adds ``traceresponse`` itself (and
+    ``Access-Control-Expose-Headers``), so ours would be a second one."""
+    scope = getattr(span, "instrumentation_scope", None)
+    if scope is None or not str(scope.name).startswith("opentelemetry.instrumentation."):
+        return False
+    from opentelemetry.instrumentation.propagators import get_global_response_propagator
+
+    return get_global_response_propagator() is not None  # type: ignore[no-untyped-call]
+
+
 def inject_log_ids(record: logging.LogRecord) -> None:
     """Add ``trace_id``, ``span_id`` and ``correlation_id`` to a log record ("" when none)."""
     ctx = trace.get_current_span().get_span_context()
@@ -299,46 +329,3 @@ def install_log_record_factory() -> None:
 
     logging.setLogRecordFactory(factory)
     _factory_installed = True
-
-
-class _HostileHeaderLogFilter(logging.Filter):
-    """On opentelemetry-api's baggage propagator logger: each kind of line at most once a
-    minute, and header text never written raw (a request's ``baggage`` header is the client's
-    to choose: 9 KB lines, CR/LF). The line keeps its meaning; the text becomes its length."""
-
-    def __init__(self, interval_s: float = 60.0) -> None:
-        super().__init__()
-        self._interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        import time
-
-        key = str(record.msg)[:200]
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval_s:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return False
-        if last is None and len(self._last) >= 64:  # bounded: keys are the library's formats
-            self._last.pop(next(iter(self._last)))
-        self._last[key] = now
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                f"<{len(a)} chars>" if isinstance(a, str) else a for a in record.args
-            )
-        suppressed = self._suppressed.pop(key, 0)
-        if suppressed:
-            record.msg = f"{record.msg} ({suppressed} similar suppressed)"
-        return True
-
-
-_BAGGAGE_LOGGER = "opentelemetry.baggage.propagation"
-
-
-def throttle_hostile_header_logs() -> None:
-    """Install the filter above once (``configure`` and the instrumentor call it)."""
-    logger = logging.getLogger(_BAGGAGE_LOGGER)
-    if not any(isinstance(f, _HostileHeaderLogFilter) for f in logger.filters):
-        logger.addFilter(_HostileHeaderLogFilter())

@@ -51,7 +51,8 @@ from chatter_otel.export.metrics import meter_provider_from_env
 from chatter_otel.export.otlp import batch_processor, exporter_names, otlp_exporter
 from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
 from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
-from chatter_otel.instrumentation.settings import resolve_bool
+from chatter_otel.instrumentation.settings import exception_text_captured, resolve_bool
+from chatter_otel.propagation import filter_outbound_baggage
 from chatter_otel.sinks.analytics import AnalyticsSpanProcessor, LiveAnalytics
 from chatter_otel.sinks.events import EventBus, EventSpanProcessor
 from chatter_otel.sinks.monitoring import MonitoringService, MonitoringSpanProcessor
@@ -199,6 +200,7 @@ def configure(
     events_to: Callable[[Any], Any] | None = None,
     event_converter: Callable[[Any], Any] | None = None,
     monitoring_mode: str = "fill",
+    propagate_baggage_keys: Sequence[str] | None = None,
     **instrument_options: Any,
 ) -> Telemetry:
     """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
@@ -241,7 +243,11 @@ def configure(
         )
         store = None
         if owns or exporter is not None:
-            store = _add_exporters(tracer_provider, names, meters, trace_store)
+            scrub = not exception_text_captured(
+                instrument_options.get("capture_content"),
+                instrument_options.get("capture_exception_text"),
+            )
+            store = _add_exporters(tracer_provider, names, meters, trace_store, scrub)
         name = ",".join(names) or "none"
         if tracer_provider not in _with_baggage:
             tracer_provider.add_span_processor(ValidatingBaggageSpanProcessor())
@@ -266,7 +272,7 @@ def configure(
             _forward_events(tel, events_to, event_converter)
         if log_correlation:
             _instrument_logging(tel)
-        _instrument_outbound(tel)
+        _instrument_outbound(tel, propagate_baggage_keys)
         if app is not None:
             _guarded_app(tel, app, correlation_getter, correlation_context_var)
         if engines:
@@ -309,27 +315,28 @@ def configure_for_zero_code() -> Telemetry | None:
 
 
 def _add_exporters(
-    provider: TracerProvider, names: list[str], meters: MeterProvider, trace_store: Any
-) -> LocalTraceStore | None:
-    """One ``BatchSpanProcessor`` per named exporter; the local store, if one of them."""
+    provider: TracerProvider, names: list[str], meters: MeterProvider, trace_store: Any,
+    scrub: bool,
+) -> LocalTraceStore | None:  # fmt: skip
+    """One guarded ``BatchSpanProcessor`` per named exporter; the local store, if one of them."""
     store = None
     for name in names:
+        exporter: Any
         if name == "otlp":
-            provider.add_span_processor(batch_processor(otlp_exporter(), meters))
+            exporter = otlp_exporter()
         elif name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
             # stdout as it is now (the SDK's default is the one at its import)
-            provider.add_span_processor(
-                batch_processor(ConsoleSpanExporter(out=sys.stdout), meters)
-            )
-        elif name == "local":
+            exporter = ConsoleSpanExporter(out=sys.stdout)
+        else:  # local
             store = (
                 trace_store
                 if isinstance(trace_store, LocalTraceStore)
                 else LocalTraceStore(trace_store)
             )
-            provider.add_span_processor(batch_processor(LocalStoreExporter(store), meters))
+            exporter = LocalStoreExporter(store)
+        provider.add_span_processor(batch_processor(exporter, meters, name, scrub_text=scrub))
     return store
 
 
@@ -393,9 +400,11 @@ def _instrument_logging(tel: Telemetry) -> None:
         tel._undo.append(inst.uninstrument)
 
 
-def _instrument_outbound(tel: Telemetry) -> None:
+def _instrument_outbound(tel: Telemetry, baggage_keys: Sequence[str] | None = None) -> None:
     """Outbound HTTP calls (the model client's included) carry ``traceparent`` and ``baggage``
-    (the correlation id): the httpx and requests instrumentations, where installed."""
+    (the correlation id and the keys the app allows, nothing else: propagation.py): the httpx
+    and requests instrumentations, where installed."""
+    tel._undo.append(filter_outbound_baggage(baggage_keys))
     for module, cls in (
         ("opentelemetry.instrumentation.httpx", "HTTPXClientInstrumentor"),
         # httpx2: what the openai SDK (and so ChatOpenAI) sends its requests with since 3.x

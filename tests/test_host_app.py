@@ -89,8 +89,8 @@ def _host(order: str, provider: TracerProvider, bus: Bus, store: str) -> FastAPI
 @pytest.mark.parametrize("order", ["app_middleware_first", "configure_first"])
 @pytest.mark.parametrize(
     ("path", "header"),
-    [("/chat", None), ("/chat", "req-77"), ("/chat", "req id/7"), ("/boom", None)],
-    ids=["no-header", "header", "app-only-valid", "http-500"],
+    [("/chat", None), ("/chat", "req-77"), ("/chat", "x/../../etc/passwd"), ("/boom", None)],
+    ids=["no-header", "header", "valid-for-the-app-only", "http-500"],
 )
 def test_the_client_s_id_is_the_id_everywhere(
     order: str, path: str, header: str | None, tmp_path: Any,
@@ -110,9 +110,11 @@ def test_the_client_s_id_is_the_id_everywhere(
         status, headers = _get(base + path, {"X-Correlation-ID": header} if header else None)
         assert status == (500 if path == "/boom" else 200)
         rid = headers["x-correlation-id"]
-        if header:
+        hostile = header == "x/../../etc/passwd"
+        if hostile:  # the app echoes it; our spans and events carry an id of ours instead
             assert rid == header
-        else:
+            rid = None
+        elif not header:
             assert re.fullmatch(r"[0-9A-F]{26}", rid)  # the app made it: the app's id wins
         assert "traceresponse" in headers
         trace_id = headers["traceresponse"].split("-")[1]
@@ -124,6 +126,12 @@ def test_the_client_s_id_is_the_id_everywhere(
             time.sleep(0.02)
         ours = [s for s in spans if s.name.startswith(("invoke_", "chat ", "execute_tool"))]
         assert len(ours) == 7
+        if hostile:
+            (rid,) = {s.attributes.get("chatter.correlation.id") for s in spans}
+            assert re.fullmatch(r"[0-9a-f]{32}", rid)
+            assert "ignored an invalid correlation id from the app" in caplog.text
+        elif header:
+            assert rid == header
         assert {s.attributes.get("chatter.correlation.id") for s in spans} == {rid}, [
             s.name for s in spans if s.attributes.get("chatter.correlation.id") != rid
         ]

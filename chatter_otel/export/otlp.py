@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from chatter_otel.export.guard import GuardedExporter
+
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.sdk.trace.export import SpanExporter
@@ -94,8 +96,12 @@ def _session_keeping_verify() -> Any:
     return Session()
 
 
-def batch_processor(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanProcessor:
-    """A ``BatchSpanProcessor`` from the ``OTEL_BSP_*`` variables; an inconsistent set of them
+def batch_processor(
+    exporter: SpanExporter, meters: MeterProvider, name: str, *, scrub_text: bool = True
+) -> BatchSpanProcessor:
+    """A ``BatchSpanProcessor`` from the ``OTEL_BSP_*`` variables around ``exporter`` guarded
+    (export/guard.py: every lost span counted, exception text scrubbed from other
+    instrumentations' spans unless ``scrub_text`` is off); an inconsistent set of the variables
     (the SDK raises ValueError, say a batch larger than the queue) logs and uses the defaults.
 
     Its own metrics (``otel.sdk.processor.span.processed`` with ``error.type=queue_full`` for
@@ -106,11 +112,14 @@ def batch_processor(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanP
     had = os.environ.get(key)
     if had is None:
         os.environ[key] = "true"
+    guard = GuardedExporter(exporter, name, meters, scrub_text=scrub_text)
     try:
-        return _batch(exporter, meters)
+        processor = _batch(guard, meters)
     finally:
         if had is None:
             os.environ.pop(key, None)
+    guard.watch(processor)
+    return processor
 
 
 def _batch(exporter: SpanExporter, meters: MeterProvider) -> BatchSpanProcessor:

@@ -7,7 +7,11 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from chatter_otel._safety import warn_once
-from chatter_otel.correlation import current_correlation_id, valid_correlation_id
+from chatter_otel.correlation import (
+    current_correlation_id,
+    is_valid_app_id,
+    valid_correlation_id,
+)
 from chatter_otel.instrumentation.runs import EMPTY_IDS, RunIds, current_workflow
 
 if TYPE_CHECKING:
@@ -23,8 +27,10 @@ def clean_id(value: Any) -> str | None:
         value = str(value)
     if not isinstance(value, str) or not value:
         return None
-    if len(value) > _MAX_ID_LEN:
-        warn_once("ids:long", "chatter-otel: ignoring an id over %d chars", _MAX_ID_LEN)
+    if not is_valid_app_id(value):
+        warn_once("ids:invalid", "chatter-otel: ignoring an app id of %d chars: 1-%d printable "
+                  "characters without white space, quotes, backslashes, <> or control and bidi "
+                  "characters are allowed", len(value), _MAX_ID_LEN)  # fmt: skip
         return None
     return value
 

@@ -30,7 +30,6 @@ from opentelemetry.trace import get_tracer
 from wrapt import wrap_function_wrapper
 
 from chatter_otel._safety import warn_once
-from chatter_otel.correlation import throttle_hostile_header_logs
 from chatter_otel.instrumentation.agents import built_by_factory
 from chatter_otel.instrumentation.callbacks import (
     OtelCallbackHandler,
@@ -43,6 +42,7 @@ from chatter_otel.instrumentation.ids import ids_from_config
 from chatter_otel.instrumentation.runs import new_slot
 from chatter_otel.instrumentation.sampling import always_record
 from chatter_otel.instrumentation.settings import Settings
+from chatter_otel.propagation import throttle_hostile_header_logs
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:

@@ -68,6 +68,15 @@ def resolve_int(name: str, kwarg: int | None, default: int, *, minimum: int = 1)
     return int(value)
 
 
+def exception_text_captured(
+    capture_content: bool | None = None, capture_exception_text: bool | None = None
+) -> bool:
+    """Whether exception messages may leave the process: ``capture_exception_text`` (kwarg >
+    ``CHATTER_OTEL_CAPTURE_EXCEPTION_TEXT``), defaulting to content capture."""
+    content = resolve_bool(ENV_CAPTURE_CONTENT, capture_content, False)
+    return resolve_bool(ENV_CAPTURE_EXCEPTION_TEXT, capture_exception_text, content)
+
+
 def _load_prices_file(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -120,12 +129,9 @@ class Settings:
         if prices is None:
             path = os.environ.get(ENV_PRICES_FILE)
             prices = _load_prices_file(path) if path else {}
-        content = resolve_bool(ENV_CAPTURE_CONTENT, capture_content, False)
         return cls(
-            capture_content=content,
-            capture_exception_text=resolve_bool(
-                ENV_CAPTURE_EXCEPTION_TEXT, capture_exception_text, content
-            ),
+            capture_content=resolve_bool(ENV_CAPTURE_CONTENT, capture_content, False),
+            capture_exception_text=exception_text_captured(capture_content, capture_exception_text),
             max_content_length=resolve_int(
                 ENV_MAX_CONTENT_LENGTH, max_content_length, 16_384, minimum=64
             ),

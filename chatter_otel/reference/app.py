@@ -16,8 +16,11 @@ workers, and the ``OTEL_*`` variables point it at a collector.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import json
+import logging
 import os
 import uuid
 from contextlib import asynccontextmanager
@@ -40,14 +43,18 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from chatter_otel._safety import warn_once
 from chatter_otel.instrumentation.workflow import track_workflow
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES, LocalChatModel
 from chatter_otel.sinks.sse import sse_response
 from chatter_otel.telemetry import configure
+
+_log = logging.getLogger("chatter_otel.reference")
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -279,7 +286,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await create_tables(app)
+        # A database that is down at startup does not stop the app: health answers, chats get
+        # 503, and the schema is made as soon as the database answers.
+        retry = None if await _ensure_schema(app) else asyncio.create_task(_retry_schema(app))
         bridge = None
         redis_url = os.environ.get("CHATTER_REDIS_URL")
         if redis_url and app.state.telemetry.events is not None:
@@ -289,6 +298,10 @@ def create_app(
             bridge = RedisEventBridge(app.state.telemetry.events, redis_url)
             await bridge.start()
         yield
+        if retry is not None:
+            retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retry
         if bridge is not None:
             await bridge.close()
         app.state.telemetry.shutdown()
@@ -296,6 +309,7 @@ def create_app(
 
     app = FastAPI(title="chatter-otel reference app", lifespan=lifespan)
     app.state.engine = engine
+    app.state.schema_ready = False
     configure_options.setdefault("service_name", "chatter-reference-app")
     configure_options.setdefault("prices", LOCAL_MODEL_PRICES)
     app.state.telemetry = configure(app=app, engines=[engine], **configure_options)
@@ -306,10 +320,12 @@ def create_app(
 
     @app.post("/chat")
     async def chat(body: ChatIn) -> dict[str, Any]:
+        await _need_database(app)
         return await service.chat(body)
 
     @app.post("/chat/stream")
     async def chat_stream(body: ChatIn) -> StreamingResponse:
+        await _need_database(app)
         return StreamingResponse(service.stream(body), media_type="text/event-stream")
 
     @app.get("/events")
@@ -324,6 +340,37 @@ def create_app(
         return await service.get(conversation_id)
 
     return app
+
+
+_SCHEMA_RETRY_S = 2.0
+
+
+async def _ensure_schema(app: FastAPI) -> bool:
+    """The tables, made once the database answers; False (said once a minute) while it does
+    not."""
+    if app.state.schema_ready:
+        return True
+    try:
+        await asyncio.wait_for(create_tables(app), timeout=10)
+    except (OSError, TimeoutError, SQLAlchemyError) as exc:
+        warn_once("reference:db", "reference app: the database is unavailable (%s: %.200s); "
+                  "chats answer 503 until it is back", type(exc).__name__, exc)  # fmt: skip
+        return False
+    if not app.state.schema_ready:
+        app.state.schema_ready = True
+        _log.info("reference app: the database answers; tables ready")
+    return True
+
+
+async def _retry_schema(app: FastAPI) -> None:
+    while not await _ensure_schema(app):
+        await asyncio.sleep(_SCHEMA_RETRY_S)
+
+
+async def _need_database(app: FastAPI) -> None:
+    if not await _ensure_schema(app):
+        raise HTTPException(503, "the database is unavailable; the chat was not run, try again "
+                                 "shortly")  # fmt: skip
 
 
 async def create_tables(app: FastAPI) -> None:

@@ -5,12 +5,21 @@ the Redis channel, and events other processes published come back into the local
 subscriber in every process sees one stream. Each message carries its origin, so a process never
 takes its own events back. Redis being down is logged (rate-limited) and retried; the local bus
 keeps working meanwhile.
+
+Anyone who can publish on the channel can otherwise deliver well-formed events to every
+subscriber (and so to every SSE client). With a shared secret (``secret=``, else
+``CHATTER_OTEL_EVENTS_SECRET``) every message is signed (HMAC-SHA256 over its origin and its
+event, in the envelope's ``sig``), and a message without a valid signature is dropped, counted
+(``unsigned``, ``chatter.events.unsigned``) and said once a minute. Every process of the app
+needs the same secret.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -23,6 +32,7 @@ from chatter_otel.attributes import (
     EVENTS_REDIS_LOST_METRIC,
     EVENTS_REDIS_RECONNECTS_METRIC,
     EVENTS_REJECTED_METRIC,
+    EVENTS_UNSIGNED_METRIC,
 )
 from chatter_otel.sinks.validation import InvalidEvent, event_from_dict, reject
 from chatter_otel.version import SCHEMA_URL, __version__
@@ -39,6 +49,11 @@ __all__ = ["RedisEventBridge"]
 _log = logging.getLogger("chatter_otel")
 DEFAULT_CHANNEL = "chatter-otel:events"
 _MAX_MESSAGE_BYTES = 256 * 1024
+ENV_EVENTS_SECRET = "CHATTER_OTEL_EVENTS_SECRET"
+
+
+def _signature(secret: bytes, origin: str, body: str) -> str:
+    return hmac.new(secret, f"{origin}\n{body}".encode(), hashlib.sha256).hexdigest()
 
 
 class RedisEventBridge:
@@ -54,8 +69,12 @@ class RedisEventBridge:
     def __init__(
         self, bus: EventBus, url: str = "redis://127.0.0.1:6379/0",
         channel: str = DEFAULT_CHANNEL, meter_provider: MeterProvider | None = None,
+        secret: str | bytes | None = None,
     ) -> None:  # fmt: skip
         self.bus = bus
+        raw = secret if secret is not None else os.environ.get(ENV_EVENTS_SECRET) or None
+        self._secret = raw.encode() if isinstance(raw, str) else raw
+        self.unsigned = 0
         self.url = url
         self.channel = channel
         self.origin = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -85,6 +104,9 @@ class RedisEventBridge:
         )
         meter.create_observable_counter(
             EVENTS_REDIS_RECONNECTS_METRIC, [observe(lambda: self.reconnects)], unit="{event}"
+        )
+        meter.create_observable_counter(
+            EVENTS_UNSIGNED_METRIC, [observe(lambda: self.unsigned)], unit="{event}"
         )
         meter.create_observable_counter(
             EVENTS_REJECTED_METRIC,
@@ -122,8 +144,7 @@ class RedisEventBridge:
             if event.metadata.get("origin") not in (None, self.origin):
                 continue  # came from Redis: do not send it back
             try:  # any failure skips this event only: the task must outlive it
-                payload = json.dumps({"origin": self.origin, "event": event.to_dict()},
-                                     default=str)  # fmt: skip
+                payload = self._envelope(event.to_dict())
                 await self._redis.publish(self.channel, payload)
                 self.sent += 1
             except Exception:
@@ -132,8 +153,30 @@ class RedisEventBridge:
                           "%d event(s) lost to other processes so far", self._safe_url(),
                           self.lost, exc_info=True)  # fmt: skip
 
+    def _envelope(self, event: dict[str, Any]) -> str:
+        body = json.dumps(event, default=str)
+        envelope = {"origin": self.origin, "body": body}
+        if self._secret is not None:
+            envelope["sig"] = _signature(self._secret, self.origin, body)
+        return json.dumps(envelope)
+
+    def _signed(self, data: dict[str, Any]) -> bool:
+        sig, body = data.get("sig"), data.get("body")
+        if self._secret is None:
+            return True
+        ok = isinstance(sig, str) and isinstance(body, str) and hmac.compare_digest(
+            sig, _signature(self._secret, data["origin"], body)
+        )  # fmt: skip
+        if not ok:
+            self.unsigned += 1
+            warn_once("redis:unsigned", "chatter-otel: dropped an event from Redis without a "
+                      "valid signature (%d so far); is %s the same in every process?",
+                      self.unsigned, ENV_EVENTS_SECRET)  # fmt: skip
+        return ok
+
     def _take(self, message: Any) -> None:
-        """One channel message into the local bus, if it is a valid event from elsewhere."""
+        """One channel message into the local bus, if it is a valid (and, with a secret,
+        validly signed) event from elsewhere."""
         try:
             raw = message.get("data")
             if isinstance(raw, bytes | bytearray) and len(raw) > _MAX_MESSAGE_BYTES:
@@ -141,9 +184,13 @@ class RedisEventBridge:
             data = json.loads(raw)
             if not isinstance(data, dict) or not isinstance(data.get("origin"), str):
                 raise InvalidEvent("not an event envelope")
-            if data["origin"] == self.origin:
+            if data["origin"] == self.origin or not self._signed(data):
                 return
-            event = event_from_dict(data.get("event"))
+            body = data.get("body")
+            # "body": the event as signed text; "event": an object (unsigned senders)
+            event = event_from_dict(
+                json.loads(body) if isinstance(body, str) else data.get("event")
+            )
         except (InvalidEvent, ValueError, TypeError, RecursionError) as exc:
             reject(self.bus, "Redis in", InvalidEvent(type(exc).__name__))
             return

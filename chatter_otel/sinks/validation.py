@@ -4,9 +4,10 @@ logged once a minute per boundary, without its content; the stream it came in on
 
 What passes: ``event_type`` 1-64 of ``[a-z0-9_.]`` starting with a letter; ``id`` 1-128 of
 ``[A-Za-z0-9._:-]``; a known ``category`` and ``priority``; trace and span ids as lowercase hex
-of their length; a valid correlation id; conversation and user ids of 1-256 printable
-characters without white space, quotes, backslashes or ``<>``; ``data`` and ``metadata`` JSON
-objects with string keys (no NaN or infinity), at most 64 KiB serialized. Nothing that could
+of their length; a valid correlation id; conversation and user ids as ``is_valid_app_id`` says
+(1-256 printable characters, no control or bidi characters, white space, quotes, backslashes
+or ``<>``); ``data`` and ``metadata`` JSON objects with string keys (no NaN or infinity), at
+most 64 KiB serialized. Nothing that could
 end an SSE line, a header or an HTML attribute gets through.
 """
 
@@ -18,16 +19,19 @@ from datetime import datetime
 from typing import Any
 
 from chatter_otel._safety import warn_once
-from chatter_otel.correlation import is_valid_correlation_id
+from chatter_otel.correlation import (
+    CORRELATION_ID_PATTERN,
+    is_valid_app_id,
+    is_valid_correlation_id,
+)
 from chatter_otel.sinks.events import EventCategory, UnifiedEvent
 
 __all__ = ["InvalidEvent", "event_from_dict", "validate_event"]
 
 _TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
-_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ID = re.compile(CORRELATION_ID_PATTERN, re.ASCII)  # event ids: the correlation id's set
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
-_APP_ID = re.compile(r"[^\s<>\"'`\\\x00-\x1f\x7f]{1,256}")
 _PRIORITIES = frozenset({"low", "normal", "high", "critical"})
 _CATEGORIES = frozenset(c.value for c in EventCategory)
 MAX_JSON_BYTES = 64 * 1024
@@ -69,8 +73,9 @@ def validate_event(event: UnifiedEvent) -> UnifiedEvent:
     _optional(event.workflow_id, _HEX16, "workflow_id")
     _check(event.correlation_id is None or is_valid_correlation_id(event.correlation_id),
            "correlation_id")  # fmt: skip
-    _optional(event.conversation_id, _APP_ID, "conversation_id")
-    _optional(event.user_id, _APP_ID, "user_id")
+    for field in ("conversation_id", "user_id"):
+        value = getattr(event, field)
+        _check(value is None or is_valid_app_id(value), field)
     _json_object(event.data, "data")
     _json_object(event.metadata, "metadata")
     return event
