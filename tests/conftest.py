@@ -136,6 +136,7 @@ class FakeOpenAI:
     )
     embedding_model: str = "text-embedding-3-small"
     status: int = 200
+    error_message: str = "boom"  # the error body's message when status is not 200
     # Scripted tool calls: each chat request takes the next entry, if any, and answers with
     # those calls (name, arguments) instead of content; an agent's loop then runs the tools.
     tool_calls: deque[list[tuple[str, dict[str, Any]]]] = field(default_factory=deque)
@@ -225,7 +226,9 @@ def openai_server() -> Iterator[FakeOpenAI]:
             fake.requests.append(body)
             fake.headers.append({k.lower(): v for k, v in self.headers.items()})
             if fake.status != 200:
-                payload = json.dumps({"error": {"message": "boom", "type": "server_error"}})
+                payload = json.dumps(
+                    {"error": {"message": fake.error_message, "type": "server_error"}}
+                )
                 self.send_response(fake.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))

@@ -162,3 +162,35 @@ async def test_redis_outages_are_counted_and_survived() -> None:
         await listener.aclose()
         await client.aclose()
         proxy.close()
+
+
+async def test_with_a_secret_only_signed_events_cross_redis(monkeypatch: Any) -> None:
+    """Anyone who can publish on the channel could otherwise deliver a well-formed
+    ``workflow_completed`` with 999999 tokens to every SSE client: with a shared secret,
+    unsigned and badly signed messages are dropped and counted; signed ones pass."""
+    monkeypatch.setenv("CHATTER_OTEL_EVENTS_SECRET", "shared-by-the-app's-workers")
+    channel = f"chatter-otel-test-{uuid.uuid4().hex}"
+    sender_bus, receiver_bus = EventBus(), EventBus()
+    sender = RedisEventBridge(sender_bus, url=REDIS_URL, channel=channel)
+    receiver = RedisEventBridge(receiver_bus, url=REDIS_URL, channel=channel)
+    await sender.start()
+    await receiver.start()
+    sub = receiver_bus.subscribe()
+    client = redis.from_url(REDIS_URL)
+    forged = _good(id="forged", event_type="workflow_completed",
+                   data={"total_tokens": 999999}).to_dict()  # fmt: skip
+    body = json.dumps(forged)
+    try:
+        await client.publish(channel, _envelope(forged))  # unsigned
+        await client.publish(channel, json.dumps({"origin": "x", "body": body, "sig": "00" * 32}))
+        wrong = RedisEventBridge(EventBus(), url=REDIS_URL, channel=channel, secret="guess")
+        await client.publish(channel, wrong._envelope(forged))  # signed with another secret
+        sender_bus.publish(_good(id="genuine"))
+        event = await asyncio.wait_for(sub.get(), 5)
+        assert event.id == "genuine"
+        assert receiver.unsigned == 3 and receiver.received == 1
+        assert receiver_bus.rejected == 0
+    finally:
+        await sender.close()
+        await receiver.close()
+        await client.aclose()
