@@ -2,7 +2,8 @@
 
 **Throughput**: ``N`` ledger records (one per LLM call, as the span processor makes them) are
 submitted as fast as possible and timed until ``flush()`` says they are in the database, on
-SQLite (aiosqlite, a file) and on PostgreSQL (asyncpg, the test PostgreSQL of scripts/services.sh, a scratch database).
+SQLite (aiosqlite, a file) and on PostgreSQL (asyncpg, the test PostgreSQL of
+scripts/services.sh, a scratch database).
 Every record passes through the durable spool first, so this is the end-to-end rate.
 
 **Request path**: the host app's chat (the reference workflow with ``ainvoke``, then the app

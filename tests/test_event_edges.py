@@ -16,8 +16,8 @@ from chatter_otel.sinks.events import EventBus, EventCategory, UnifiedEvent
 from chatter_otel.sinks.redis import RedisEventBridge
 from chatter_otel.sinks.sse import sse_response
 from chatter_otel.sinks.validation import InvalidEvent, validate_event
-from tests.test_persistence import _Proxy
 from tests.conftest import REDIS_PORT, REDIS_URL
+from tests.test_persistence import _Proxy
 
 INJECTION = 'x\nevent: injected\ndata: {"pwned":true}\n\n'
 

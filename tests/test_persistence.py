@@ -40,7 +40,6 @@ from chatter_otel.reference.app import Base, Conversation, Message, new_id
 from chatter_otel.reference.app import MessageRole as Role
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
-
 from tests.conftest import PG_PORT
 
 if TYPE_CHECKING:

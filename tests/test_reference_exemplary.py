@@ -16,8 +16,8 @@ from sqlalchemy import select
 
 from chatter_otel.reference.app import Conversation, Message, create_app, create_tables
 from chatter_otel.sinks.events import EventCategory, UnifiedEvent
-from tests.test_persistence import PG, _pg_admin, _Proxy
 from tests.conftest import REDIS_PORT, REDIS_URL
+from tests.test_persistence import PG, _pg_admin, _Proxy
 
 
 @pytest.fixture
