@@ -301,6 +301,9 @@ def configure_for_zero_code() -> Telemetry | None:
             provider.add_span_processor(ValidatingBaggageSpanProcessor())
             _with_baggage.add(provider)
         meters, _ = _meters(None, provider, None, set_global=False)
+        from chatter_otel.export.guard import guard_existing
+
+        guard_existing(provider, meters, scrub_text=not exception_text_captured())
         tel = Telemetry(provider, owns_provider=False, exporter_name="OTEL_TRACES_EXPORTER",
                         trace_store=None, instrumentor=None)  # fmt: skip
         tel.meter_provider = meters

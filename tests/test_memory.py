@@ -7,7 +7,7 @@ from __future__ import annotations
 import tracemalloc
 from typing import Any
 
-from benchmarks.bench_soak import default_pipeline, rss_mib, soak
+from benchmarks.bench_soak import default_pipeline, soak
 from chatter_otel.sinks.analytics import LiveAnalytics
 
 

@@ -104,3 +104,29 @@ def test_zero_code_gets_the_processors_and_the_local_store(tmp_path: Path) -> No
     db = LocalTraceStore(store)._db()
     names = sorted(n for (n,) in db.execute("SELECT name FROM spans"))
     assert names.count("invoke_workflow chat") == 1 and len(names) == 7
+
+
+BAGGAGE_SCRIPT = """
+import json
+from opentelemetry import baggage, context, propagate
+ctx = context.get_current()
+for key, value in (("evil", "<script>"), ("user.id", "<img src=x>"),
+                   ("chatter.correlation.id", "req-7"), ("tenant", "acme")):
+    ctx = baggage.set_baggage(key, value, ctx)
+headers = {}
+propagate.inject(headers, context=ctx)
+print(json.dumps(headers))
+"""
+
+
+def test_zero_code_forwards_only_the_allowed_baggage(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(BAGGAGE_SCRIPT)
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "none",
+           "OTEL_LOGS_EXPORTER": "none", "CHATTER_OTEL_PROPAGATE_BAGGAGE_KEYS": "tenant"}  # fmt: skip
+    proc = _instrumented(script, env)
+    import json
+
+    headers = json.loads(proc.stdout.strip().splitlines()[-1])
+    entries = dict(e.split("=", 1) for e in headers["baggage"].split(","))
+    assert entries == {"chatter.correlation.id": "req-7", "tenant": "acme"}

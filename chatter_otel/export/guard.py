@@ -200,3 +200,33 @@ class _CountingProcessorMetrics:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sdk, name)
+
+
+def guard_existing(provider: Any, meter_provider: MeterProvider | None, *, scrub_text: bool) -> int:
+    """Guard the exporters of the ``BatchSpanProcessor``s already on ``provider`` (zero-code:
+    the distro built them from ``OTEL_TRACES_EXPORTER``); returns how many. An SDK whose
+    processors cannot be reached this way is logged, and left as it is."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    multi = getattr(provider, "_active_span_processor", None)
+    processors = getattr(multi, "_span_processors", None)
+    if processors is None:
+        _log.warning("chatter-otel: cannot reach this SDK's span processors; failed exports "
+                     "are not counted and other instrumentations' spans not scrubbed")  # fmt: skip
+        return 0
+    done = 0
+    for processor in processors:
+        inner = getattr(processor, "_batch_processor", None)
+        exporter = getattr(inner, "_exporter", None)
+        if not isinstance(processor, BatchSpanProcessor) or exporter is None:
+            continue
+        if isinstance(exporter, GuardedExporter):
+            continue
+        module = type(exporter).__module__
+        name = ("otlp" if ".otlp." in module else "local" if module.startswith("chatter_otel")
+                else type(exporter).__name__)  # fmt: skip
+        guard = GuardedExporter(exporter, name, meter_provider, scrub_text=scrub_text)
+        inner._exporter = guard  # type: ignore[union-attr]
+        guard.watch(processor)
+        done += 1
+    return done
