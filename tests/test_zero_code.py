@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -123,10 +124,9 @@ def test_zero_code_forwards_only_the_allowed_baggage(tmp_path: Path) -> None:
     script = tmp_path / "app.py"
     script.write_text(BAGGAGE_SCRIPT)
     env = {**os.environ, "OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "none",
-           "OTEL_LOGS_EXPORTER": "none", "CHATTER_OTEL_PROPAGATE_BAGGAGE_KEYS": "tenant"}  # fmt: skip
+           "OTEL_LOGS_EXPORTER": "none",
+           "CHATTER_OTEL_PROPAGATE_BAGGAGE_KEYS": "tenant"}  # fmt: skip
     proc = _instrumented(script, env)
-    import json
-
     headers = json.loads(proc.stdout.strip().splitlines()[-1])
     entries = dict(e.split("=", 1) for e in headers["baggage"].split(","))
     assert entries == {"chatter.correlation.id": "req-7", "tenant": "acme"}
