@@ -41,8 +41,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 import chatter_otel
 from chatter_otel import LangGraphInstrumentor
-from chatter_otel.demo import build_chat_graph
-from chatter_otel.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 
 class Drop(SpanExporter):
     def export(self, spans):

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import chatter_otel
-from chatter_otel.events import app_event_converter
+from chatter_otel.sinks.forward import app_event_converter
 from tests.test_host_app import AppCorrelation, request_id
 from tests.test_host_services import (
     AppEvent,

@@ -13,7 +13,7 @@ from langchain_core.messages import HumanMessage
 from opentelemetry.sdk.trace import TracerProvider
 
 import chatter_otel
-import chatter_otel.events
+import chatter_otel.sinks.forward
 from chatter_otel.reference.demo import build_chat_graph
 
 
@@ -127,7 +127,7 @@ class AppTracker:
 @pytest.mark.parametrize("mode", ["fill", "parallel"])
 async def test_the_app_s_own_workflow_records_are_filled_not_doubled(mode: str) -> None:
     service, events = AppMonitoring(), AppEvents()
-    convert = chatter_otel.events.app_event_converter(
+    convert = chatter_otel.sinks.forward.app_event_converter(
         AppEvent, field_map={"session_id": "conversation_id"},
         enums={"priority": EventPriority}, constants={"source_system": "chatter-otel"},
     )  # fmt: skip

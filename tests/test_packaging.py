@@ -119,11 +119,11 @@ def test_shutdown_bounds_the_process_exit_too(protocol: str) -> None:
 def test_the_cli_fits_a_terminal_and_says_its_version() -> None:
     from chatter_otel.version import __version__
 
-    out = subprocess.run([sys.executable, "-m", "chatter_otel.cli", "--version"],
+    out = subprocess.run([sys.executable, "-m", "chatter_otel", "--version"],
                          capture_output=True, text=True, check=True, cwd=ROOT)  # fmt: skip
     assert out.stdout.strip() == f"chatter-otel {__version__}"
     for command in ([], ["demo"], ["serve"], ["trace"], ["find"]):
-        help_ = subprocess.run([sys.executable, "-m", "chatter_otel.cli", *command, "--help"],
+        help_ = subprocess.run([sys.executable, "-m", "chatter_otel", *command, "--help"],
                                capture_output=True, text=True, check=True, cwd=ROOT,
                                env={**__import__("os").environ, "COLUMNS": "80"})  # fmt: skip
         lines = help_.stdout.splitlines()

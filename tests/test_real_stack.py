@@ -185,7 +185,7 @@ def _sampled(stack: Stack, workload: dict[str, Any]) -> dict[str, bool]:
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "chatter_otel.cli", *argv], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "chatter_otel", *argv], capture_output=True,
                           text=True, timeout=120, check=False)  # fmt: skip
 
 

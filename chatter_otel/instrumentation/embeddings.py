@@ -146,14 +146,12 @@ class _EmbeddingsCall:
         )  # fmt: skip
 
 
-def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None] | None:
-    """Wrap the openai SDK's embeddings calls; None when the SDK is not installed."""
-    try:
-        from openai.resources.embeddings import AsyncEmbeddings, Embeddings
-    except ImportError:
-        return None
+def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None]:
+    """Wrap the openai SDK's embeddings calls when the SDK is imported (now, if it is already;
+    never, if the app never imports it: configure() imports no provider SDK itself). Returns
+    how to undo it."""
     from opentelemetry.instrumentation.utils import unwrap
-    from wrapt import wrap_function_wrapper
+    from wrapt import register_post_import_hook, wrap_function_wrapper
 
     def sync_create(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         with _EmbeddingsCall(tracer, pricer, kwargs) as call:
@@ -165,11 +163,23 @@ def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None]
             call.result = await wrapped(*args, **kwargs)
         return call.result
 
-    wrap_function_wrapper(Embeddings, "create", sync_create)
-    wrap_function_wrapper(AsyncEmbeddings, "create", async_create)
+    state: dict[str, Any] = {"active": True, "wrapped": None}
+
+    def on_import(module: Any) -> None:
+        if not state["active"] or state["wrapped"] is not None:
+            return  # uninstrumented before the import, or wrapped already
+        wrap_function_wrapper(module.Embeddings, "create", sync_create)
+        wrap_function_wrapper(module.AsyncEmbeddings, "create", async_create)
+        state["wrapped"] = module
+
+    register_post_import_hook(on_import, "openai.resources.embeddings")
 
     def undo() -> None:
-        unwrap(Embeddings, "create")
-        unwrap(AsyncEmbeddings, "create")
+        state["active"] = False
+        module = state["wrapped"]
+        if module is not None:
+            unwrap(module.Embeddings, "create")
+            unwrap(module.AsyncEmbeddings, "create")
+            state["wrapped"] = None
 
     return undo

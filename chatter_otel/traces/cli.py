@@ -110,7 +110,7 @@ def _prog() -> str:
         return "chatter-otel"
     if argv0 is not None:
         return os.path.relpath(argv0)
-    return f"{sys.executable} -m chatter_otel.cli"
+    return f"{sys.executable} -m chatter_otel"
 
 
 def _hint(args: argparse.Namespace) -> str:

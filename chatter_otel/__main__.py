@@ -1,0 +1,6 @@
+"""``python -m chatter_otel``: the ``chatter-otel`` command."""
+
+from chatter_otel.traces.cli import main
+
+if __name__ == "__main__":
+    main()
