@@ -3,7 +3,7 @@ FROM python:3.11-slim
 WORKDIR /srv
 COPY pyproject.toml constraints.txt README.md LICENSE MANIFEST.in ./
 COPY chatter_otel ./chatter_otel
-RUN pip install --no-cache-dir -c constraints.txt '.[app]' \
+RUN pip install --no-cache-dir -c constraints.txt '.[reference]' \
     && useradd --system --uid 10001 chatter
 USER chatter
 EXPOSE 8000

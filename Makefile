@@ -6,13 +6,23 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-wheel lint typecheck package services services-stop stack-bin bench bench-run clean
 
+DEMO_STAMP := $(VENV)/.installed-demo
+
+# Everything the tests exercise: every extra and the test tools.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[app]' --group test
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[reference,grpc,zero-code]' --group test
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The demo needs the package and the libraries it instruments, nothing else.
+$(DEMO_STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[instruments]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/chatter-otel demo
 
 lint: $(STAMP)

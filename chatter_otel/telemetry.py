@@ -48,7 +48,12 @@ from chatter_otel.correlation import (
     unregister_app_sources,
 )
 from chatter_otel.export.metrics import meter_provider_from_env
-from chatter_otel.export.otlp import batch_processor, exporter_names, otlp_exporter
+from chatter_otel.export.otlp import (
+    batch_processor,
+    entry_point_exporter,
+    exporter_names,
+    otlp_exporter,
+)
 from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
 from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
 from chatter_otel.instrumentation.settings import exception_text_captured, resolve_bool
@@ -332,7 +337,9 @@ def _add_exporters(
 
             # stdout as it is now (the SDK's default is the one at its import)
             exporter = ConsoleSpanExporter(out=sys.stdout)
-        else:  # local
+        elif name != "local":  # a registered entry point's exporter
+            exporter = entry_point_exporter(name)
+        else:
             store = (
                 trace_store
                 if isinstance(trace_store, LocalTraceStore)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The built wheel, installed in a fresh venv with the newest set (constraints.txt) and with the
 # lower bounds of its dependency ranges (constraints-lowest.txt), passes the tests that need no
-# extra; and, with the [reference] extras at their lower bounds (SQLAlchemy 2.0), the usage
-# ledger's. The tests run from a copy, so they import the installed wheel, not the source tree.
+# extra but the instrumented libraries ([instruments]); and, with the [reference] extras at
+# their lower bounds (SQLAlchemy 2.0), the usage ledger's. The tests run from a copy, so they import the installed wheel, not the source tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -23,7 +23,7 @@ for set in newest lowest; do
   rm -rf "$venv"
   "${PY:-python3}" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -c "$constraints" "$wheel" pytest pytest-asyncio
+  "$venv/bin/python" -m pip install -q -c "$constraints" "$wheel[instruments]" pytest pytest-asyncio
   echo "wheel, $set set ($("$venv/bin/python" -c 'import opentelemetry.sdk.version as v; print("OpenTelemetry", v.__version__)')), no extras:"
   (cd "$work" && "$venv/bin/python" -m pytest -q -p no:cacheprovider "${files[@]}")
 done

@@ -101,3 +101,23 @@ def test_a_collector_outage_loses_exactly_what_is_counted(
         assert f"the incident lost {sum(lost.values())} span(s)" in line
     finally:
         tel.shutdown()
+
+
+def test_any_registered_exporter_name_works(
+    otlp_http: Received, monkeypatch: Any, caplog: Any
+) -> None:
+    """``OTEL_TRACES_EXPORTER`` names resolve through the SDK's entry points, as under
+    ``opentelemetry-instrument``; an unknown one warns and lists what is registered."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_http.endpoint)
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    tel = configure(tracer_provider=TracerProvider(), set_global=False,
+                    exporter="otlp_proto_http,no_such_exporter")  # fmt: skip
+    try:
+        assert tel.exporter_name == "otlp_proto_http"
+        build_chat_graph().invoke({"messages": [HumanMessage("weather in Oslo")]})
+        assert tel.force_flush()
+        assert len(otlp_http.wait_for(7)) == 7
+        assert "ignoring 'no_such_exporter' in exporter=" in caplog.text
+        assert "otlp_proto_grpc" in caplog.text and "chatter_local" in caplog.text
+    finally:
+        tel.shutdown()

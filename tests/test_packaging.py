@@ -45,9 +45,54 @@ def test_the_wheel_is_typed_licensed_and_declares_ranges(dist: Path) -> None:
     # ranges, not exact pins (the markers of extras read `extra == "..."`)
     assert otel and not any("==" in r.split(";")[0] for r in otel), otel
     extras = set(meta.get_all("Provides-Extra") or [])
-    assert {"fastapi", "persistence", "redis", "httpx", "reference", "app"} <= extras
+    assert extras == {"instruments", "grpc", "zero-code", "fastapi", "persistence", "redis",
+                      "httpx", "prometheus", "reference"}  # fmt: skip
+    base = [r for r in requires if "extra ==" not in r]
+    assert not [
+        r
+        for r in base
+        if r.startswith(("langgraph", "langchain", "opentelemetry-exporter-otlp-proto-grpc"))
+    ]
     assert "test" not in extras  # test tools are a dependency group, not published
     assert any(r.startswith("sqlalchemy") and "<2.2" in r.replace(" ", "") for r in requires)
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The distributions a set of requirements pulls in (every one is installed in this venv),
+    as pip would resolve them on this Python, extras' markers evaluated."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [(Requirement(r), "") for r in requirements]
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(req.name)
+        wanted = [(name, e) for e in ("", *sorted(req.extras))]
+        for key in wanted:
+            if f"{key[0]}[{key[1]}]" in seen:
+                continue
+            seen.add(f"{key[0]}[{key[1]}]")
+            for sub in distribution(req.name).requires or []:
+                todo.append((Requirement(sub), key[1]))
+    return {k.split("[")[0] for k in seen}
+
+
+def test_the_no_extras_install_is_light(dist: Path) -> None:
+    """pip install chatter-otel (no extras) pulls in at most 45 distributions, itself included:
+    no gRPC (OTLP over HTTP is the default), no LangGraph or LangChain (the app's own)."""
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        meta = Parser().parsestr(z.read(next(n for n in z.namelist()
+                                             if n.endswith("METADATA"))).decode())  # fmt: skip
+    base = [r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r]
+    closure = _closure(base) | {"chatter-otel"}
+    assert len(closure) <= 45, sorted(closure)
+    assert not {"grpcio", "langgraph", "langchain-core", "langsmith"} & closure, sorted(closure)
 
 
 def test_the_sdist_holds_what_builds_and_tests_it(dist: Path) -> None:

@@ -15,18 +15,44 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-__all__ = ["EXPORTERS", "batch_processor", "exporter_names", "otlp_exporter"]
+__all__ = [
+    "EXPORTERS",
+    "batch_processor",
+    "entry_point_exporter",
+    "exporter_names",
+    "otlp_exporter",
+    "registered_exporters",
+]
 
 _log = logging.getLogger("chatter_otel")
 
 EXPORTERS = ("otlp", "local", "console", "none")
 
 
+def registered_exporters() -> set[str]:
+    """Names in the ``opentelemetry_traces_exporter`` entry point group (the SDK's own, such as
+    ``otlp_proto_http``, ``otlp_proto_grpc`` and ``console``, and any third party's)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group="opentelemetry_traces_exporter")}
+
+
+def entry_point_exporter(name: str) -> SpanExporter:
+    """An exporter made by the entry point ``name``, as ``opentelemetry-instrument`` makes it."""
+    from importlib.metadata import entry_points
+
+    (ep, *_) = entry_points(group="opentelemetry_traces_exporter", name=name)
+    exporter: SpanExporter = ep.load()()
+    return exporter
+
+
 def exporter_names(kwarg: str | None) -> list[str]:
     """The trace exporters: ``exporter=`` else ``OTEL_TRACES_EXPORTER``, each a comma-separated
-    list of ``otlp``, ``local`` (also ``chatter_local``, the entry point's name), ``console``
-    and ``none``; else OTLP when an OTLP endpoint is set, else the local store. An unknown
-    name warns and is skipped; ``none`` alone means none."""
+    list of ``otlp`` (protocol from ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``), ``local`` (also
+    ``chatter_local``, the entry point's name), ``console``, ``none``, or any name registered
+    in the ``opentelemetry_traces_exporter`` entry point group (``otlp_proto_http``,
+    ``otlp_proto_grpc``, a third party's); else OTLP when an OTLP endpoint is set, else the
+    local store. An unknown name warns and is skipped; ``none`` alone means none."""
     if kwarg is not None:
         source, raw = "exporter=", kwarg
     else:
@@ -34,10 +60,17 @@ def exporter_names(kwarg: str | None) -> list[str]:
     names: list[str] = []
     given = [n.strip().lower() for n in raw.split(",") if n.strip()]
     given = ["local" if n == "chatter_local" else n for n in given]
+    registered: set[str] | None = None
     for name in given:
         if name not in EXPORTERS:
-            _log.warning("chatter-otel: ignoring %r in %s (use otlp, local, console or none)",
-                         name, source)  # fmt: skip
+            registered = registered_exporters() if registered is None else registered
+            if name in registered:
+                if name not in names:
+                    names.append(name)
+                continue
+            _log.warning("chatter-otel: ignoring %r in %s (use otlp, local, console, none or a "
+                         "registered exporter: %s)", name, source,
+                         ", ".join(sorted(registered)))  # fmt: skip
         elif name != "none" and name not in names:
             names.append(name)
     if names or "none" in given:

@@ -352,16 +352,3 @@ class OtelCallbackHandler(BaseCallbackHandler):
         inv = self._runs.pop(run_id)
         if isinstance(inv, RetrievalInvocation) and inv.run_id == run_id:
             inv.stop(documents, error)
-
-
-_active: OtelCallbackHandler | None = None
-
-
-def active_handler() -> OtelCallbackHandler | None:
-    """The handler of the instrumentor currently installed, if any."""
-    return _active
-
-
-def set_active_handler(handler: OtelCallbackHandler | None) -> None:
-    global _active  # noqa: PLW0603 - one process-wide instrumentation, like BaseInstrumentor
-    _active = handler

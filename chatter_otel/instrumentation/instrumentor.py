@@ -16,188 +16,26 @@ Three hooks, each undone by ``uninstrument()``:
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Any
 
-from langchain_core.tracers.context import register_configure_hook
-from langgraph._internal._runnable import RunnableCallable
-from langgraph.errors import GraphInterrupt
-from langgraph.pregel.main import Pregel
-from opentelemetry import context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
-from opentelemetry.instrumentation.utils import unwrap
 from opentelemetry.trace import get_tracer
-from wrapt import wrap_function_wrapper
 
-from chatter_otel._safety import warn_once
-from chatter_otel.instrumentation.agents import built_by_factory
-from chatter_otel.instrumentation.callbacks import (
-    OtelCallbackHandler,
-    active_handler,
-    set_active_handler,
-)
+from chatter_otel.instrumentation.active import set_active_handler
 from chatter_otel.instrumentation.cost import Pricer, warm_up
 from chatter_otel.instrumentation.embeddings import wrap_openai_embeddings
-from chatter_otel.instrumentation.ids import ids_from_config
-from chatter_otel.instrumentation.runs import new_slot
 from chatter_otel.instrumentation.sampling import always_record
 from chatter_otel.instrumentation.settings import Settings
+from chatter_otel.package import _instruments
 from chatter_otel.propagation import throttle_hostile_header_logs
 from chatter_otel.version import SCHEMA_URL, __version__
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection
+    from collections.abc import Collection
+
+    from chatter_otel.instrumentation.callbacks import OtelCallbackHandler
 
 __all__ = ["LangGraphInstrumentor"]
-
-_INSTRUMENTS = ("langchain-core >= 1.0", "langgraph >= 1.0")
-
-
-def _config_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return args[1] if len(args) > 1 else kwargs.get("config")
-
-
-try:  # LangGraph's own runnables inside every node; private modules, so optional
-    from langgraph.graph._branch import BranchSpec
-    from langgraph.pregel._write import ChannelWrite
-
-    _ROUTE: Any = BranchSpec._route
-    _WRITE: Any = ChannelWrite
-except (ImportError, AttributeError):  # pragma: no cover - a LangGraph that moved them
-    _ROUTE = _WRITE = object()  # matches nothing: every callable gets the node context
-
-
-def _runs_no_app_code(runnable: Any) -> bool:
-    """LangGraph's channel writes and branch routing (6 of the 9 callables of the reference
-    run) run no app code: a conditional edge's own function is a runnable of its own, wrapped
-    itself. Making the node span current around them would only cost time."""
-    return type(runnable) is _WRITE or (
-        runnable.name == "_route" and getattr(runnable.func, "__func__", None) is _ROUTE
-    )
-
-
-class _ActiveHandlerVar:
-    """Stands in for the ``ContextVar`` that ``register_configure_hook`` reads.
-
-    LangChain only calls ``.get()`` on it. A real ContextVar cannot serve: its default is fixed
-    when it is made, and the handler must reach every context, fresh threads included, and
-    leave them all again at ``uninstrument()``. Hooks cannot be unregistered, so one is
-    registered per process and answers None while nothing is instrumented.
-    """
-
-    def get(self) -> OtelCallbackHandler | None:
-        return active_handler()
-
-
-_HOOK_VAR = _ActiveHandlerVar()
-_hook_registered = False
-
-
-def _register_hook_once() -> None:
-    global _hook_registered  # noqa: PLW0603 - LangChain's hook list is process-wide too
-    if not _hook_registered:
-        register_configure_hook(_HOOK_VAR, True)  # type: ignore[arg-type]
-        _hook_registered = True
-
-
-class _AnnounceGraph:
-    """Before ``Pregel.stream``/``astream``: give the run an id and announce it as a graph run."""
-
-    def __init__(self, handler: OtelCallbackHandler) -> None:
-        self._handler = handler
-
-    def __call__(self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        handler = self._handler
-        if handler.enabled:
-            try:
-                args, kwargs = self._announce(instance, args, kwargs)
-            except Exception:
-                warn_once("announce", "chatter-otel: cannot announce a graph run", exc_info=True)
-        return wrapped(*args, **kwargs)
-
-    def _announce(self, graph: Any, args: Any, kwargs: Any) -> tuple[Any, Any]:
-        config = _config_arg(args, kwargs)
-        config = dict(config) if config else {}
-        run_id = config.get("run_id")
-        if not isinstance(run_id, uuid.UUID):
-            # The app's own config object is copied, never mutated.
-            run_id = config["run_id"] = uuid.uuid4()
-        name = config.get("run_name") or graph.get_name()
-        # new_slot() runs here, in the app's own context, so last_run() can see the result.
-        self._handler.expect_graph(
-            run_id, str(name), ids_from_config(config), new_slot(), built_by_factory(graph)
-        )
-        if len(args) > 1:
-            args = (args[0], config, *args[2:])
-        else:
-            kwargs = {**kwargs, "config": config}
-        return args, kwargs
-
-
-class _NodeContext:
-    """Around ``RunnableCallable.invoke``: the node span is current while the node runs; an
-    interrupt raised in it notes the checkpoint its task ran from (what a resume links to)."""
-
-    def __init__(self, handler: OtelCallbackHandler) -> None:
-        self._handler = handler
-
-    def __call__(self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        if _runs_no_app_code(instance):
-            return wrapped(*args, **kwargs)
-        config = _config_arg(args, kwargs)
-        ctx = self._handler.context_for(config)
-        token = context.attach(ctx) if ctx is not None else None
-        try:
-            return wrapped(*args, **kwargs)
-        except GraphInterrupt:
-            self._handler.interrupted(config)
-            raise
-        finally:
-            if token is not None:
-                context.detach(token)
-
-
-class _NodeContextAsync(_NodeContext):
-    async def __call__(
-        self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
-    ) -> Any:
-        if _runs_no_app_code(instance):
-            return await wrapped(*args, **kwargs)
-        config = _config_arg(args, kwargs)
-        ctx = self._handler.context_for(config)
-        token = context.attach(ctx) if ctx is not None else None
-        try:
-            return await wrapped(*args, **kwargs)
-        except GraphInterrupt:
-            self._handler.interrupted(config)
-            raise
-        finally:
-            if token is not None:
-                context.detach(token)
-
-
-def _usage_unless_told_not(
-    wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
-) -> Any:
-    """``BaseChatOpenAI._should_stream_usage``: True where nothing said either way (the call,
-    its ``stream_options``, the model's ``model_kwargs`` or ``stream_usage``); an explicit
-    False still wins."""
-    asked = args[0] if args else kwargs.get("stream_usage")
-    options = kwargs.get("stream_options") or {}
-    model_options = (getattr(instance, "model_kwargs", None) or {}).get("stream_options") or {}
-    if (asked is None and "include_usage" not in options and "include_usage" not in model_options
-            and getattr(instance, "stream_usage", None) is None):  # fmt: skip
-        return True
-    return wrapped(*args, **kwargs)
-
-
-def _ask_for_stream_usage() -> bool:
-    try:
-        from langchain_openai.chat_models.base import BaseChatOpenAI
-    except ImportError:  # no OpenAI-compatible models in this app
-        return False
-    wrap_function_wrapper(BaseChatOpenAI, "_should_stream_usage", _usage_unless_told_not)
-    return True
 
 
 class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
@@ -212,7 +50,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _handler: OtelCallbackHandler | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
-        return _INSTRUMENTS
+        return _instruments
 
     @property
     def handler(self) -> OtelCallbackHandler | None:
@@ -238,15 +76,13 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 "chatter_otel", __version__, kwargs.get("tracer_provider"), schema_url=SCHEMA_URL
             )
         )
+        from chatter_otel.instrumentation import hooks
+        from chatter_otel.instrumentation.callbacks import OtelCallbackHandler
+
         handler = OtelCallbackHandler(tracer, settings, Pricer(settings.prices))
         throttle_hostile_header_logs()
         warm_up()
-        _register_hook_once()
-        wrap_function_wrapper(Pregel, "stream", _AnnounceGraph(handler))
-        wrap_function_wrapper(Pregel, "astream", _AnnounceGraph(handler))
-        wrap_function_wrapper(RunnableCallable, "invoke", _NodeContext(handler))
-        wrap_function_wrapper(RunnableCallable, "ainvoke", _NodeContextAsync(handler))
-        self._stream_usage = settings.stream_usage and _ask_for_stream_usage()
+        self._stream_usage = hooks.install(handler, stream_usage=settings.stream_usage)
         self._unwrap_embeddings = wrap_openai_embeddings(tracer, handler.pricer)
         self._handler = handler
         set_active_handler(handler)
@@ -262,18 +98,13 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _unwrap_embeddings: Any = None
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        unwrap(Pregel, "stream")
-        unwrap(Pregel, "astream")
-        unwrap(RunnableCallable, "invoke")
-        unwrap(RunnableCallable, "ainvoke")
+        from chatter_otel.instrumentation import hooks
+
+        hooks.remove(stream_usage=self._stream_usage)
+        self._stream_usage = False
         if self._unwrap_embeddings is not None:
             self._unwrap_embeddings()
             self._unwrap_embeddings = None
-        if self._stream_usage:
-            from langchain_openai.chat_models.base import BaseChatOpenAI
-
-            unwrap(BaseChatOpenAI, "_should_stream_usage")
-            self._stream_usage = False
         handler = self._handler
         if handler is not None:
             # Managers built before this point still hold the handler: make it inert, and end

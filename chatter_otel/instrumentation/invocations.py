@@ -13,7 +13,6 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from langgraph.errors import GraphBubbleUp, GraphInterrupt
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_OPERATION_NAME,
     GenAiOperationNameValues,
@@ -35,6 +34,7 @@ from chatter_otel.attributes import (
     ORPHANED_ERROR_TYPE,
 )
 from chatter_otel.instrumentation import records as r
+from chatter_otel.instrumentation.control import GraphBubbleUp, GraphInterrupt
 from chatter_otel.instrumentation.pauses import PAUSED_EVENT, RESUMED_EVENT, Pause, interrupt_ids
 from chatter_otel.instrumentation.runs import RunIds, WorkflowRun
 

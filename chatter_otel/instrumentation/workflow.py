@@ -8,7 +8,7 @@ from opentelemetry import context, trace
 
 from chatter_otel._safety import internal_error
 from chatter_otel.correlation import valid_correlation_id
-from chatter_otel.instrumentation.callbacks import active_handler
+from chatter_otel.instrumentation.active import active_handler
 from chatter_otel.instrumentation.ids import ambient_ids, clean_id
 from chatter_otel.instrumentation.invocations import WorkflowInvocation
 from chatter_otel.instrumentation.runs import RunIds, WorkflowRun, current_workflow, set_last_run
