@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-wheel lint typecheck package services services-stop stack-bin bench bench-run clean
+.PHONY: demo test test-wheel lint typecheck docs package services services-stop stack-bin bench bench-run clean
 
 DEMO_STAMP := $(VENV)/.installed-demo
 
@@ -46,6 +46,10 @@ stack-bin:
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The docs site (docs/, mkdocs.yml), strict: a broken link or a missing page fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
 # The published artifacts: an sdist and a wheel that build, and metadata twine accepts.
 package: $(STAMP)
 	rm -rf dist
@@ -56,9 +60,9 @@ package: $(STAMP)
 test-wheel: package
 	bash scripts/services.sh run bash scripts/test-wheel.sh
 
-test: lint typecheck package stack-bin
-	bash scripts/services.sh run sh -c \
-	  '$(BIN)/python -m pytest -q -p no:cacheprovider && bash scripts/test-wheel.sh'
+test: lint typecheck docs package stack-bin
+	bash scripts/services.sh run sh -c '$(BIN)/python -m pytest -q -p no:cacheprovider \
+	  && $(BIN)/python -m benchmarks.bench_startup && bash scripts/test-wheel.sh'
 
 # The benchmarks, with the test services up for their run (results: docs/performance.md).
 bench: $(STAMP)
@@ -69,6 +73,8 @@ bench-run:
 	$(BIN)/python -m benchmarks.bench_handler
 	$(BIN)/python -m benchmarks.bench_sinks
 	$(BIN)/python -m benchmarks.bench_ledger
+	$(BIN)/python -m benchmarks.bench_startup
+	$(BIN)/python -m benchmarks.bench_soak
 	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
 	$(BIN)/python -m benchmarks.bench_before_after
 
