@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
     from chatter_otel.instrumentation.runs import RunIds, RunUsage, WorkflowRun, last_run
     from chatter_otel.instrumentation.workflow import track_workflow
-    from chatter_otel.telemetry import Telemetry, configure
+    from chatter_otel.setup import configure
+    from chatter_otel.telemetry import Telemetry
 
 __all__ = [
     "LangGraphInstrumentor",
@@ -40,7 +41,7 @@ _WHERE = {
     "last_run": "chatter_otel.instrumentation.runs",
     "track_workflow": "chatter_otel.instrumentation.workflow",
     "Telemetry": "chatter_otel.telemetry",
-    "configure": "chatter_otel.telemetry",
+    "configure": "chatter_otel.setup",
 }
 
 

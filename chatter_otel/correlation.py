@@ -25,6 +25,7 @@ from opentelemetry import baggage, context, trace
 from opentelemetry.processor.baggage import BaggageSpanProcessor
 
 from chatter_otel._safety import warn_once
+from chatter_otel.app_loop import note_app_loop
 from chatter_otel.attributes import CHATTER_CORRELATION_ID
 
 if TYPE_CHECKING:
@@ -232,8 +233,6 @@ class CorrelationMiddleware:
             return
         cid = self._resolve(scope)
         holder = [cid, cid]
-        from chatter_otel.sinks.forward import note_app_loop
-
         note_app_loop()  # the app's loop, for an async emit the events are forwarded to
         span = trace.get_current_span()  # the server span of the ASGI instrumentation, if any
         if span.is_recording():

@@ -1,79 +1,40 @@
-"""``chatter_otel.configure``: the one call at startup.
-
-It builds (or reuses) the tracer provider, picks the exporter, and instruments LangGraph and
-LangChain. Resolution is keyword argument > environment variable > default:
-
-* resource: ``service_name`` / ``service_version`` / ``environment`` keywords, else the SDK's
-  ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``, else ``service.name=chatter-app``;
-* exporter: ``exporter=`` (``"otlp"``, ``"local"`` or ``"none"``), else ``OTEL_TRACES_EXPORTER``,
-  else OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is
-  set, else the local trace store. The OTLP protocol comes from
-  ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc`` or
-  ``http/protobuf``, the default); endpoint, headers, timeout, compression and certificates are
-  read by the OTLP exporters themselves from the standard variables;
-* sampler: the SDK reads ``OTEL_TRACES_SAMPLER`` / ``_ARG``;
-* ``OTEL_SDK_DISABLED=true``: nothing is built or instrumented; a ``Telemetry`` is still
-  returned so the app's code path does not change.
-
-A tracer provider the app (or ``opentelemetry-instrument``) already installed globally is reused:
-exporters are only added to one this call builds; the ``BaggageSpanProcessor`` that copies
-``chatter.correlation.id`` onto every span is added to either. Calling ``configure`` again
-returns the same ``Telemetry`` until it is shut down.
-
-Given the app's FastAPI ``app``, it turns on the FastAPI OpenTelemetry instrumentation (the
-server span) and adds ``CorrelationMiddleware``; given SQLAlchemy ``engines`` (sync or async),
-the SQLAlchemy instrumentation, so one trace shows the request, the graph run and the app's own
-queries. ``log_correlation`` (default on) makes every log record carry ``trace_id``, ``span_id``
-and ``correlation_id``.
+"""``Telemetry`` (what ``configure`` set up), the process-wide configuration, and what both
+``configure()`` and the zero-code path install: the processors, the meter provider, log ids and
+outbound propagation. ``configure()`` itself is in ``chatter_otel.setup``.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
-from chatter_otel.correlation import (
-    CorrelationMiddleware,
-    ValidatingBaggageSpanProcessor,
-    install_log_record_factory,
-    unregister_app_sources,
-)
+from chatter_otel.correlation import ValidatingBaggageSpanProcessor, install_log_record_factory
 from chatter_otel.export.metrics import meter_provider_from_env
-from chatter_otel.export.otlp import (
-    batch_processor,
-    entry_point_exporter,
-    exporter_names,
-    otlp_exporter,
-)
-from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
-from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
-from chatter_otel.instrumentation.settings import exception_text_captured, resolve_bool
+from chatter_otel.instrumentation.settings import exception_text_captured
 from chatter_otel.propagation import filter_outbound_baggage
 from chatter_otel.sinks.analytics import AnalyticsSpanProcessor, LiveAnalytics
 from chatter_otel.sinks.events import EventBus, EventSpanProcessor
 from chatter_otel.sinks.monitoring import MonitoringService, MonitoringSpanProcessor
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Callable, Sequence
-    from contextvars import ContextVar
 
     from opentelemetry.metrics import MeterProvider
 
-__all__ = ["Telemetry", "configure"]
+    from chatter_otel.export.store import LocalTraceStore
+    from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
+
+__all__ = ["Telemetry", "configure_for_zero_code"]
 
 _log = logging.getLogger("chatter_otel")
 
-_DEFAULT_SERVICE = "chatter-app"
 _lock = threading.Lock()
 _current: Telemetry | None = None
 _with_baggage: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
@@ -165,127 +126,6 @@ class Telemetry:
                 _current = None
 
 
-def _resource(service_name: str | None, service_version: str | None, env: str | None) -> Resource:
-    attrs: dict[str, str] = {}
-    if service_name:
-        attrs["service.name"] = service_name
-    if service_version:
-        attrs["service.version"] = service_version
-    if env:
-        attrs["deployment.environment.name"] = env
-    resource = Resource.create(attrs)
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": _DEFAULT_SERVICE}))
-    return resource
-
-
-def configure(
-    *,
-    service_name: str | None = None,
-    service_version: str | None = None,
-    environment: str | None = None,
-    exporter: str | None = None,
-    trace_store: str | os.PathLike[str] | LocalTraceStore | None = None,
-    tracer_provider: TracerProvider | None = None,
-    set_global: bool = True,
-    app: Any = None,
-    engines: Sequence[Any] = (),
-    log_correlation: bool = True,
-    correlation_getter: Callable[[], str | None] | None = None,
-    correlation_context_var: ContextVar[Any] | None = None,
-    meter_provider: MeterProvider | None = None,
-    events: bool | Any = True,
-    monitoring: bool | Any = True,
-    analytics: bool | Any = True,
-    record_completion: Callable[[Any], Any] | None = None,
-    persistence: Any = None,
-    metrics_exporter: str | None = None,
-    monitoring_llm_metrics: Any = None,
-    monitoring_timestamps: str = "datetime",
-    events_to: Callable[[Any], Any] | None = None,
-    event_converter: Callable[[Any], Any] | None = None,
-    monitoring_mode: str = "fill",
-    propagate_baggage_keys: Sequence[str] | None = None,
-    **instrument_options: Any,
-) -> Telemetry:
-    """Set up tracing and instrument LangGraph/LangChain; see the module docstring.
-
-    ``instrument_options`` go to ``LangGraphInstrumentor.instrument`` (``capture_content``,
-    ``prices``, ``redact``, ...). ``set_global=False`` leaves the global tracer provider alone.
-    """
-    global _current  # noqa: PLW0603
-    if log_correlation:  # first: every line from here on (configure's own too) has the ids
-        install_log_record_factory()
-    with _lock:
-        if _current is not None:
-            # Idempotent; an app or engines given now (configure() at import, then again in
-            # create_app or the lifespan) are instrumented on the existing setup.
-            if app is not None and _current.tracer_provider is not None:
-                _guarded_app(_current, app, correlation_getter, correlation_context_var)
-            if engines and _current.tracer_provider is not None:
-                _instrument_engines(_current, engines)
-            return _current
-        if resolve_bool("OTEL_SDK_DISABLED", None, False):
-            _log.info("chatter-otel: OTEL_SDK_DISABLED is set; telemetry is off")
-            _current = Telemetry(
-                None, owns_provider=False, exporter_name="none", trace_store=None,
-                instrumentor=None,
-            )  # fmt: skip
-            return _current
-        owns = False
-        if tracer_provider is None:
-            existing = trace.get_tracer_provider()
-            if isinstance(existing, TracerProvider):
-                tracer_provider = existing
-            else:
-                tracer_provider = TracerProvider(
-                    resource=_resource(service_name, service_version, environment)
-                )
-                owns = True
-        names = exporter_names(exporter)
-        meters, owns_meters = _meters(
-            meter_provider, tracer_provider, metrics_exporter, set_global=set_global
-        )
-        store = None
-        if owns or exporter is not None:
-            scrub = not exception_text_captured(
-                instrument_options.get("capture_content"),
-                instrument_options.get("capture_exception_text"),
-            )
-            store = _add_exporters(tracer_provider, names, meters, trace_store, scrub)
-        name = ",".join(names) or "none"
-        if tracer_provider not in _with_baggage:
-            tracer_provider.add_span_processor(ValidatingBaggageSpanProcessor())
-            _with_baggage.add(tracer_provider)
-        if owns and set_global:
-            trace.set_tracer_provider(tracer_provider)
-        instrumentor = LangGraphInstrumentor()
-        instrumentor.instrument(tracer_provider=tracer_provider, **instrument_options)
-        tel = Telemetry(
-            tracer_provider, owns_provider=owns, exporter_name=name, trace_store=store,
-            instrumentor=instrumentor,
-        )  # fmt: skip
-        tel.meter_provider = meters
-        tel._owns_meters = owns_meters
-        _install_processors(
-            tel, tracer_provider, meters, events=events, monitoring=monitoring,
-            analytics=analytics, record_completion=record_completion, persistence=persistence,
-            monitoring_llm_metrics=monitoring_llm_metrics,
-            monitoring_timestamps=monitoring_timestamps, monitoring_mode=monitoring_mode,
-        )  # fmt: skip
-        if events_to is not None and tel.events is not None:
-            _forward_events(tel, events_to, event_converter)
-        if log_correlation:
-            _instrument_logging(tel)
-        _instrument_outbound(tel, propagate_baggage_keys)
-        if app is not None:
-            _guarded_app(tel, app, correlation_getter, correlation_context_var)
-        if engines:
-            _instrument_engines(tel, engines)
-        _current = tel
-        return tel
-
-
 def configure_for_zero_code() -> Telemetry | None:
     """What ``LangGraphInstrumentor().instrument()`` adds when it is instrumented on its own
     (``opentelemetry-instrument``): on the SDK provider the distro set up (its exporters, from
@@ -320,34 +160,6 @@ def configure_for_zero_code() -> Telemetry | None:
         _instrument_outbound(tel)
         _current = tel
         return tel
-
-
-def _add_exporters(
-    provider: TracerProvider, names: list[str], meters: MeterProvider, trace_store: Any,
-    scrub: bool,
-) -> LocalTraceStore | None:  # fmt: skip
-    """One guarded ``BatchSpanProcessor`` per named exporter; the local store, if one of them."""
-    store = None
-    for name in names:
-        exporter: Any
-        if name == "otlp":
-            exporter = otlp_exporter()
-        elif name == "console":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-            # stdout as it is now (the SDK's default is the one at its import)
-            exporter = ConsoleSpanExporter(out=sys.stdout)
-        elif name != "local":  # a registered entry point's exporter
-            exporter = entry_point_exporter(name)
-        else:
-            store = (
-                trace_store
-                if isinstance(trace_store, LocalTraceStore)
-                else LocalTraceStore(trace_store)
-            )
-            exporter = LocalStoreExporter(store)
-        provider.add_span_processor(batch_processor(exporter, meters, name, scrub_text=scrub))
-    return store
 
 
 def _forward_events(tel: Telemetry, emit: Callable[[Any], Any],
@@ -498,91 +310,3 @@ def _attach(provider: TracerProvider, kind: str, cls: Any, **sinks: Any) -> Call
         processor.repoint(**sinks)
     detach: Callable[[], None] = processor.detach
     return detach
-
-
-def _guarded_app(
-    tel: Telemetry, app: Any, getter: Callable[[], str | None] | None,
-    context_var: ContextVar[Any] | None,
-) -> None:  # fmt: skip
-    """configure() never raises: an app it cannot instrument is logged, the rest stays."""
-    try:
-        _instrument_app(tel, app, getter, context_var)
-    except Exception:
-        _log.exception("chatter-otel: could not instrument the app; its requests have no "
-                       "correlation ids or server spans")  # fmt: skip
-
-
-def _instrument_app(
-    tel: Telemetry,
-    app: Any,
-    getter: Callable[[], str | None] | None,
-    context_var: ContextVar[Any] | None,
-) -> None:
-    try:
-        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-        from opentelemetry.instrumentation.propagators import (
-            TraceResponsePropagator,
-            get_global_response_propagator,
-            set_global_response_propagator,
-        )
-    except ImportError as exc:
-        _log.error("chatter-otel: configure(app=...) needs the 'fastapi' extra: pip install "
-                   "'chatter-otel[fastapi]' (%s); the app is not instrumented", exc)  # fmt: skip
-        return
-    if getattr(app, "_chatter_otel_correlation", False):
-        return  # this app is done already (a second configure, or create_app called twice)
-    app._chatter_otel_correlation = True
-    tel._undo.append(unregister_app_sources)
-    if get_global_response_propagator() is None:  # type: ignore[no-untyped-call]
-        set_global_response_propagator(TraceResponsePropagator())  # type: ignore[no-untyped-call]
-    if not getattr(app, "_is_instrumented_by_opentelemetry", False):
-        FastAPIInstrumentor.instrument_app(app, tracer_provider=tel.tracer_provider)
-        tel._undo.append(lambda: FastAPIInstrumentor.uninstrument_app(app))
-    # Right inside the server span and outside Starlette's error middleware: the id is on the
-    # server span, and a 500 gets the correlation id and `traceresponse` like any response.
-    original = app.build_middleware_stack
-
-    def build_middleware_stack() -> Any:
-        return _with_correlation(original(), getter, context_var)
-
-    app.build_middleware_stack = build_middleware_stack
-    tel._undo.append(lambda: setattr(app, "build_middleware_stack", original))
-    if getattr(app, "middleware_stack", None) is not None:
-        # Called from the lifespan: the stack is built already and Starlette refuses new
-        # middleware. Build it again, with ours and the server spans, before any request.
-        app.middleware_stack = app.build_middleware_stack()
-        _log.info("chatter-otel: configure(app=...) ran after the app started; its middleware "
-                  "stack was rebuilt with the correlation middleware and server spans")  # fmt: skip
-
-
-def _with_correlation(
-    stack: Any, getter: Callable[[], str | None] | None, context_var: ContextVar[Any] | None
-) -> Any:
-    """``stack`` with the correlation middleware just inside the FastAPI instrumentation's
-    ``OpenTelemetryMiddleware`` (it is wrapped in one more ``ServerErrorMiddleware``), or
-    around the whole stack when that instrumentation is not there."""
-    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
-    inner = getattr(stack, "app", None)
-    if isinstance(inner, OpenTelemetryMiddleware):
-        inner.app = CorrelationMiddleware(inner.app, getter=getter, context_var=context_var)
-        return stack
-    return CorrelationMiddleware(stack, getter=getter, context_var=context_var)
-
-
-def _instrument_engines(tel: Telemetry, engines: Sequence[Any]) -> None:
-    try:
-        from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
-    except ImportError as exc:
-        _log.error("chatter-otel: configure(engines=...) needs the 'persistence' extra: pip "
-                   "install 'chatter-otel[persistence]' (%s); the engines are not "
-                   "instrumented", exc)  # fmt: skip
-        return
-    sync_engines = [getattr(e, "sync_engine", e) for e in engines]  # AsyncEngine -> Engine
-    inst = SQLAlchemyInstrumentor()
-    if not inst.is_instrumented_by_opentelemetry:
-        # The contrib package declares SQLAlchemy < 2.1; it works on 2.1 (tested).
-        inst.instrument(
-            engines=sync_engines, tracer_provider=tel.tracer_provider, skip_dep_check=True
-        )
-        tel._undo.append(inst.uninstrument)

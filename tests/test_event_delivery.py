@@ -8,14 +8,17 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from langchain_core.messages import HumanMessage
 
 from chatter_otel import track_workflow
 from chatter_otel.reference.demo import build_chat_graph
-from chatter_otel.sinks.events import EventBus, EventSpanProcessor, UnifiedEvent
+from chatter_otel.sinks.events import EventBus, EventSpanProcessor
+
+if TYPE_CHECKING:
+    from chatter_otel.sinks.event_types import UnifiedEvent
 
 Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
 

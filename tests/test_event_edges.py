@@ -12,7 +12,8 @@ import redis.asyncio as redis
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from chatter_otel.sinks.events import EventBus, EventCategory, UnifiedEvent
+from chatter_otel.sinks.event_types import EventCategory, UnifiedEvent
+from chatter_otel.sinks.events import EventBus
 from chatter_otel.sinks.redis import RedisEventBridge
 from chatter_otel.sinks.sse import sse_response
 from chatter_otel.sinks.validation import InvalidEvent, validate_event

@@ -15,7 +15,8 @@ from opentelemetry import trace
 
 from chatter_otel import track_workflow
 from chatter_otel.reference.demo import build_chat_graph
-from chatter_otel.sinks.events import EventBus, EventCategory, EventSpanProcessor, UnifiedEvent
+from chatter_otel.sinks.event_types import EventCategory, UnifiedEvent
+from chatter_otel.sinks.events import EventBus, EventSpanProcessor
 
 if TYPE_CHECKING:
     from chatter_otel.sinks.events import Subscription

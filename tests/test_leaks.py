@@ -29,7 +29,7 @@ from langchain_openai import ChatOpenAI
 from chatter_otel import track_workflow
 from chatter_otel.correlation import is_valid_correlation_id
 from chatter_otel.reference.app import create_app
-from chatter_otel.sinks.events import EventCategory, UnifiedEvent
+from chatter_otel.sinks.event_types import EventCategory, UnifiedEvent
 from chatter_otel.sinks.validation import InvalidEvent, validate_event
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from chatter_otel.reference.app import Conversation, Message, create_app, create_tables
-from chatter_otel.sinks.events import EventCategory, UnifiedEvent
+from chatter_otel.sinks.event_types import EventCategory, UnifiedEvent
 from tests.conftest import REDIS_PORT, REDIS_URL
 from tests.test_persistence import PG, _pg_admin, _Proxy
 

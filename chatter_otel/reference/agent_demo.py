@@ -80,7 +80,7 @@ def run_agent_demo(store_path: str | None = None) -> AgentDemo:
     """Run both through ``configure`` and read their traces back from the local store."""
     from chatter_otel import last_run
     from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
-    from chatter_otel.telemetry import configure
+    from chatter_otel.setup import configure
     from chatter_otel.traces import spans as _tree
 
     telemetry = configure(

@@ -51,8 +51,8 @@ from chatter_otel._safety import warn_once
 from chatter_otel.instrumentation.workflow import track_workflow
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES, LocalChatModel
+from chatter_otel.setup import configure
 from chatter_otel.sinks.sse import sse_response
-from chatter_otel.telemetry import configure
 
 _log = logging.getLogger("chatter_otel.reference")
 

@@ -75,7 +75,7 @@ def run_demo(
     then read its trace back from the store, as ``chatter-otel trace`` would."""
     from chatter_otel.instrumentation.workflow import track_workflow
     from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
-    from chatter_otel.telemetry import configure
+    from chatter_otel.setup import configure
     from chatter_otel.traces import spans as _tree
 
     telemetry = configure(

@@ -15,11 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from chatter_otel._safety import warn_once
@@ -30,7 +26,9 @@ from chatter_otel.instrumentation.records import (
     WorkflowRecord,
 )
 from chatter_otel.sinks.dispatch import RecordSpanProcessor
+from chatter_otel.sinks.event_types import EventCategory, UnifiedEvent
 from chatter_otel.sinks.fill import app_tracking
+from chatter_otel.sinks.validation import checked
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,52 +38,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EventBus",
-    "EventCategory",
     "EventSpanProcessor",
     "Forwarder",
     "Subscription",
-    "UnifiedEvent",
 ]
-
-
-class EventCategory(StrEnum):
-    WORKFLOW = "workflow"
-    MONITORING = "monitoring"
-    ANALYTICS = "analytics"
-    STREAMING = "streaming"
-
-
-@dataclass(frozen=True)
-class UnifiedEvent:
-    """One event, in the app's event shape."""
-
-    category: EventCategory
-    event_type: str
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
-    correlation_id: str | None = None
-    trace_id: str | None = None
-    span_id: str | None = None
-    conversation_id: str | None = None
-    user_id: str | None = None
-    workflow_id: str | None = None
-    priority: str = "normal"
-    data: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["category"] = self.category.value
-        d["timestamp"] = self.timestamp.isoformat()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UnifiedEvent:
-        """An event from its ``to_dict()`` form, validated (``sinks.validation``); raises
-        ``InvalidEvent`` (a ``ValueError``) for anything that is not a well-formed event."""
-        from chatter_otel.sinks.validation import event_from_dict
-
-        return event_from_dict(d)
 
 
 class Subscription:
@@ -221,8 +177,6 @@ class Forwarder:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        from chatter_otel.sinks.validation import checked
-
         while True:
             event = await self.sub.get()
             if checked(self.sub._bus, "forwarding", event) is None:

@@ -11,13 +11,13 @@ correlation middleware sees it with the first request), else on the worker's own
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import inspect
 import threading
 from typing import TYPE_CHECKING, Any
 
 from chatter_otel._safety import warn_once
+from chatter_otel.app_loop import app_loop
 from chatter_otel.sinks.validation import checked
 from chatter_otel.sinks.worker import BoundedWorker
 
@@ -25,18 +25,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from enum import Enum
 
-    from chatter_otel.sinks.events import EventBus, UnifiedEvent
+    from chatter_otel.sinks.event_types import UnifiedEvent
+    from chatter_otel.sinks.events import EventBus
 
-__all__ = ["AppEventForwarder", "app_event_converter", "note_app_loop"]
-
-_app_loop: asyncio.AbstractEventLoop | None = None
-
-
-def note_app_loop() -> None:
-    """Remember the app's running event loop (called by the middleware on a request)."""
-    global _app_loop  # noqa: PLW0603 - one app loop per process
-    with contextlib.suppress(RuntimeError):  # not in a loop: nothing to note
-        _app_loop = asyncio.get_running_loop()
+__all__ = ["AppEventForwarder", "app_event_converter"]
 
 
 class AppEventForwarder:
@@ -76,7 +68,7 @@ class AppEventForwarder:
                           "event skipped", exc_info=True)  # fmt: skip
 
     def _wait(self, awaitable: Any) -> None:
-        loop = _app_loop
+        loop = app_loop()
         if loop is not None and loop.is_running():
             asyncio.run_coroutine_threadsafe(_as_coroutine(awaitable), loop).result(self.timeout_s)
             return

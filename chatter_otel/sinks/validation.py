@@ -24,7 +24,7 @@ from chatter_otel.correlation import (
     is_valid_app_id,
     is_valid_correlation_id,
 )
-from chatter_otel.sinks.events import EventCategory, UnifiedEvent
+from chatter_otel.sinks.event_types import EventCategory, UnifiedEvent
 
 __all__ = ["InvalidEvent", "event_from_dict", "validate_event"]
 
