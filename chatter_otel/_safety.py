@@ -35,7 +35,9 @@ class _RateLimiter:
                 self._suppressed[key] = self._suppressed.get(key, 0) + 1
                 return None
             if last is None and len(self._last) >= _MAX_KEYS:
-                self._last.pop(next(iter(self._last)))
+                oldest = next(iter(self._last))
+                self._last.pop(oldest)
+                self._suppressed.pop(oldest, None)  # both maps bounded by the same keys
             self._last[key] = now
             return self._suppressed.pop(key, 0)
 
