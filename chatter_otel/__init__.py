@@ -16,12 +16,15 @@ if TYPE_CHECKING:
     from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
     from chatter_otel.instrumentation.runs import RunIds, RunUsage, WorkflowRun, last_run
     from chatter_otel.instrumentation.workflow import track_workflow
+    from chatter_otel.options import EventOptions, MonitoringOptions
     from chatter_otel.setup import configure
     from chatter_otel.telemetry import Telemetry
 
 __all__ = [
+    "EventOptions",
     "LangGraphInstrumentor",
     "LocalTraceStore",
+    "MonitoringOptions",
     "RunIds",
     "RunUsage",
     "Telemetry",
@@ -33,6 +36,8 @@ __all__ = [
 ]
 
 _WHERE = {
+    "EventOptions": "chatter_otel.options",
+    "MonitoringOptions": "chatter_otel.options",
     "LocalTraceStore": "chatter_otel.export.store",
     "LangGraphInstrumentor": "chatter_otel.instrumentation.instrumentor",
     "RunIds": "chatter_otel.instrumentation.runs",

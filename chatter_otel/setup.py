@@ -53,6 +53,7 @@ from chatter_otel.export.otlp import (
 from chatter_otel.export.store import LocalStoreExporter, LocalTraceStore
 from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
 from chatter_otel.instrumentation.settings import exception_text_captured, resolve_bool
+from chatter_otel.options import EventOptions, MonitoringOptions
 from chatter_otel.telemetry import (
     Telemetry,
     _forward_events,
@@ -105,17 +106,12 @@ def configure(
     correlation_getter: Callable[[], str | None] | None = None,
     correlation_context_var: ContextVar[Any] | None = None,
     meter_provider: MeterProvider | None = None,
-    events: bool | Any = True,
-    monitoring: bool | Any = True,
+    events: bool | EventOptions | Any = True,
+    monitoring: bool | MonitoringOptions | Any = True,
     analytics: bool | Any = True,
     record_completion: Callable[[Any], Any] | None = None,
     persistence: Any = None,
     metrics_exporter: str | None = None,
-    monitoring_llm_metrics: Any = None,
-    monitoring_timestamps: str = "datetime",
-    events_to: Callable[[Any], Any] | None = None,
-    event_converter: Callable[[Any], Any] | None = None,
-    monitoring_mode: str = "fill",
     propagate_baggage_keys: Sequence[str] | None = None,
     **instrument_options: Any,
 ) -> Telemetry:
@@ -143,6 +139,10 @@ def configure(
             )  # fmt: skip
             return _state._current
         owns = False
+        mon = monitoring if isinstance(monitoring, MonitoringOptions) else MonitoringOptions(
+            service=monitoring
+        )  # fmt: skip
+        ev = events if isinstance(events, EventOptions) else EventOptions(bus=events)
         if tracer_provider is None:
             existing = trace.get_tracer_provider()
             if isinstance(existing, TracerProvider):
@@ -178,13 +178,13 @@ def configure(
         tel.meter_provider = meters
         tel._owns_meters = owns_meters
         _install_processors(
-            tel, tracer_provider, meters, events=events, monitoring=monitoring,
+            tel, tracer_provider, meters, events=ev.bus, monitoring=mon.service,
             analytics=analytics, record_completion=record_completion, persistence=persistence,
-            monitoring_llm_metrics=monitoring_llm_metrics,
-            monitoring_timestamps=monitoring_timestamps, monitoring_mode=monitoring_mode,
+            monitoring_llm_metrics=mon.llm_metrics, monitoring_timestamps=mon.timestamps,
+            monitoring_mode=mon.mode,
         )  # fmt: skip
-        if events_to is not None and tel.events is not None:
-            _forward_events(tel, events_to, event_converter)
+        if ev.forward_to is not None and tel.events is not None:
+            _forward_events(tel, ev.forward_to, ev.converter)
         if log_correlation:
             _instrument_logging(tel)
         _instrument_outbound(tel, propagate_baggage_keys)

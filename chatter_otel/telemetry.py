@@ -264,7 +264,7 @@ def _install_processors(
         tel._undo.append(_attach(provider, "events", EventSpanProcessor, bus=tel.events))
     fill = monitoring_mode == "fill" and monitoring not in (True, False, None)
     if monitoring_mode not in ("fill", "parallel"):
-        _log.warning("chatter-otel: monitoring_mode=%r is not fill or parallel; using fill",
+        _log.warning("chatter-otel: MonitoringOptions(mode=%r) is not fill or parallel; using fill",
                      monitoring_mode)  # fmt: skip
     if tel.monitoring is not None:
         tel._undo.append(

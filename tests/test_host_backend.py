@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import chatter_otel
+from chatter_otel import EventOptions, MonitoringOptions
 from chatter_otel.sinks.forward import app_event_converter
 from tests.test_host_app import AppCorrelation, request_id
 from tests.test_host_services import (
@@ -59,12 +60,12 @@ def backend(model_url: str, exporter: InMemorySpanExporter, stream_usage: bool) 
         # As the README says, from the lifespan: the app's own id, services and events.
         chatter_otel.configure(
             app=app, tracer_provider=provider, correlation_context_var=request_id,
-            monitoring=monitoring, monitoring_llm_metrics=AppLLMMetrics,
-            monitoring_timestamps="epoch", events_to=events.emit,
-            event_converter=app_event_converter(
+            monitoring=MonitoringOptions(monitoring, llm_metrics=AppLLMMetrics,
+                                         timestamps="epoch"),
+            events=EventOptions(forward_to=events.emit, converter=app_event_converter(
                 AppEvent, field_map={"session_id": "conversation_id"},
                 enums={"priority": EventPriority}, constants={"source_system": "chatter-otel"},
-            ),
+            )),
             stream_usage=stream_usage, prices={},
         )  # fmt: skip
         yield

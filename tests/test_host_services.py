@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import chatter_otel
 import chatter_otel.sinks.forward
+from chatter_otel import EventOptions, MonitoringOptions
 from chatter_otel.reference.demo import build_chat_graph
 
 
@@ -64,8 +65,8 @@ class AppMonitoring:
 def test_the_app_s_service_in_its_own_types() -> None:
     service = AppMonitoring()
     tel = chatter_otel.configure(
-        tracer_provider=TracerProvider(), monitoring=service,
-        monitoring_llm_metrics=AppLLMMetrics, monitoring_timestamps="epoch",
+        tracer_provider=TracerProvider(),
+        monitoring=MonitoringOptions(service, llm_metrics=AppLLMMetrics, timestamps="epoch"),
         prices={},  # no price for the local model: cost unknown
     )  # fmt: skip
     try:
@@ -132,8 +133,8 @@ async def test_the_app_s_own_workflow_records_are_filled_not_doubled(mode: str) 
         enums={"priority": EventPriority}, constants={"source_system": "chatter-otel"},
     )  # fmt: skip
     tel = chatter_otel.configure(
-        tracer_provider=TracerProvider(), monitoring=service, monitoring_mode=mode,
-        events_to=events.emit, event_converter=convert, prices={},
+        tracer_provider=TracerProvider(), monitoring=MonitoringOptions(service, mode=mode),
+        events=EventOptions(forward_to=events.emit, converter=convert), prices={},
     )  # fmt: skip
     try:
         tracker = AppTracker(service, events)

@@ -9,9 +9,9 @@ app's service) the service's methods on that instance are wrapped: a start witho
 correlation id gets the request's; an update or finish with zero usage, right after a run
 finished in the same context (``last_run()``, the way a message row is found), gets that run's
 tokens and tool calls, once per workflow. The package then records no parallel workflow of its
-own (each LLM call still goes to ``record_llm_operation``). Likewise an ``events_to`` that is a
-bound method: the app's own workflow events with zero tokens are filled, and ours for the same
-runs are not forwarded. ``monitoring_mode="parallel"`` keeps both, side by side.
+own (each LLM call still goes to ``record_llm_operation``). Likewise an
+``EventOptions.forward_to`` that is a bound method: the app's own workflow events with zero
+tokens are filled, and ours for the same runs are not forwarded. ``MonitoringOptions(mode="parallel")`` keeps both, side by side.
 """
 
 from __future__ import annotations
