@@ -1,17 +1,17 @@
-"""Fill, don't duplicate: where the app records a workflow itself with empty usage, the run's
-real usage and correlation id fill the app's own record.
+"""Fill, don't duplicate: where the app records a workflow itself with empty usage, the run's real
+usage and correlation id fill the app's own record.
 
-A host app often keeps its own tracker: it calls its MonitoringService's
-``start_workflow_tracking`` / ``update_workflow_metrics(token_usage={'unknown': 0})`` /
-``finish_workflow_tracking`` and emits its own ``workflow_started`` / ``workflow_completed``
-with 0 tokens. With ``configure(monitoring=service)`` (mode ``"fill"``, the default for an
-app's service) the service's methods on that instance are wrapped: a start without a
-correlation id gets the request's; an update or finish with zero usage, right after a run
-finished in the same context (``last_run()``, the way a message row is found), gets that run's
-tokens and tool calls, once per workflow. The package then records no parallel workflow of its
-own (each LLM call still goes to ``record_llm_operation``). Likewise an
-``EventOptions.forward_to`` that is a bound method: the app's own workflow events with zero
-tokens are filled, and ours for the same runs are not forwarded. ``MonitoringOptions(mode="parallel")`` keeps both, side by side.
+A host app often keeps its own tracker: it calls its MonitoringService's ``start_workflow_tracking``
+/ ``update_workflow_metrics(token_usage={'unknown': 0})`` / ``finish_workflow_tracking`` and emits
+its own ``workflow_started`` / ``workflow_completed`` with 0 tokens. With
+``configure(monitoring=service)`` (mode ``"fill"``, the default for an app's service) the service's
+methods on that instance are wrapped: a start without a correlation id gets the request's; an update
+or finish with zero usage, right after a run finished in the same context (``last_run()``, the way a
+message row is found), gets that run's tokens and tool calls, once per workflow. The package then
+records no parallel workflow of its own (each LLM call still goes to ``record_llm_operation``).
+Likewise an ``EventOptions.forward_to`` that is a bound method: the app's own workflow events with
+zero tokens are filled, and ours for the same runs are not forwarded.
+``MonitoringOptions(mode="parallel")`` keeps both, side by side.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Events to the app's own event system, set up from the synchronous ``configure()`` call.
 
-``configure(events=EventOptions(forward_to=emit, converter=convert))``: every lifecycle event
-goes, checked at the boundary, converted to the app's class, to the app's ``emit`` (sync or
-async), on the one bounded worker design (off the app's thread; a slow or failing ``emit`` costs only its own
-queue, counted). An async ``emit`` runs on the app's event loop once one is known (the
-correlation middleware sees it with the first request), else on the worker's own loop.
+``configure(events=EventOptions(forward_to=emit, converter=convert))``: every lifecycle event goes,
+checked at the boundary, converted to the app's class, to the app's ``emit`` (sync or async), on the
+one bounded worker design (off the app's thread; a slow or failing ``emit`` costs only its own
+queue, counted). An async ``emit`` runs on the app's event loop once one is known (the correlation
+middleware sees it with the first request), else on the worker's own loop.
 ``app_event_converter(AppEvent, ...)`` builds such a converter for an app event class.
 """
 
