@@ -470,7 +470,10 @@ def test_every_dashboard_query_gives_the_right_number(
                 phi = float(re.match(r"histogram_quantile\(([0-9.]+)", target["expr"])[1])
                 true = values[min(int(phi * len(values)), len(values) - 1)]
                 lo, hi = _bucket_of(true, bounds)
-                assert lo <= _value(result) <= hi, (title, phi, true, result)
+                # PromQL interpolates inside the bucket in floating point: a quantile at the
+                # bucket's lower edge comes out as 0.009999999999999998 for 0.01
+                assert lo * (1 - 1e-9) <= _value(result) <= hi * (1 + 1e-9), (
+                    title, phi, true, result)  # fmt: skip
             elif title == "LLM error rate":
                 chat = 'traces_span_metrics_calls_total{gen_ai_operation_name="chat"%s}'
                 ((errors, e_max),) = _increase_seen(
