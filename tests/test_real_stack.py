@@ -546,3 +546,37 @@ def test_the_reference_app_over_otlp_http_to_jaeger(
         and "ERROR" in shown.stdout
         and "correlation_id=inc-77" in shown.stdout
     )
+
+
+@pytest.mark.parametrize("scrub", [False, True], ids=["follows-the-app", "SCRUB_CONTENT=true"])
+def test_content_follows_the_app_unless_the_collector_scrubs_it(
+    tmp_path: Path, scrub: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app with capture on: its prompts reach Jaeger through the shipped config as it is;
+    with the collector's switch on, no content attribute does."""
+    tempo, server = start_grpc_receiver()
+    stack = start_stack(tmp_path, tempo, collector_env={"SCRUB_CONTENT": "true"} if scrub else {})
+    try:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", stack.otlp_grpc)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+        tel = configure(service_name=SERVICE, exporter="otlp", set_global=False,
+                        prices=LOCAL_MODEL_PRICES, capture_content=True)  # fmt: skip
+        try:
+            with pytest.raises(Boom), track_workflow("turn", correlation_id="content-1") as run:
+                build_chat_graph().invoke(Q)
+                raise Boom  # an error trace: tail sampling keeps it
+            assert tel.force_flush()
+        finally:
+            tel.shutdown()
+        doc = wait_until(lambda: http_get(f"{stack.jaeger}/api/traces/{run.trace_id}"),
+                         "the trace in Jaeger")  # fmt: skip
+        spans = doc["data"][0]["spans"]
+        chats = [sp for sp in spans if sp["operationName"].startswith("chat ")]
+        assert len(chats) == 2
+        keys = {t["key"] for sp in chats for t in sp["tags"]}
+        content = {"gen_ai.input.messages", "gen_ai.output.messages"}
+        assert (content & keys == set()) if scrub else (content <= keys), keys
+    finally:
+        stop_stack(stack)
+        server.stop(grace=None)

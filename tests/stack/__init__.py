@@ -120,20 +120,24 @@ class Stack:
         return list(doc["data"]["result"])
 
 
-def start_stack(tmp: Path, tempo_stand_in: Any, decision_wait: str = "1s") -> Stack:
+def start_stack(tmp: Path, tempo_stand_in: Any, decision_wait: str = "1s",
+                collector_env: dict[str, str] | None = None) -> Stack:  # fmt: skip
     """Jaeger, the collector (the shipped collector/otel-collector.yaml, addresses from its
     environment variables) and Prometheus scraping it every second. A port taken between
     choosing it and binding it (an outgoing connection's ephemeral port) means a new draw."""
     for attempt in range(3):
         try:
-            return _start_stack(tmp / f"run{attempt}", tempo_stand_in, decision_wait)
+            return _start_stack(tmp / f"run{attempt}", tempo_stand_in, decision_wait,
+                                collector_env or {})  # fmt: skip
         except AssertionError as exc:
             if "address already in use" not in str(exc) or attempt == 2:
                 raise
     raise AssertionError("unreachable")
 
 
-def _start_stack(tmp: Path, tempo_stand_in: Any, decision_wait: str) -> Stack:
+def _start_stack(
+    tmp: Path, tempo_stand_in: Any, decision_wait: str, collector_env: dict[str, str]
+) -> Stack:
     tmp.mkdir(parents=True)
     bins = binaries()
     p = {k: free_port() for k in ("jq", "jqg", "jotlp", "grpc", "http", "health", "prom_exp",
@@ -153,6 +157,7 @@ def _start_stack(tmp: Path, tempo_stand_in: Any, decision_wait: str) -> Stack:
         "JAEGER_OTLP_ENDPOINT": f"127.0.0.1:{p['jotlp']}",
         "TEMPO_OTLP_ENDPOINT": tempo_stand_in.endpoint.removeprefix("http://"),
         "TAIL_SAMPLING_DECISION_WAIT": decision_wait, "SPAN_METRICS_FLUSH_INTERVAL": "1s",
+        **collector_env,
     }, tmp / "collector.log")  # fmt: skip
     prom_cfg = tmp / "prometheus.yml"
     prom_cfg.write_text(
