@@ -198,8 +198,10 @@ def test_inconsistent_batch_settings_warn_and_fall_back(
 
 def test_public_surface() -> None:
     assert set(chatter_otel.__all__) == {
+        "EventOptions",
         "LangGraphInstrumentor",
         "LocalTraceStore",
+        "MonitoringOptions",
         "RunIds",
         "RunUsage",
         "Telemetry",
@@ -209,6 +211,8 @@ def test_public_surface() -> None:
         "last_run",
         "track_workflow",
     }
+    for name in chatter_otel.__all__:  # each loads from where it lives
+        assert getattr(chatter_otel, name) is not None
 
 
 def _self_signed(tmp_path: Any) -> tuple[str, str]:
