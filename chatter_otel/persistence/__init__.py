@@ -11,9 +11,9 @@ Three parts:
 * **The ledger** (``chatter_usage_ledger``): one row per LLM call, keyed by span id, and
   ``chatter_usage_runs``: one row per run, keyed by workflow id. The source of truth: message and
   conversation values can always be recomputed from them.
-* **The worker** (``ledger``, ``dbloop``, ``writer``, ``spool``): a thread with its own engine and event
-  loop (not the app's, and its SQL is never traced) writes in batches (``batch_delay_s``,
-  ``batch_size``; ``flush()`` writes now).
+* **The worker** (``ledger``, ``dbloop``, ``writer``, ``spool``): a thread with its own engine
+  and event loop (not the app's, and its SQL is never traced) writes in batches
+  (``batch_delay_s``, ``batch_size``; ``flush()`` writes now).
   A run's tokens and cost are added to its conversation exactly once, in the transaction that
   *claims* the run row (``applied_at IS NULL`` -> now): by the binding when the app saved a
   message, or after ``grace_s`` when it saved none (streaming endpoints). Every record passes
