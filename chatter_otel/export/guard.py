@@ -24,7 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.semconv.attributes.exception_attributes import (
@@ -63,9 +63,7 @@ def scrub(span: ReadableSpan) -> ReadableSpan:
     attrs = span.attributes or {}
     if not texty and not span.status.description and not _TEXT_KEYS & set(attrs):
         return span
-    from opentelemetry.sdk.trace import Event
-
-    kept = [_without_text(e, Event) if e.name == "exception" else e for e in events]
+    kept = [_without_text(e) if e.name == "exception" else e for e in events]
     kind = next((str((e.attributes or {}).get(EXCEPTION_TYPE)) for e in events
                  if e.name == "exception" and (e.attributes or {}).get(EXCEPTION_TYPE)),
                 None)  # fmt: skip
@@ -82,9 +80,9 @@ def scrub(span: ReadableSpan) -> ReadableSpan:
     )  # fmt: skip
 
 
-def _without_text(event: Any, cls: Any) -> Any:
+def _without_text(event: Any) -> Event:
     attrs = {k: v for k, v in (event.attributes or {}).items() if k not in _TEXT_KEYS}
-    return cls(event.name, attrs, event.timestamp)
+    return Event(event.name, attrs, event.timestamp)
 
 
 class _Incident:

@@ -107,25 +107,18 @@ class DatabaseLoop:
             fresh = self._open_spool()
         except (sqlite3.Error, OSError):
             return spool
-        if spool is not None:
-            self._retire(spool, fresh)
+        if spool is not None:  # set aside by the intake: its records still go first
+            self._retired.append(spool)
         if fresh.count:
             _log.info("chatter-otel: %d usage record(s) in the spool at %s from an earlier run; "
                       "replaying", fresh.count, self.spool_path)  # fmt: skip
         return fresh
-
-    def _retire(self, old: Spool, fresh: Spool) -> None:
-        """The file under ``old`` was set aside: its records still go first (see ``_main``)."""
-        self._retired.append(old)
-        self.stats["spooled"] = fresh.count
 
     async def _main(self) -> None:
         engine = self._engine()
         state = _LoopState()
         self._retired: list[Spool] = []
         spool = self._reader(None, state)
-        if spool is None:
-            self._first_check.set()  # no spool: the held records still reach the database
         try:
             while True:
                 stopping = self._stop.is_set() and not self._intake.pending()

@@ -256,12 +256,13 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
                          "go straight to the database until it can", self.spool_path, why,
                          n)  # fmt: skip
         self._spool_retry_at = time.monotonic() + _SPOOL_RETRY_S
-        spool, self._intake_spool = self._intake_spool, None
+        spool = self._intake_spool
+        # Locked, full or read-only: the connection is fine. Anything else (corrupt): closed,
+        # and the file reopened (and set aside) at the next try.
         if spool is not None and not isinstance(exc, sqlite3.OperationalError | OSError):
-            with contextlib.suppress(sqlite3.Error):  # corrupt: reopened (and set aside) later
+            self._intake_spool = None
+            with contextlib.suppress(sqlite3.Error):
                 spool.close()
-        elif spool is not None:
-            self._intake_spool = spool  # locked, full or read-only: the connection is fine
 
     def _spool_writable(self) -> None:
         if self._spool_down_since is not None:
