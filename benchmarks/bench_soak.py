@@ -45,10 +45,11 @@ def rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def default_pipeline(folder: Path, **options: Any) -> Telemetry:
-    """``configure`` as an app runs it, everything on, files under ``folder``."""
+def default_pipeline(folder: Path, *, grace_s: float = 30.0, **options: Any) -> Telemetry:
+    """``configure`` as an app runs it, everything on, files under ``folder``; ``grace_s`` is
+    the ledger's wait for a message before it applies a run to its conversation."""
     persistence = UsagePersistence(f"sqlite+aiosqlite:///{folder}/app.db",
-                                   spool_path=folder / "spool.db")  # fmt: skip
+                                   spool_path=folder / "spool.db", grace_s=grace_s)  # fmt: skip
     return configure(
         tracer_provider=TracerProvider(), exporter="local", trace_store=folder / "traces.db",
         persistence=persistence, prices=LOCAL_MODEL_PRICES, set_global=False, **options,

@@ -4,6 +4,7 @@ warm-up, what the package itself holds stops growing, whether or not anybody rea
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 from typing import Any
 
@@ -20,13 +21,22 @@ def _ours(snapshot: tracemalloc.Snapshot) -> int:
 def test_memory_stays_flat_after_warm_up(tmp_path: Any) -> None:
     # A 1 s analytics window stands for the default 300 s: the test lasts longer than it.
     analytics = LiveAnalytics(window_s=1.0)
-    tel = default_pipeline(tmp_path, analytics=analytics)
+    # No grace: the ledger applies each run to its conversation at its next sweep (no run here
+    # saves a message), so every sample can wait until all runs so far are applied.
+    tel = default_pipeline(tmp_path, grace_s=0.0, analytics=analytics)
     held: list[int] = []
     rss: list[float] = []
+    done = [0]
 
     def sample(run: int, now_rss: float) -> None:
-        # In-flight work (span queues, the ledger's batch) is not state: drain it first.
+        # In-flight work (span queues, the ledger's batch, a sweep of 500 runs) is not state:
+        # drain it first, or a snapshot taken mid-sweep counts that batch as held.
+        done[0] += 500
         assert tel.force_flush() and tel.persistence.flush(20)
+        deadline = time.monotonic() + 20
+        while tel.persistence.stats["applied"] < done[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert tel.persistence.stats["applied"] == done[0], (tel.persistence.stats, done[0])
         held.append(_ours(tracemalloc.take_snapshot()))
         rss.append(now_rss)
 
