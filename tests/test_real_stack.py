@@ -23,8 +23,18 @@ from chatter_otel import configure, last_run, track_workflow
 from chatter_otel.reference.agent_demo import build_approval_graph
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+from chatter_otel.sinks.metrics import DURATION_BUCKETS
 from tests.conftest import start_grpc_receiver
-from tests.stack import ROOT, Stack, binaries, http_get, start_stack, stop_stack, wait_until
+from tests.stack import (
+    INPROCESS_JOB,
+    ROOT,
+    Stack,
+    binaries,
+    http_get,
+    start_stack,
+    stop_stack,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -32,7 +42,15 @@ if TYPE_CHECKING:
 
     from chatter_otel.traces.spans import SpanRecord
 
-SERVICE = "chat-api-stack"
+SERVICE, ENVIRONMENT = "chat-api-stack", "stack-test"
+# The app's own metrics as Prometheus names them (through the collector or in-process alike)
+TOKENS = "gen_ai_client_token_usage_sum"
+CALLS = "gen_ai_client_operation_duration_seconds_count"
+COST = "chatter_gen_ai_cost_USD_total"
+TTFC = "gen_ai_client_operation_time_to_first_chunk_seconds"
+CONV_COST = "chatter_gen_ai_conversation_cost_USD_total"  # derived by the collector
+JOB, CHAT, FAILED = f'job="{SERVICE}"', 'gen_ai_operation_name="chat"', 'error_type!=""'
+INPUT, OUTPUT = 'gen_ai_token_type="input"', 'gen_ai_token_type="output"'
 Q = {"messages": [HumanMessage("What is the weather in Oslo?")]}
 OK_RUNS, STREAMED_RUNS, FAILED_RUNS = 100, 10, 3
 
@@ -61,8 +79,10 @@ def workload(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         for name, value in {
             "OTEL_EXPORTER_OTLP_ENDPOINT": stack.otlp_grpc,
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_METRICS_EXPORTER": "otlp",  # the app's metrics, through the collector
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_RESOURCE_ATTRIBUTES": f"deployment.environment.name={ENVIRONMENT}",
         }.items():
             mp.setenv(name, value)
         tel = configure(service_name=SERVICE, exporter="otlp,local", trace_store=str(store_path),
@@ -93,11 +113,8 @@ def workload(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def _scraped_twice(stack: Stack) -> bool:
-    counts = stack.promql("count_over_time(chatter_gen_ai_input_tokens_total[1m])")
-    errors = stack.promql(
-        "count_over_time(traces_span_metrics_calls_total{"
-        'status_code="STATUS_CODE_ERROR",gen_ai_operation_name="chat"}[1m])'
-    )
+    counts = stack.promql(f"count_over_time({TOKENS}{{{JOB},{INPUT}}}[1m])")
+    errors = stack.promql(f"count_over_time({CALLS}{{{JOB},{CHAT},{FAILED}}}[1m])")
     return (
         bool(counts) and bool(errors) and all(float(r["value"][1]) >= 2 for r in [*counts, *errors])
     )
@@ -312,7 +329,7 @@ def test_the_resumed_run_links_to_the_paused_one_in_jaeger(
     ]
 
 
-# -- metrics: Prometheus, from the collector's derived metrics ------------------------------------
+# -- metrics: Prometheus, from the app's own metrics and the collector's derived ones ----------
 
 
 def _spans(traces: list[list[SpanRecord]], operation: str) -> list[SpanRecord]:
@@ -348,46 +365,48 @@ def _totals(traces: list[list[SpanRecord]]) -> dict[str, Any]:
     }
 
 
+def _sum(stack: Stack, metric: str) -> float | None:
+    result = stack.promql(f"sum({metric})")
+    return _value(result) if result else None
+
+
 def _all_scraped(stack: Stack, workload: dict[str, Any]) -> dict[str, Any]:
     """Waits until Prometheus has every request of both phases; the totals of both."""
     t = _totals([*_measured(workload), *workload["warm"]])
-    q = stack.promql
-    wait_until(lambda: q("sum(chatter_gen_ai_input_tokens_total)")
-               and _value(q("sum(chatter_gen_ai_input_tokens_total)")) == t["in"]
-               and _value(q('sum(traces_span_metrics_calls_total{gen_ai_operation_name="chat"})'))
-               == len(t["chats"]) and _value(q("sum(chatter_gen_ai_conversation_cost_usd_total)"))
+    wait_until(lambda: _sum(stack, f"{TOKENS}{{{JOB},{INPUT}}}") == t["in"]
+               and _sum(stack, f"{CALLS}{{{JOB},{CHAT}}}") == len(t["chats"])
+               and _sum(stack, f'traces_span_metrics_calls_total{{{CHAT}}}') == len(t["chats"])
+               and _sum(stack, CONV_COST)
                == pytest.approx(math.fsum(t["per_conv"].values()), rel=1e-9),
                "prometheus to scrape every request", timeout=60)  # fmt: skip
     return t
 
 
-def test_the_derived_metrics_count_every_request(stack: Stack, workload: dict[str, Any]) -> None:
-    """Sampled or not, every call is in the derived metrics, exactly."""
+def test_the_metrics_count_every_request(stack: Stack, workload: dict[str, Any]) -> None:
+    """Sampled or not, every call is in the app's metrics (through the collector) and in the
+    collector's derived ones, exactly."""
     t = _all_scraped(stack, workload)
-    q = stack.promql
     assert t["errors"] == 3 and t["streamed"] >= (STREAMED_RUNS + 1) * 2
-    assert _value(q("sum(chatter_gen_ai_output_tokens_total)")) == t["out"]
-    assert _value(q("sum(chatter_gen_ai_cost_usd_total)")) == pytest.approx(t["cost"], rel=1e-9)
-    chat = 'gen_ai_operation_name="chat"'
-    assert _value(q(f"sum(traces_span_metrics_duration_seconds_count{{{chat}}})")) == len(
-        t["chats"]
-    )
-    buckets = {b["metric"]["le"]: float(b["value"][1]) for b in q(
-        f"sum by (le) (traces_span_metrics_duration_seconds_bucket{{{chat}}})")}  # fmt: skip
+    assert _sum(stack, f"{TOKENS}{{{JOB},{OUTPUT}}}") == t["out"]
+    assert _sum(stack, f"{COST}{{{JOB}}}") == pytest.approx(t["cost"], rel=1e-9)
+    per_le = f"sum by (le) (gen_ai_client_operation_duration_seconds_bucket{{{JOB},{CHAT}}})"
+    buckets = {b["metric"]["le"]: float(b["value"][1]) for b in stack.promql(per_le)}
     assert buckets["+Inf"] == len(t["chats"])
     ordered = [buckets[k] for k in sorted(buckets, key=float)]
     assert ordered == sorted(ordered)  # cumulative
-    assert _value(q("sum(chatter_gen_ai_time_to_first_chunk_seconds_count)")) == t["streamed"]
-    err = q(f'sum(traces_span_metrics_calls_total{{{chat},status_code="STATUS_CODE_ERROR"}})')
-    assert _value(err) == t["errors"]
+    assert _sum(stack, f"{TTFC}_count{{{JOB}}}") == t["streamed"]
+    assert _sum(stack, f"{CALLS}{{{JOB},{CHAT},{FAILED}}}") == t["errors"]
     by_model = {
         s["metric"]["gen_ai_request_model"]: float(s["value"][1])
-        for s in q(f"sum by (gen_ai_request_model) (traces_span_metrics_calls_total{{{chat}}})")
+        for s in stack.promql(f"sum by (gen_ai_request_model) ({CALLS}{{{JOB},{CHAT}}})")
     }
     assert by_model == dict(t["calls"])
+    # the collector's span metrics agree, errors by span status
+    err = f'traces_span_metrics_calls_total{{{CHAT},status_code="STATUS_CODE_ERROR"}}'
+    assert _sum(stack, err) == t["errors"]
     got = {
         s["metric"]["gen_ai_conversation_id"]: float(s["value"][1])
-        for s in q("sum by (gen_ai_conversation_id) (chatter_gen_ai_conversation_cost_usd_total)")
+        for s in stack.promql(f"sum by (gen_ai_conversation_id) ({CONV_COST})")
     }
     assert got == pytest.approx(t["per_conv"], rel=1e-9)
 
@@ -405,16 +424,13 @@ def _bucket_of(value: float, bounds: list[float]) -> tuple[float, float]:
 # range); the error-rate panel is the ratio of two of them.
 _PANELS: dict[str, list[tuple[str, str, str]]] = {
     "Tokens per second by model": [
-        ("chatter_gen_ai_input_tokens_total", "gen_ai_request_model", "5m"),
-        ("chatter_gen_ai_output_tokens_total", "gen_ai_request_model", "5m"),
+        (f"{TOKENS}{{{JOB},{INPUT}}}", "gen_ai_request_model", "5m"),
+        (f"{TOKENS}{{{JOB},{OUTPUT}}}", "gen_ai_request_model", "5m"),
     ],
-    "Cost per hour by provider (USD)": [
-        ("chatter_gen_ai_cost_usd_total", "gen_ai_provider_name", "1h")],
-    "LLM calls per second by model": [
-        ('traces_span_metrics_calls_total{gen_ai_operation_name="chat"}',
-         "gen_ai_request_model", "5m")],
+    "Cost per hour by provider (USD)": [(f"{COST}{{{JOB}}}", "gen_ai_provider_name", "1h")],
+    "LLM calls per second by model": [(f"{CALLS}{{{JOB},{CHAT}}}", "gen_ai_request_model", "5m")],
     "Top conversations by cost, last hour (USD)": [
-        ("chatter_gen_ai_conversation_cost_usd_total", "gen_ai_conversation_id", "1h")],
+        (f"{CONV_COST}{{{JOB}}}", "gen_ai_conversation_id", "1h")],
 }  # fmt: skip
 
 
@@ -438,48 +454,67 @@ def _increase_seen(
     return out
 
 
+def _dashboard() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(
+        (ROOT / "collector/grafana/dashboards/chatter-genai.json").read_text()
+    )
+    return doc
+
+
+def _expr(target: dict[str, Any], **variables: str) -> str:
+    """A panel's query with the dashboard's variables set as Grafana would."""
+    expr = str(target["expr"])
+    for name, value in variables.items():
+        expr = expr.replace(f"${name}", value)
+    assert "$" not in expr, expr
+    return expr
+
+
 def test_every_dashboard_query_gives_the_right_number(
     stack: Stack, workload: dict[str, Any]
 ) -> None:
-    """Each panel's query, evaluated in Prometheus after the measured chats, against the data
-    its window holds: rates and increases between the true increase and the most PromQL's
-    extrapolation adds (see _increase_seen); quantiles inside the bucket of the true value."""
+    """Each panel's query, evaluated in Prometheus after the measured chats with the
+    dashboard's variables set to this service and its environment, against the data its window
+    holds: rates and increases between the true increase and the most PromQL's extrapolation
+    adds (see _increase_seen); quantiles inside the bucket of the true value. Another
+    environment gives nothing."""
     _all_scraped(stack, workload)
     # 20 s of samples at least since the warm-up: the extrapolation bound gets tight (~10%)
     time.sleep(max(0.0, workload["ready"] + 20 - time.time()))
     m = _totals(_measured(workload))
     assert time.time() - workload["start"] < 300 - 30, "the measured chats left the window"
-    otel = yaml.safe_load((ROOT / "collector/otel-collector.yaml").read_text())
-    bounds = otel["connectors"]["span_metrics"]["histogram"]["explicit"]["buckets"]
     quantiles = {
         "LLM call latency (p50/p95/p99)": sorted(r.duration_ms / 1000 for r in m["chats"]),
         "Time to first chunk (p50/p95/p99)": sorted(
             float(r.attributes["gen_ai.response.time_to_first_chunk"]) for r in m["chats"]
             if "gen_ai.response.time_to_first_chunk" in r.attributes),
     }  # fmt: skip
-    dash = json.loads((ROOT / "collector/grafana/dashboards/chatter-genai.json").read_text())
+    mine = {"service": SERVICE, "model": ".*", "environment": ENVIRONMENT}
     checked = 0
-    for panel in dash["panels"]:
+    for panel in _dashboard()["panels"]:
         title = panel["title"]
         for n, target in enumerate(panel["targets"]):
-            result = stack.promql(target["expr"])
+            result = stack.promql(_expr(target, **mine))
             assert result, (title, target["expr"])
+            elsewhere = stack.promql(_expr(target, **{**mine, "environment": "elsewhere"}))
+            assert elsewhere == [], title
             got = {next(iter(s["metric"].values()), ""): float(s["value"][1]) for s in result}
             if title in quantiles:
                 values = quantiles[title]
                 phi = float(re.match(r"histogram_quantile\(([0-9.]+)", target["expr"])[1])
                 true = values[min(int(phi * len(values)), len(values) - 1)]
-                lo, hi = _bucket_of(true, bounds)
+                lo, hi = _bucket_of(true, DURATION_BUCKETS)
                 # PromQL interpolates inside the bucket in floating point: a quantile at the
                 # bucket's lower edge comes out as 0.009999999999999998 for 0.01
                 assert lo * (1 - 1e-9) <= _value(result) <= hi * (1 + 1e-9), (
                     title, phi, true, result)  # fmt: skip
             elif title == "LLM error rate":
-                chat = 'traces_span_metrics_calls_total{gen_ai_operation_name="chat"%s}'
                 ((errors, e_max),) = _increase_seen(
-                    stack, chat % ',status_code="STATUS_CODE_ERROR"', "x", "5m"
+                    stack, f"{CALLS}{{{JOB},{CHAT},{FAILED}}}", "x", "5m"
                 ).values()
-                ((calls, c_max),) = _increase_seen(stack, chat % "", "x", "5m").values()
+                ((calls, c_max),) = _increase_seen(
+                    stack, f"{CALLS}{{{JOB},{CHAT}}}", "x", "5m"
+                ).values()
                 assert errors / calls / c_max <= got[""] <= errors * e_max / calls, title
                 assert errors >= m["errors"]  # the measured round's failures are in it
             else:
@@ -497,8 +532,60 @@ def test_every_dashboard_query_gives_the_right_number(
             checked += 1
     assert checked == 12
     # and the measured round is what those windows saw, give or take the warm-up's tail
-    seen_in = _increase_seen(stack, "chatter_gen_ai_input_tokens_total", "x", "5m")[""][0]
+    seen_in = _increase_seen(stack, f"{TOKENS}{{{JOB},{INPUT}}}", "x", "5m")[""][0]
     assert m["in"] <= seen_in <= m["in"] + _totals(workload["warm"])["in"]
+
+
+def test_the_dashboard_reads_the_in_process_exporter_too(
+    stack: Stack, workload: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_METRICS_EXPORTER=prometheus, no collector on the metrics' way: Prometheus scrapes
+    the app, and every panel but the collector-derived one reads it under the same names,
+    with the Service variable set to the scrape job; its totals are the spans' totals."""
+    del workload  # the collector's series exist too: the variables keep them apart
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", str(stack.app_metrics_port))
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=inproc")
+    job = f'job="{INPROCESS_JOB}"'
+    tel = configure(service_name="chat-api-inprocess", exporter="local",
+                    trace_store=str(tmp_path / "traces.db"), set_global=False,
+                    prices=LOCAL_MODEL_PRICES)  # fmt: skip
+    try:
+        warm = _chats(tel, "inproc-warm", ok=2, streamed=1, failed=0, llm_down=1)
+        wait_until(lambda: all(
+            r and float(r[0]["value"][1]) >= 2 for r in (
+                stack.promql(f"min(count_over_time({CALLS}{{{job},{CHAT}}}[1m]))"),
+                stack.promql(f"min(count_over_time({CALLS}{{{job},{FAILED}}}[1m]))"))),
+            "the in-process series scraped twice", timeout=60)  # fmt: skip
+        runs = _chats(tel, "inproc", ok=6, streamed=2, failed=0, llm_down=1)
+        store = tel.trace_store
+        assert store is not None and tel.force_flush()
+        t = _totals([store.trace(r.trace_id) for r in [*warm.values(), *runs.values()]])
+        wait_until(lambda: _sum(stack, f"{CALLS}{{{job},{CHAT}}}") == len(t["chats"]),
+                   "prometheus to scrape the app", timeout=60)  # fmt: skip
+        assert _sum(stack, f"{TOKENS}{{{job},{INPUT}}}") == t["in"]
+        assert _sum(stack, f"{TOKENS}{{{job},{OUTPUT}}}") == t["out"]
+        assert _sum(stack, f"{COST}{{{job}}}") == pytest.approx(t["cost"], rel=1e-9)
+        assert _sum(stack, f"{TTFC}_count{{{job}}}") == t["streamed"]
+        assert _sum(stack, f"{CALLS}{{{job},{CHAT},{FAILED}}}") == t["errors"] == 2
+        time.sleep(3)  # a few samples after the measured chats
+        variables = {"service": INPROCESS_JOB, "model": ".*", "environment": "inproc"}
+        models = set(t["calls"])
+        for panel in _dashboard()["panels"]:
+            for target in panel["targets"]:
+                result = stack.promql(_expr(target, **variables))
+                if panel["title"].startswith("Top conversations"):
+                    assert result == [], "no conversation ids in the app's metrics"
+                    continue
+                assert result, (panel["title"], target["expr"])
+                values = [float(s["value"][1]) for s in result]
+                assert all(v > 0 and math.isfinite(v) for v in values), (panel["title"], result)
+                if "by (gen_ai_request_model)" in target["expr"]:
+                    keys = {s["metric"]["gen_ai_request_model"] for s in result}
+                    assert keys <= models and keys, (panel["title"], keys, models)
+    finally:
+        tel.shutdown()
 
 
 def test_the_reference_app_over_otlp_http_to_jaeger(

@@ -1,12 +1,14 @@
 """The deployment stack, checked without Docker: files parse, components exist in the pinned
 collector release, pipelines are wired, ports and hostnames agree, the compose file is valid
-Compose, and the dashboard only queries metrics the collector produces."""
+Compose, and the dashboard only queries metrics the app or the collector produces."""
 
 from __future__ import annotations
 
 import json
 import re
+from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -230,8 +232,8 @@ def test_images_pinned_volumes_named_no_default_passwords(compose: dict) -> None
         assert "healthcheck" in compose["services"][name], name
 
 
-def _produced_metrics(otel: dict) -> set[str]:
-    """Prometheus names of what the collector exports: spanmetrics and signaltometrics output
+def _collector_metrics(otel: dict) -> set[str]:
+    """Prometheus names of what the collector derives: spanmetrics and signaltometrics output
     after the Prometheus exporter's translation (dots -> underscores, units, _total)."""
     ns = otel["connectors"]["span_metrics"]["namespace"].replace(".", "_")
     unit = {"s": "seconds", "ms": "milliseconds"}[
@@ -240,46 +242,105 @@ def _produced_metrics(otel: dict) -> set[str]:
     names = {f"{ns}_calls_total", f"{ns}_duration_{unit}_bucket", f"{ns}_duration_{unit}_sum",
              f"{ns}_duration_{unit}_count"}  # fmt: skip
     for m in otel["connectors"]["signal_to_metrics"]["spans"]:
-        base = m["name"].replace(".", "_")
-        if "sum" in m:
-            names.add(base + "_total")
-        else:
-            base += "_seconds" if m.get("unit") == "s" else ""
-            names |= {base + "_bucket", base + "_sum", base + "_count"}
+        base = m["name"].replace(".", "_") + (f"_{m['unit']}" if "unit" in m else "")
+        assert "sum" in m, m["name"]  # one counter: the cost per conversation
+        names.add(base + "_total")
     return names
 
 
-def test_dashboard_queries_use_metrics_the_collector_produces(otel: dict) -> None:
-    produced = _produced_metrics(otel)
+def _app_metrics() -> dict[str, set[str]]:
+    """Prometheus names of the app's own metrics, as the SDK's Prometheus exporter gives them
+    (the collector's gives the same: tests/test_real_stack.py), with their label names."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import REGISTRY
+
+    from chatter_otel.sinks.metrics import GenAIMetrics
+
+    reader = PrometheusMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    try:
+        # what record() reads of an LLM call record, every optional part present
+        rec: Any = SimpleNamespace(operation="chat", provider="openai", request_model="m",
+                                   response_model="m", duration_s=0.1, input_tokens=1,
+                                   output_tokens=2, time_to_first_chunk_s=0.05,
+                                   cost=Decimal(1))  # fmt: skip
+        GenAIMetrics(provider).record(rec, "TimeoutError")
+        out: dict[str, set[str]] = {}
+        for family in REGISTRY.collect():
+            for sample in family.samples:
+                if sample.name.startswith(("gen_ai_", "chatter_")):
+                    out[sample.name] = set(sample.labels)
+        return out
+    finally:
+        provider.shutdown()
+
+
+def test_dashboard_reads_the_names_the_app_and_the_collector_give(otel: dict) -> None:
+    """Every metric a panel reads is the app's own (under the names its in-process exporter
+    and the collector's both give) or derived by the collector; every label one is filtered or
+    grouped by exists on what it reads; every variable is defined."""
+    app = _app_metrics()
+    derived = _collector_metrics(otel)
+    assert {"gen_ai_client_token_usage_sum", "gen_ai_client_operation_duration_seconds_bucket",
+            "chatter_gen_ai_cost_USD_total"} <= set(app)  # fmt: skip
     dash = json.loads((COLLECTOR / "grafana/dashboards/chatter-genai.json").read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert set(variables) == {"DS_PROMETHEUS", "service", "environment", "model"}
     functions = {"sum", "rate", "increase", "histogram_quantile", "topk", "by", "le", "or",
-                 "vector"}  # fmt: skip
-    seen: set[str] = set()
-    for panel in dash["panels"]:
-        for target in panel["targets"]:
-            expr = re.sub(r"\{[^}]*\}", "", target["expr"])  # drop label matchers
-            expr = re.sub(r"\[[^\]]*\]", "", expr)  # and ranges
-            expr = re.sub(r"by \([^)]*\)", "", expr)
-            for ident in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
-                if ident not in functions:
-                    assert ident in produced, f"{panel['title']}: {ident} is never produced"
-                    seen.add(ident)
-    titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for topic in ("tokens", "cost", "calls", "error", "latency", "first chunk", "conversations"):
-        assert topic in titles, topic
-    assert "chatter_gen_ai_conversation_cost_usd_total" in seen
-    # label names used in the dashboard exist as dimensions on those metrics
+                 "vector", "on", "group_left", "group", "job", "instance"}  # fmt: skip
+    labels = {"job", "instance", "le"}
+    for names in app.values():
+        labels |= names
     dims = {d["name"].replace(".", "_") for d in otel["connectors"]["span_metrics"]["dimensions"]}
     for m in otel["connectors"]["signal_to_metrics"]["spans"]:
         dims |= {a["key"].replace(".", "_") for a in m["attributes"]}
-    dims |= {"status_code", "le"}
+    labels |= dims | {"status_code", "deployment_environment_name"}  # the last: target_info's
+    read: set[str] = set()
     for panel in dash["panels"]:
         for target in panel["targets"]:
-            for label in re.findall(r"by \(([^)]*)\)", target["expr"]):
-                for name in label.split(","):
-                    assert name.strip() in dims, (panel["title"], name)
-            for name in re.findall(r"(\w+)=\"", target["expr"]):
-                assert name in dims, (panel["title"], name)
+            text = target["expr"]
+            assert set(re.findall(r"\$(\w+)", text)) <= set(variables), panel["title"]
+            expr = re.sub(r"\{[^}]*\}", "", text)  # drop label matchers
+            expr = re.sub(r"\[[^\]]*\]", "", expr)  # and ranges
+            expr = re.sub(r"(by|on) \([^)]*\)", "", expr)
+            for ident in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+                if ident not in functions:
+                    assert ident in app or ident in derived or ident == "target_info", (
+                        f"{panel['title']}: {ident} is never produced")  # fmt: skip
+                    read.add(ident)
+            for group in re.findall(r"(?:by|on) \(([^)]*)\)", text):
+                for name in filter(None, (n.strip() for n in group.split(","))):
+                    assert name in labels, (panel["title"], name)
+            for name in re.findall(r"(\w+)(?:=~|!=|=)\"", text):
+                assert name in labels, (panel["title"], name)
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("tokens", "cost", "calls", "error", "latency", "first chunk", "conversations"):
+        assert topic in titles, topic
+    # only the cost per conversation is the collector's: everything else reads the app's own
+    assert read & derived == {"chatter_gen_ai_conversation_cost_USD_total"}
+
+
+def test_the_dashboard_imports_into_an_existing_grafana() -> None:
+    """Grafana's import form asks for the data source (``__inputs``); provisioned, the same
+    ``${DS_PROMETHEUS}`` is a data-source variable that picks the default Prometheus."""
+    dash = json.loads((COLLECTOR / "grafana/dashboards/chatter-genai.json").read_text())
+    (ds_input,) = dash["__inputs"]
+    assert ds_input == {**ds_input, "name": "DS_PROMETHEUS", "type": "datasource",
+                        "pluginId": "prometheus"}  # fmt: skip
+    assert {r["id"] for r in dash["__requires"]} == {"grafana", "prometheus", "timeseries",
+                                                    "table"}  # fmt: skip
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    ref = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    for name in ("service", "environment", "model"):
+        v = variables[name]
+        assert v["datasource"] == ref and v["includeAll"] and v["allValue"] == ".*", name
+    for panel in dash["panels"]:
+        assert panel["datasource"] == ref, panel["title"]
+        assert all(t["datasource"] == ref for t in panel["targets"]), panel["title"]
+    assert "prometheus" not in json.dumps(dash["panels"]).replace('"type": "prometheus"', "")
 
 
 def test_collector_config_mentions_only_contract_attribute_names(otel: dict) -> None:

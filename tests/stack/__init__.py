@@ -95,6 +95,9 @@ class Proc:
                 self.proc.wait(5)
 
 
+INPROCESS_JOB = "chat-api-inprocess"
+
+
 @dataclass
 class Stack:
     """Where the app sends OTLP, and where the tests read back."""
@@ -104,6 +107,9 @@ class Stack:
     jaeger: str  # Jaeger's query API
     prometheus: str  # Prometheus' HTTP API
     collector_metrics: str  # the collector's Prometheus exporter (what Prometheus scrapes)
+    # where an app's in-process Prometheus exporter may listen: Prometheus scrapes it as the
+    # job INPROCESS_JOB (nothing answers there until a test starts one)
+    app_metrics_port: int
     tempo_stand_in: Any  # an OTLP receiver where the collector's Tempo exporter sends
     procs: list[Proc] = field(default_factory=list)
 
@@ -141,7 +147,7 @@ def _start_stack(
     tmp.mkdir(parents=True)
     bins = binaries()
     p = {k: free_port() for k in ("jq", "jqg", "jotlp", "grpc", "http", "health", "prom_exp",
-                                  "self", "prom")}  # fmt: skip
+                                  "self", "prom", "app")}  # fmt: skip
     jaeger = Proc("jaeger", [bins["JAEGER"], "--config", str(HERE / "jaeger.yaml")], {
         "JAEGER_QUERY_PORT": str(p["jq"]), "JAEGER_QUERY_GRPC_PORT": str(p["jqg"]),
         "JAEGER_OTLP_PORT": str(p["jotlp"]), "OTEL_TRACES_EXPORTER": "none",
@@ -164,7 +170,10 @@ def _start_stack(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         "  - job_name: otel-collector\n"
+        "    honor_labels: true\n"  # as collector/prometheus.yml: job = the app's service.name
         f"    static_configs: [{{targets: ['127.0.0.1:{p['prom_exp']}']}}]\n"
+        f"  - job_name: {INPROCESS_JOB}\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{p['app']}']}}]\n"
     )
     prometheus = Proc("prometheus", [
         bins["PROMETHEUS"], f"--config.file={prom_cfg}", f"--storage.tsdb.path={tmp / 'tsdb'}",
@@ -173,7 +182,7 @@ def _start_stack(
     stack = Stack(
         otlp_grpc=f"http://127.0.0.1:{p['grpc']}", otlp_http=f"http://127.0.0.1:{p['http']}",
         jaeger=f"http://127.0.0.1:{p['jq']}", prometheus=f"http://127.0.0.1:{p['prom']}",
-        collector_metrics=f"http://127.0.0.1:{p['prom_exp']}/metrics",
+        collector_metrics=f"http://127.0.0.1:{p['prom_exp']}/metrics", app_metrics_port=p["app"],
         tempo_stand_in=tempo_stand_in, procs=[jaeger, collector, prometheus],
     )  # fmt: skip
     try:
