@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Final
 
 __all__ = [
+    "APP_MISMATCH_METRIC",
     "CHATTER_CANCELLED",
     "CHATTER_CORRELATION_ID",
     "CHATTER_INTERRUPTED",
@@ -17,7 +18,9 @@ __all__ = [
     "CHATTER_MESSAGE_ID",
     "CHATTER_RETRIEVAL_DOCUMENTS",
     "CHATTER_TOOL_CALLS",
+    "CHATTER_USAGE_FIELD",
     "CHATTER_USAGE_MISSING",
+    "CHATTER_USAGE_SOURCE",
     "CHATTER_USAGE_TOTAL_TOKENS",
     "CHATTER_WORKFLOW_ID",
     "COST_METRIC",
@@ -132,3 +135,14 @@ SPANS_DROPPED_METRIC: Final = "chatter.spans.dropped"
 
 EVENTS_UNSIGNED_METRIC: Final = "chatter.events.unsigned"
 """Events from Redis dropped because a signing secret is set and theirs is missing or wrong."""
+
+APP_MISMATCH_METRIC: Final = "chatter.usage.app_mismatch"
+"""Counter of runs whose usage the app reported itself with numbers other than the measured
+ones, by ``chatter.usage.field`` (``total_tokens``, ``cost``) and ``chatter.usage.source``
+(``monitoring``: its MonitoringService; ``events``: its own workflow events)."""
+
+CHATTER_USAGE_FIELD: Final = "chatter.usage.field"
+"""Which usage number an ``app_mismatch`` is about: ``total_tokens`` or ``cost``."""
+
+CHATTER_USAGE_SOURCE: Final = "chatter.usage.source"
+"""Where the app reported it: ``monitoring`` or ``events``."""

@@ -21,12 +21,17 @@ class MonitoringOptions:
     declares). ``timestamps``: ``"epoch"`` for a service that takes float timestamps.
     ``mode``: ``"fill"`` (a run the app tracks itself with empty usage is filled, not doubled)
     or ``"parallel"`` (both entries, side by side).
+    ``correct_app_usage``: where the app reported a run's usage itself (its service's updates,
+    its own workflow events) with other numbers than measured, write the measured ones over
+    them; off, they are left as the app wrote them (counted in ``chatter.usage.app_mismatch``
+    and logged either way).
     """
 
     service: Any = True
     llm_metrics: type | None = None
     timestamps: Literal["datetime", "epoch"] = "datetime"
     mode: Literal["fill", "parallel"] = "fill"
+    correct_app_usage: bool = False
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,7 @@ def configure(
             tel, tracer_provider, meters, events=ev.bus, monitoring=mon.service,
             analytics=analytics, record_completion=record_completion, persistence=persistence,
             monitoring_llm_metrics=mon.llm_metrics, monitoring_timestamps=mon.timestamps,
-            monitoring_mode=mon.mode,
+            monitoring_mode=mon.mode, correct_app_usage=mon.correct_app_usage,
         )  # fmt: skip
         if ev.forward_to is not None and tel.events is not None:
             _forward_events(tel, ev.forward_to, ev.converter)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from chatter_otel.export.store import LocalTraceStore
     from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
+    from chatter_otel.sinks.fill import AppUsage
 
 __all__ = ["Telemetry", "configure_for_zero_code"]
 
@@ -69,7 +70,8 @@ class Telemetry:
         self.persistence: Any = None
         self.meter_provider: Any = None
         self.forwarder: Any = None
-        self._fill = False
+        # set in fill mode: the app's own usage reports checked against the measured ones
+        self._app_usage: AppUsage | None = None
         self._owns_meters = False
         self._owns_provider = owns_provider
         self._undo: list[Callable[[], None]] = []
@@ -169,8 +171,8 @@ def _forward_events(tel: Telemetry, emit: Callable[[Any], Any],
     from chatter_otel.sinks.forward import AppEventForwarder
 
     skip = None
-    if tel._fill:  # the app emits its own workflow events: fill those, do not add ours
-        undo = fill_app_events(emit)
+    if tel._app_usage is not None:  # the app emits its own workflow events: fill those
+        undo = fill_app_events(emit, tel._app_usage)
         if undo is not None:
             tel._undo.append(undo)
             skip = _is_workflow_event
@@ -254,7 +256,7 @@ def _install_processors(
     tel: Telemetry, provider: TracerProvider, meters: MeterProvider, *, events: Any,
     monitoring: Any, analytics: Any, record_completion: Any, persistence: Any,
     monitoring_llm_metrics: Any = None, monitoring_timestamps: str = "datetime",
-    monitoring_mode: str = "fill",
+    monitoring_mode: str = "fill", correct_app_usage: bool = False,
 ) -> None:  # fmt: skip
     """Events, monitoring, analytics/metrics and (when given) the usage ledger."""
     tel.events = _pick(events, EventBus)
@@ -273,10 +275,10 @@ def _install_processors(
                     workflows=not fill)
         )  # fmt: skip
         if fill:
-            from chatter_otel.sinks.fill import fill_app_monitoring
+            from chatter_otel.sinks.fill import AppUsage, fill_app_monitoring
 
-            tel._undo.append(fill_app_monitoring(tel.monitoring))
-    tel._fill = fill
+            tel._app_usage = AppUsage(meters, correct=correct_app_usage)
+            tel._undo.append(fill_app_monitoring(tel.monitoring, tel._app_usage))
     tel._undo.append(
         _attach(
             provider,

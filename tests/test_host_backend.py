@@ -17,6 +17,8 @@ from fastapi import FastAPI
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from langgraph.graph import START, MessagesState, StateGraph
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -155,6 +157,122 @@ def test_the_host_backend_end_to_end(
         # the app's health call works, after a call without usage too
         got, _ = _get(base + "/health")
         assert got == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    asyncio.run(asyncio.sleep(0))
+
+
+# -- an app that reports usage itself: fill, never add --------------------------------------
+
+PRICES = {"gpt-4o-mini-2024-07-18": {"input_mtok": "0.15", "output_mtok": "0.60"}}
+APP_RATE = 0.000025  # the app's own hard-coded cost per token
+
+
+def reporting_backend(model_url: str, exporter: InMemorySpanExporter, reader: Any,
+                      correct: bool) -> Any:  # fmt: skip
+    """A host app whose model nodes return ``usage_metadata`` and whose tracker records it
+    itself, with its own mistakes: it keeps only the last call's usage (2 calls made) and
+    prices it at a hard-coded rate."""
+    monitoring, events = AppMonitoring(), AppEvents()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    llm = ChatOpenAI(model="gpt-4o-mini", base_url=model_url, api_key="k", max_retries=0)
+
+    async def draft(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await llm.ainvoke(state["messages"])]}
+
+    g = StateGraph(MessagesState)
+    g.add_node("draft", draft)
+    g.add_node("answer", draft)
+    g.add_edge(START, "draft")
+    g.add_edge("draft", "answer")
+    graph = g.compile(name="chat")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        chatter_otel.configure(
+            app=app, tracer_provider=provider, meter_provider=MeterProvider([reader]),
+            correlation_context_var=request_id,
+            monitoring=MonitoringOptions(monitoring, llm_metrics=AppLLMMetrics,
+                                         timestamps="epoch", correct_app_usage=correct),
+            events=EventOptions(forward_to=events.emit, converter=app_event_converter(
+                AppEvent, field_map={"session_id": "conversation_id"},
+                enums={"priority": EventPriority}, constants={"source_system": "chatter-otel"},
+            )),
+            prices=PRICES,
+        )  # fmt: skip
+        yield
+        chatter_otel.telemetry._current.shutdown()
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(AppCorrelation)
+
+    @app.get("/chat")
+    async def chat() -> dict[str, Any]:
+        wid = monitoring.start_workflow_tracking("u1", "conv-r")
+        await events.emit(AppEvent("workflow_started", session_id="conv-r"))
+        out = await graph.ainvoke({"messages": [HumanMessage("hello")]})
+        tokens = out["messages"][-1].usage_metadata["total_tokens"]  # its de-duplication
+        monitoring.update_workflow_metrics(wid, token_usage={"unknown": tokens})
+        monitoring.finish_workflow_tracking(wid)
+        data = {"tokens_used": tokens, "cost": tokens * APP_RATE}
+        await events.emit(AppEvent("workflow_completed", session_id="conv-r", data=data))
+        return {"workflow": wid}
+
+    return app, monitoring, events
+
+
+def _points(reader: Any, name: str) -> list[Any]:
+    data = reader.get_metrics_data()
+    return [p for rm in (data.resource_metrics if data else []) for sm in rm.scope_metrics
+            for m in sm.metrics if m.name == name for p in m.data.data_points]  # fmt: skip
+
+
+@pytest.mark.parametrize("correct", [False, True], ids=["as-reported", "correct_app_usage"])
+def test_an_app_that_reports_usage_itself_is_filled_never_added_to(
+    openai_server: Any, correct: bool, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from chatter_otel import _safety
+
+    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())  # "once" starts here
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    app, monitoring, events = reporting_backend(openai_server.url, exporter, reader, correct)
+    base, server, thread = _serve(app)
+    try:
+        for _ in range(2):
+            assert _get(base + "/chat")[0] == 200
+        tel = chatter_otel.telemetry._current
+        assert tel.force_flush()
+        runs = [s for s in exporter.get_finished_spans() if s.name == "invoke_workflow chat"]
+        assert len(runs) == 2
+        measured = {int(s.attributes["chatter.usage.total_tokens"]) for s in runs}
+        cost = {float(s.attributes["gen_ai.usage.cost.amount"]) for s in runs}
+        assert measured == {60} and len(cost) == 1  # two calls of 30 tokens each, priced
+        (measured_cost,) = cost
+        assert measured_cost != pytest.approx(30 * APP_RATE)
+        # one entry per run in the app's service, the app's numbers or (asked) the measured
+        tokens = [w["tokens"] for w in monitoring.workflows.values()]
+        assert tokens == ([60, 60] if correct else [30, 30])
+        completed = [e.data for e in events.seen if e.event_type == "workflow_completed"]
+        want = {"tokens_used": 60, "cost": measured_cost} if correct else {
+            "tokens_used": 30, "cost": 30 * APP_RATE}  # fmt: skip
+        assert completed == [want, want]  # nothing of ours added beside the app's keys
+        assert not [e for e in events.seen if e.source_system == "chatter-otel"
+                    and e.event_type.startswith("workflow")]  # fmt: skip
+        # every LLM call once in the app's LLM metrics and in ours
+        assert len(monitoring.ops) == 4
+        usage = _points(reader, "gen_ai.client.token.usage")
+        assert sum(p.sum for p in usage) == 120
+        # each difference counted, by field and source; one log line per kind
+        mismatch = {(p.attributes["chatter.usage.field"], p.attributes["chatter.usage.source"]):
+                    p.value for p in _points(reader, "chatter.usage.app_mismatch")}  # fmt: skip
+        assert mismatch == {("total_tokens", "monitoring"): 2, ("total_tokens", "events"): 2,
+                            ("cost", "events"): 2}  # fmt: skip
+        said = [r.getMessage() for r in caplog.records if "the app's own" in r.getMessage()]
+        assert len(said) == 3, said
+        assert any("total_tokens=30.0 for a run whose LLM calls measured 60" in m for m in said)
     finally:
         server.should_exit = True
         thread.join(10)
