@@ -191,11 +191,34 @@ async def test_unwrapped_run_fills_the_message_and_the_totals(database: str, tmp
         assert len(ledger) == 2  # one row per LLM call, the source of truth
         assert sum(r.total_tokens for r in ledger) == 27
         assert {r.conversation_id for r in ledger} == {cid}
+        assert {r.message_id for r in ledger} == {mid}  # each call names its message
         (run,) = await host.rows(RUNS)
         assert run.message_id == mid and run.applied_at is not None and run.status == "ok"
     finally:
         tel.shutdown()
         await host.engine.dispose()
+
+
+@pytest.mark.parametrize("written_first", [False, True], ids=["in-transaction", "worker-first"])
+async def test_every_ledger_row_names_the_message_it_answers(
+    database: str, tmp_path: Any, written_first: bool
+) -> None:
+    """Whether the app's transaction writes the call rows or the worker wrote them first
+    (without the message, not known yet), they end up naming the message, as the run row does."""
+    async with _hosted(database, tmp_path) as (host, p):
+        cid = await host.new_conversation()
+        out = await host.graph.ainvoke({"messages": [HumanMessage("weather in Rome")]},
+                                       {"configurable": {"thread_id": cid}})  # fmt: skip
+        if written_first:
+            await _flush(p)
+            assert {r.message_id for r in await host.rows(LEDGER)} == {None}
+        mid = await host.save_assistant(cid, str(out["messages"][-1].content))
+        await _flush(p)
+        ledger = await host.rows(LEDGER)
+        assert len(ledger) == 2 and {r.message_id for r in ledger} == {mid}
+        (run,) = await host.rows(RUNS)
+        assert run.message_id == mid
+        assert (await host.conversation(cid)).total_tokens == sum(r.total_tokens for r in ledger)
 
 
 async def test_wrapped_run_binds_to_the_named_message(database: str, tmp_path: Any) -> None:

@@ -23,9 +23,9 @@ from chatter_otel.persistence.schema import (
     add_statement,
     claim_upsert,
     fit,
-    insert_ignore,
     is_empty,
     ledger_row,
+    ledger_upsert,
     role_name,
     run_row,
 )
@@ -126,9 +126,10 @@ class BindingHooks:
         savepoint = conn.begin_nested()  # a refusal of ours never aborts the app's transaction
         try:
             with suppress_instrumentation():  # the package's own writes are never traced
-                if run.calls:
-                    rows = [fit(LEDGER, ledger_row(c)) for c in run.calls]
-                    conn.execute(insert_ignore(conn, LEDGER, "span_id"), rows)
+                if run.calls:  # each call row names the message it answers
+                    rows = [fit(LEDGER, {**ledger_row(c), "message_id": c.ids.message_id
+                                         or binding["message_id"]}) for c in run.calls]  # fmt: skip
+                    conn.execute(ledger_upsert(conn), rows)
                 row = fit(RUNS, run_row(record, applied_at=time.time()))
                 row["message_id"] = binding["message_id"]
                 claimed = conn.execute(claim_upsert(conn), row).rowcount == 1

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     case,
+    func,
     or_,
     text,
 )
@@ -112,6 +113,20 @@ def insert_ignore(conn: Any, table: Table, key: str) -> Any:
     else:  # sqlite: the only other backend __init__ accepts
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
     return insert(table).on_conflict_do_nothing(index_elements=[key])
+
+
+def ledger_upsert(conn: Any) -> Any:
+    """Insert a run's call rows with the message they answer, or give rows the worker wrote
+    first that message (where they have none): one statement for both."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    stmt = insert(LEDGER)
+    return stmt.on_conflict_do_update(
+        index_elements=[LEDGER.c.span_id],
+        set_={"message_id": func.coalesce(LEDGER.c.message_id, stmt.excluded.message_id)},
+    )
 
 
 def claim_upsert(conn: Any) -> Any:

@@ -210,6 +210,12 @@ class LedgerWriter:
         )
         if claimed.rowcount != 1:
             return
+        if message_id:  # the run's call rows name the message it answers, as its row does
+            await conn.execute(
+                update(LEDGER)
+                .where(and_(LEDGER.c.workflow_id == workflow_id, LEDGER.c.message_id.is_(None)))
+                .values(message_id=message_id)
+            )
         if not bind and row.message_id:
             await self._fill_named_message(conn, row)
         tokens = bind.get("total_tokens", row.total_tokens)
