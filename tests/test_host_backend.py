@@ -10,6 +10,7 @@ import asyncio
 import logging
 import re
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -26,6 +27,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 import chatter_otel
 from chatter_otel import EventOptions, MonitoringOptions
 from chatter_otel.sinks.forward import app_event_converter
+from chatter_otel.sinks.monitoring import MonitoringService
 from tests.test_host_app import AppCorrelation, request_id
 from tests.test_host_services import (
     AppEvent,
@@ -277,3 +279,69 @@ def test_an_app_that_reports_usage_itself_is_filled_never_added_to(
         server.should_exit = True
         thread.join(10)
     asyncio.run(asyncio.sleep(0))
+
+
+@dataclass
+class NullableLLMMetrics:  # an app class that can say "no usage"
+    provider: str
+    model: str
+    input_tokens: int | None
+    output_tokens: int | None
+    duration_ms: float
+    cost_estimate: float
+
+
+@dataclass
+class FlaggedLLMMetrics:  # plain ints, and a flag of its own for calls without usage
+    provider: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    duration_ms: float
+    cost_estimate: float
+    usage_missing: bool = False
+
+
+@pytest.mark.parametrize(
+    ("cls", "want", "says"),
+    [
+        (NullableLLMMetrics, (None, None), False),
+        (FlaggedLLMMetrics, (0, 0), True),
+        (AppLLMMetrics, (0, 0), True),
+    ],
+)
+def test_a_streamed_call_without_usage_is_missing_in_the_app_s_llm_metrics(
+    openai_server: Any, cls: type, want: tuple[Any, Any], says: bool,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Not 0/0 as if it had used nothing: None where the app's class admits it; else 0 with its
+    own flag set where it has one, and one line saying how to see those calls as missing."""
+    from chatter_otel import _safety
+
+    monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())
+    monitoring = AppMonitoring()
+    monitoring.record_llm_operation = monitoring.ops.append  # type: ignore[method-assign]
+    builtin = MonitoringService()
+    llm = ChatOpenAI(model="gpt-4o-mini", base_url=openai_server.url, api_key="k",
+                     max_retries=0, streaming=True)  # fmt: skip
+    for service, metrics_cls in ((monitoring, cls), (builtin, None)):
+        tel = chatter_otel.configure(
+            tracer_provider=TracerProvider(), set_global=False, prices={},
+            monitoring=MonitoringOptions(service, llm_metrics=metrics_cls,
+                                         timestamps="epoch"),
+        )  # fmt: skip
+        try:
+            with chatter_otel.track_workflow("chat"):
+                text = "".join(str(c.content) for c in llm.stream("hello"))
+            assert text == openai_server.content and tel.force_flush()
+        finally:
+            tel.shutdown()
+    (op,) = monitoring.ops
+    assert type(op) is cls
+    assert (op.input_tokens, op.output_tokens) == want
+    assert getattr(op, "usage_missing", True) is True
+    said = [r.getMessage() for r in caplog.records if "without None" in r.getMessage()]
+    assert len(said) == (1 if says else 0), said
+    # the built-in service counts the call, and says its tokens are unknown, not 0
+    (model,) = builtin.get_workflow_stats()["models"].values()
+    assert (model["calls"], model["calls_without_usage"], model["input_tokens"]) == (1, 1, 0)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import typing
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from chatter_otel._safety import warn_once
 from chatter_otel.instrumentation.records import (
     LLMCallRecord,
     ToolCallRecord,
@@ -50,8 +52,8 @@ class LLMMetrics:
     provider: str
     model: str
     operation: str
-    input_tokens: int
-    output_tokens: int
+    input_tokens: int | None  # None: the provider reported no usage (never an invented 0)
+    output_tokens: int | None
     duration_ms: float
     cost_estimate: float | None
     correlation_id: str
@@ -87,6 +89,7 @@ class WorkflowMetrics:
 @dataclass
 class _Totals:
     calls: int = 0
+    calls_without_usage: int = 0  # their tokens are unknown, not 0
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
@@ -182,8 +185,10 @@ class MonitoringService:
                 key = name if name in table or len(table) < _MAX_KEYS else "other"
                 t = table.setdefault(key, _Totals())
                 t.calls += 1
-                t.input_tokens += metrics.input_tokens
-                t.output_tokens += metrics.output_tokens
+                if metrics.input_tokens is None and metrics.output_tokens is None:
+                    t.calls_without_usage += 1
+                t.input_tokens += metrics.input_tokens or 0
+                t.output_tokens += metrics.output_tokens or 0
                 t.cost += metrics.cost_estimate or 0.0
                 t.duration_ms += metrics.duration_ms
 
@@ -261,8 +266,8 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
         return self._types.llm_metrics(
             timestamp=datetime.fromtimestamp(record.end_ns / 1e9, tz=UTC),
             provider=record.provider or "unknown", model=record.model or "",
-            operation=record.operation, input_tokens=record.input_tokens or 0,
-            output_tokens=record.output_tokens or 0,
+            operation=record.operation, input_tokens=record.input_tokens,
+            output_tokens=record.output_tokens,
             duration_ms=(record.end_ns - record.start_ns) / 1e6,
             cost_estimate=float(record.cost) if record.cost is not None else None,
             correlation_id=record.ids.correlation_id or "",
@@ -314,7 +319,12 @@ class AppTypes:
     (built from the fields it declares; ours when none is given), its timestamp format
     (``"datetime"``, timezone-aware UTC, or ``"epoch"``, float seconds), and numbers it can sum:
     for a service that is not the built-in one, an unknown cost is ``0.0``, never ``None``
-    (its totals add floats; our spans and records still say the cost is unknown)."""
+    (its totals add floats; our spans and records still say the cost is unknown).
+
+    Tokens a provider did not report are ``None`` wherever the class admits it (its field
+    annotated ``int | None``, or ours); a class whose token fields are plain ``int`` gets ``0``
+    (it could not be built otherwise), its ``usage_missing`` field, if it has one, set ``True``,
+    and one log line saying how to see those calls as missing."""
 
     def __init__(self, cls: Any, timestamps: str, *, own: bool) -> None:
         if timestamps not in ("datetime", "epoch"):
@@ -328,15 +338,46 @@ class AppTypes:
             self.cls, "model_fields", None
         )
         self.accepts = frozenset(fields) if fields else None
+        self.no_none = frozenset(
+            k for k in ("input_tokens", "output_tokens") if not _admits_none(self.cls, k)
+        )
 
     def llm_metrics(self, **values: Any) -> Any:
         if self.epoch:
             values["timestamp"] = values["timestamp"].timestamp()
         if not self.own and values.get("cost_estimate") is None:
             values["cost_estimate"] = 0.0
+        missing = [k for k in self.no_none if values.get(k) is None]
+        if missing:
+            for k in missing:
+                values[k] = 0
+            if self.accepts is not None and "usage_missing" in self.accepts:
+                values["usage_missing"] = True
+            warn_once(f"monitoring:no-none:{self.cls.__name__}", "chatter-otel: %s declares "
+                      "%s without None, so an LLM call that reported no usage goes to the app's "
+                      "record_llm_operation with 0 tokens (its spans say chatter.usage.missing); "
+                      "annotate them `int | None` to see such calls as missing",
+                      self.cls.__name__, " and ".join(sorted(missing)))  # fmt: skip
         if self.accepts is not None:
             values = {k: v for k, v in values.items() if k in self.accepts}
         return self.cls(**values)
+
+
+def _admits_none(cls: Any, name: str) -> bool:
+    """Whether ``cls`` declares field ``name`` as admitting None (or does not say)."""
+    fields = getattr(cls, "model_fields", None)  # pydantic
+    if fields is not None and name in fields:
+        annotation: Any = fields[name].annotation
+    else:
+        try:
+            annotation = typing.get_type_hints(cls).get(name)
+        except Exception:  # unresolvable annotations: read the text
+            annotation = getattr(cls, "__annotations__", {}).get(name)
+    if annotation is None:
+        return name not in getattr(cls, "__annotations__", {}) and not fields
+    if isinstance(annotation, str):
+        return "None" in annotation or "Optional" in annotation
+    return annotation is Any or type(None) in typing.get_args(annotation)
 
 
 class _NoService:
