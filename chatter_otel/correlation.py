@@ -3,7 +3,10 @@
 ``CorrelationMiddleware`` (plain ASGI: FastAPI, Starlette, any ASGI app) takes the request's
 ``X-Correlation-ID`` when it is valid (1-128 characters of ``[A-Za-z0-9._:-]``), else one already
 in W3C baggage, else one from the app's own source (``getter`` or ``context_var``), else a new
-one. Anything invalid
+one. When the app keeps its own id (a ``getter`` or ``context_var``) and the request brought no
+header, the app is handed the id as the request's ``X-Correlation-ID``, as a gateway would: its
+own middleware adopts it, so the request has one id from its first byte (a body read before the
+app's middleware runs included). Anything invalid
 (CRLF, non-ASCII, over-long, empty) is replaced and logged (rate-limited; the value itself is never
 logged raw). The id is put into baggage as ``chatter.correlation.id`` (so ``BaggageSpanProcessor``
 stamps it on every span started later, and propagators carry it to outbound HTTP calls), into a
@@ -232,6 +235,14 @@ class CorrelationMiddleware:
             await self.app(scope, receive, send)
             return
         cid = self._resolve(scope)
+        if _app_sources and not any(
+            k.lower() == _HEADER_KEY for k, _ in scope.get("headers") or ()
+        ):
+            # The app keeps its own id and the request brought none: hand it ours as the
+            # request's header, the way a gateway does, so its middleware adopts it rather than
+            # making a second one after spans (a body read, say) already carried ours.
+            scope = {**scope, "headers": [*(scope.get("headers") or ()),
+                                          (_HEADER_KEY, cid.encode("latin-1"))]}  # fmt: skip
         holder = [cid, cid]
         note_app_loop()  # the app's loop, for an async emit the events are forwarded to
         span = trace.get_current_span()  # the server span of the ASGI instrumentation, if any
@@ -255,6 +266,7 @@ class CorrelationMiddleware:
                 if _app_sources:
                     _from_app()  # what the app keeps now, if anything, into the holder
                 final = valid_correlation_id(answered, "the app's response") or holder[0]
+                holder[0] = final  # what starts from here on (the send spans) carries it
                 if final != cid:
                     extra[0] = (_HEADER_KEY, final.encode("latin-1"))
                     _correlation.set(final)
@@ -293,10 +305,17 @@ def _outer_middleware_answers_traceresponse(span: Span) -> bool:
 
 def inject_log_ids(record: logging.LogRecord) -> None:
     """Add ``trace_id``, ``span_id`` and ``correlation_id`` to a log record ("" when none)."""
-    ctx = trace.get_current_span().get_span_context()
+    span = trace.get_current_span()
+    ctx = span.get_span_context()
     record.trace_id = f"{ctx.trace_id:032x}" if ctx.is_valid else ""
     record.span_id = f"{ctx.span_id:016x}" if ctx.is_valid else ""
-    record.correlation_id = current_correlation_id() or ""
+    # Inside a run, the run's id, as its spans carry it (a graph's config may name one:
+    # ``metadata={"correlation_id": ...}``); else the request's.
+    cid = None
+    scope = getattr(span, "instrumentation_scope", None)
+    if scope is not None and scope.name == "chatter_otel":
+        cid = (getattr(span, "attributes", None) or {}).get(CHATTER_CORRELATION_ID)
+    record.correlation_id = cid if isinstance(cid, str) else current_correlation_id() or ""
 
 
 class CorrelationLogFilter(logging.Filter):

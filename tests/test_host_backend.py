@@ -1,4 +1,4 @@
-"""One host app shaped like the real backend the "fits a real host app" issue was tried on,
+"""Host apps shaped like the real backend the "fits a real host app" issue was tried on,
 configured only as the README's "Use it in an app" says: its own correlation middleware and
 ContextVar, its MonitoringService (float costs, float timestamps, its own metrics class), its
 own event class and event manager, a tracker that records zero-usage workflows, ChatOpenAI on
@@ -7,14 +7,19 @@ an OpenAI-compatible endpoint (loopback), a streaming endpoint, configure() in t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import re
+import time
+import urllib.request
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from langgraph.graph import START, MessagesState, StateGraph
@@ -23,6 +28,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.middleware.base import BaseHTTPMiddleware
 
 import chatter_otel
 from chatter_otel import EventOptions, MonitoringOptions
@@ -37,9 +43,11 @@ from tests.test_host_services import (
     EventPriority,
 )
 from tests.test_host_startup import _get, _serve
+from tests.test_zero_code import _instrumented
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
+    from pathlib import Path
 
 
 def backend(model_url: str, exporter: InMemorySpanExporter, stream_usage: bool) -> Any:
@@ -125,7 +133,8 @@ def test_the_host_backend_end_to_end(
             got, headers = _get(base + path, {"X-Correlation-ID": header} if header else None)
             assert got == status
             rid = headers["x-correlation-id"]
-            assert rid == header if header else re.fullmatch(r"[0-9A-F]{26}", rid)
+            # no header: ours, handed to the app as the request's header and adopted by it
+            assert rid == header if header else re.fullmatch(r"[0-9a-f]{32}", rid)
             assert "traceresponse" in headers
             seen.append(rid)
         tel = chatter_otel.telemetry._current
@@ -345,3 +354,180 @@ def test_a_streamed_call_without_usage_is_missing_in_the_app_s_llm_metrics(
     # the built-in service counts the call, and says its tokens are unknown, not 0
     (model,) = builtin.get_workflow_stats()["models"].values()
     assert (model["calls"], model["calls_without_usage"], model["input_tokens"]) == (1, 1, 0)
+
+
+class BodyLoggingCorrelation(BaseHTTPMiddleware):
+    """An app middleware that reads the request body (to log it) before it sets its own id."""
+
+    async def dispatch(
+        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        body = await request.body()
+        rid = request.headers.get("x-correlation-id") or uuid.uuid4().hex[:26].upper()
+        token = request_id.set(rid)
+        try:
+            logging.getLogger("host.app").info("POST body of %d bytes", len(body))
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Correlation-ID"] = rid
+        return response
+
+
+@pytest.mark.parametrize("header", [None, "req-42"], ids=["no-header", "header"])
+def test_one_id_from_the_first_byte_of_a_request(
+    header: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body is read (an ``http receive`` span) before the app's middleware sets its id:
+    every span of the request, the app's log line and the response still carry one id."""
+    caplog.set_level(logging.INFO)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = FastAPI()
+    app.add_middleware(BodyLoggingCorrelation)
+
+    @app.post("/chat")
+    async def chat(request: Request) -> dict[str, Any]:
+        return {"seen": (await request.json())["message"], "rid": request_id.get()}
+
+    tel = chatter_otel.configure(app=app, tracer_provider=provider, set_global=False,
+                                 correlation_context_var=request_id)  # fmt: skip
+    base, server, thread = _serve(app)
+    try:
+        sent = {"Content-Type": "application/json"}
+        if header:
+            sent["X-Correlation-ID"] = header
+        req = urllib.request.Request(base + "/chat", data=b'{"message": "hi"}', headers=sent)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            rid, answer = resp.headers["x-correlation-id"], json.loads(resp.read())
+        assert rid == (header or answer["rid"]) == answer["rid"]  # the app's own id is it
+        trace_id = resp.headers["traceresponse"].split("-")[1]
+        deadline = time.monotonic() + 10
+        while not any(s.parent is None for s in exporter.get_finished_spans()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        spans = [s for s in exporter.get_finished_spans()
+                 if format(s.context.trace_id, "032x") == trace_id]  # fmt: skip
+        assert "POST /chat http receive" in {s.name for s in spans}
+        assert {s.name: s.attributes.get("chatter.correlation.id") for s in spans} == {
+            s.name: rid for s in spans}  # fmt: skip
+        (line,) = [r for r in caplog.records if r.name == "host.app"]
+        assert line.correlation_id == rid  # type: ignore[attr-defined]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        tel.shutdown()
+
+
+def test_a_correlation_id_in_the_graph_config_reaches_the_log_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``metadata={"correlation_id": ...}`` names the run's id: its spans carry it, and so
+    does every log line written inside the run, sync and async."""
+    caplog.set_level(logging.INFO)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tel = chatter_otel.configure(tracer_provider=provider, set_global=False)
+
+    def node(state: MessagesState) -> dict[str, Any]:
+        logging.getLogger("app.node").info("inside the node")
+        return {}
+
+    g = StateGraph(MessagesState)
+    g.add_node("n", node)
+    g.add_edge(START, "n")
+    graph = g.compile(name="chat")
+    try:
+        graph.invoke({"messages": [HumanMessage("hi")]}, {"metadata": {"correlation_id": "meta-7"}})
+        asyncio.run(graph.ainvoke({"messages": [HumanMessage("hi")]},
+                                  {"metadata": {"correlation_id": "meta-8"}}))  # fmt: skip
+        logging.getLogger("app.node").info("outside any run")
+        spans = exporter.get_finished_spans()
+    finally:
+        tel.shutdown()
+    lines = [(r.getMessage(), getattr(r, "correlation_id", None)) for r in caplog.records
+             if r.name == "app.node"]  # fmt: skip
+    assert lines == [("inside the node", "meta-7"), ("inside the node", "meta-8"),
+                     ("outside any run", "")]  # fmt: skip
+    by_trace: dict[int, set[Any]] = {}
+    for s in spans:
+        by_trace.setdefault(s.context.trace_id, set()).add(s.attributes["chatter.correlation.id"])
+    assert sorted(by_trace.values(), key=str) == [{"meta-7"}, {"meta-8"}]
+
+
+ZERO_CODE_HOST_APP = """
+import contextvars, json, logging, uuid
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from langchain_core.messages import HumanMessage
+from starlette.middleware.base import BaseHTTPMiddleware
+from chatter_otel import telemetry
+from chatter_otel.correlation import CorrelationMiddleware
+from chatter_otel.reference.demo import build_chat_graph
+
+request_id = contextvars.ContextVar("request_id", default=None)  # the app's own
+logging.basicConfig(level=logging.INFO, format="%(message)s cid=%(correlation_id)s")
+log = logging.getLogger("host")
+
+class AppCorrelation(BaseHTTPMiddleware):  # the app's: its header, else an id of its own
+    async def dispatch(self, request, call_next):
+        await request.body()  # read before it sets its id (a request logger, say)
+        rid = request.headers.get("x-correlation-id") or uuid.uuid4().hex[:26].upper()
+        token = request_id.set(rid)
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Correlation-ID"] = rid
+        return response
+
+app = FastAPI()
+app.add_middleware(AppCorrelation)
+app.add_middleware(CorrelationMiddleware, context_var=request_id)  # the README's one line
+graph = build_chat_graph()
+
+@app.post("/chat")
+async def chat(body: dict):
+    out = await graph.ainvoke({"messages": [HumanMessage(body["message"])]})
+    log.info("answered")
+    return {"answer": out["messages"][-1].content}
+
+with TestClient(app) as client:
+    got = []
+    for header in (None, "req-42"):
+        r = client.post("/chat", json={"message": "weather in Rome"},
+                        headers={"X-Correlation-ID": header} if header else {})
+        got.append({"id": r.headers["x-correlation-id"],
+                    "trace": r.headers["traceresponse"].split("-")[1]})
+telemetry._current.force_flush()
+print(json.dumps(got))
+"""
+
+
+def test_zero_code_with_the_app_s_context_var_gives_one_id_per_request(tmp_path: Path) -> None:
+    """opentelemetry-instrument and the one line the README shows, in an app with its own
+    correlation middleware and ContextVar: with and without a header, every span of a request,
+    its log lines and its response carry the same id."""
+    script = tmp_path / "app.py"
+    script.write_text(ZERO_CODE_HOST_APP)
+    store = tmp_path / "traces.db"
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "chatter_local", "OTEL_METRICS_EXPORTER": "none",
+           "OTEL_LOGS_EXPORTER": "none", "OTEL_SERVICE_NAME": "zero-code-host",
+           "CHATTER_OTEL_TRACE_STORE": str(store)}  # fmt: skip
+    proc = _instrumented(script, env)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got[1]["id"] == "req-42" and got[0]["id"] != got[1]["id"]
+    from chatter_otel import LocalTraceStore
+
+    local = LocalTraceStore(store)
+    for request in got:
+        spans = local.trace(request["trace"])
+        names = {r.name for r in spans}
+        assert {"POST /chat", "POST /chat http receive", "invoke_workflow chat"} <= names
+        wrong = {r.name: r.attributes.get("chatter.correlation.id") for r in spans
+                 if r.attributes.get("chatter.correlation.id") != request["id"]}  # fmt: skip
+        assert not wrong, (request, wrong)
+    answered = [line for line in proc.stderr.splitlines() if line.startswith("answered")]
+    assert answered == [f"answered cid={r['id']}" for r in got]
