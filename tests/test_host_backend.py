@@ -2,7 +2,9 @@
 configured only as the README's "Use it in an app" says: its own correlation middleware and
 ContextVar, its MonitoringService (float costs, float timestamps, its own metrics class), its
 own event class and event manager, a tracker that records zero-usage workflows, ChatOpenAI on
-an OpenAI-compatible endpoint (loopback), a streaming endpoint, configure() in the lifespan."""
+an OpenAI-compatible endpoint (loopback), a streaming endpoint, configure() in the lifespan;
+one that reports usage itself (its own de-duplication and cost rate); one that reads the body
+before its middleware sets its id; and the same under zero-code (opentelemetry-instrument)."""
 
 from __future__ import annotations
 
