@@ -303,13 +303,7 @@ class NullableLLMMetrics:  # an app class that can say "no usage"
 
 
 @dataclass
-class FlaggedLLMMetrics:  # plain ints, and a flag of its own for calls without usage
-    provider: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    duration_ms: float
-    cost_estimate: float
+class FlaggedLLMMetrics(AppLLMMetrics):  # plain ints, and a flag of its own for no usage
     usage_missing: bool = False
 
 

@@ -35,7 +35,7 @@ from opentelemetry.semconv.attributes.exception_attributes import (
 from opentelemetry.trace import Status, StatusCode
 
 from chatter_otel.attributes import SPANS_DROPPED_METRIC
-from chatter_otel.version import SCHEMA_URL, __version__
+from chatter_otel.version import our_meter
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -136,13 +136,11 @@ class GuardedExporter(SpanExporter):
 
     def __init__(self, inner: SpanExporter, name: str, meter_provider: MeterProvider | None,
                  *, scrub_text: bool = True) -> None:  # fmt: skip
-        from opentelemetry import metrics
 
         self.inner = inner
         self.name = name
         self.scrub_text = scrub_text
-        meter = metrics.get_meter("chatter_otel", __version__, meter_provider,
-                                  schema_url=SCHEMA_URL)  # fmt: skip
+        meter = our_meter(meter_provider)
         self._dropped = meter.create_counter(
             SPANS_DROPPED_METRIC, unit="{span}",
             description="Finished spans that never left the process, by error.type",

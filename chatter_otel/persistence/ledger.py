@@ -28,7 +28,7 @@ from chatter_otel.persistence.schema import MessageMapping
 from chatter_otel.persistence.spool import Spool, SpoolCount, set_aside
 from chatter_otel.persistence.writer import LedgerWriter
 from chatter_otel.sinks.worker import BoundedWorker
-from chatter_otel.version import SCHEMA_URL, __version__
+from chatter_otel.version import our_meter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -203,10 +203,8 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
         self.uninstall()
 
     def _register_metrics(self, meter_provider: MeterProvider | None) -> None:
-        from opentelemetry import metrics
 
-        meter = metrics.get_meter("chatter_otel", __version__, meter_provider,
-                                  schema_url=SCHEMA_URL)  # fmt: skip
+        meter = our_meter(meter_provider)
         stats = self.stats
 
         def observe(key: str) -> Callable[[Any], list[Observation]]:

@@ -30,13 +30,11 @@ from collections import OrderedDict
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import metrics
-
 from chatter_otel._safety import internal_error, warn_once
 from chatter_otel.attributes import APP_MISMATCH_METRIC, CHATTER_USAGE_FIELD, CHATTER_USAGE_SOURCE
 from chatter_otel.correlation import current_correlation_id
 from chatter_otel.instrumentation.runs import last_run
-from chatter_otel.version import SCHEMA_URL, __version__
+from chatter_otel.version import our_meter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -69,8 +67,7 @@ class AppUsage:
     ``MonitoringOptions.correct_app_usage``."""
 
     def __init__(self, meter_provider: MeterProvider | None, *, correct: bool = False) -> None:
-        meter = metrics.get_meter("chatter_otel", __version__, meter_provider,
-                                  schema_url=SCHEMA_URL)  # fmt: skip
+        meter = our_meter(meter_provider)
         self._mismatch = meter.create_counter(
             APP_MISMATCH_METRIC, unit="{run}",
             description="Runs whose usage the app reported with other numbers than measured.",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import metrics
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
@@ -29,7 +28,7 @@ from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 
 from chatter_otel.attributes import COST_METRIC
-from chatter_otel.version import SCHEMA_URL, __version__
+from chatter_otel.version import our_meter
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -49,9 +48,7 @@ _OUTPUT = GenAiTokenTypeValues.COMPLETION.value  # "output"
 
 class GenAIMetrics:
     def __init__(self, meter_provider: MeterProvider | None = None) -> None:
-        meter = metrics.get_meter(
-            "chatter_otel", __version__, meter_provider, schema_url=SCHEMA_URL
-        )
+        meter = our_meter(meter_provider)
         self._tokens = meter.create_histogram(
             GEN_AI_CLIENT_TOKEN_USAGE, unit="{token}",
             description="Number of input and output tokens used.",

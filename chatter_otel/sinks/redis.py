@@ -35,7 +35,7 @@ from chatter_otel.attributes import (
     EVENTS_UNSIGNED_METRIC,
 )
 from chatter_otel.sinks.validation import InvalidEvent, event_from_dict, reject
-from chatter_otel.version import SCHEMA_URL, __version__
+from chatter_otel.version import our_meter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -90,11 +90,9 @@ class RedisEventBridge:
         self._metrics(meter_provider)
 
     def _metrics(self, meter_provider: MeterProvider | None) -> None:
-        from opentelemetry import metrics
         from opentelemetry.metrics import Observation
 
-        meter = metrics.get_meter("chatter_otel", __version__, meter_provider,
-                                  schema_url=SCHEMA_URL)  # fmt: skip
+        meter = our_meter(meter_provider)
 
         def observe(read: Callable[[], int]) -> Callable[[Any], list[Observation]]:
             return lambda _options: [Observation(read())]
