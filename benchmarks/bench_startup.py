@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         store = str(Path(folder) / "traces.db")
         for command in (["--version"], ["find", "--correlation-id", "x", "--store", store],
-                        ["trace", "0" * 32, "--store", store]):  # fmt: skip
+                        ["trace", "0" * 32, "--store", store], ["ls", "--store", store]):  # fmt: skip
             heavy = _heavy_imports(command)
             print(f"chatter-otel {command[0]:<9} loads {len(heavy)} heavy module(s)")
             if heavy:

@@ -1,6 +1,6 @@
-"""``python -m chatter_otel``: the ``chatter-otel`` command."""
+"""``python -m chatter_otel``: the ``chatter-otel`` command, exit code included."""
 
 from chatter_otel.traces.cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

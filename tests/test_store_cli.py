@@ -99,7 +99,11 @@ def test_find_by_each_id_newest_first(store: Any, capsys: Any) -> None:
     header, *rows = out.splitlines()
     assert header.startswith("UTC ") and "trace id" in header
     assert all(len(line) <= 80 for line in (header, *rows))
-    assert len(rows) == 1 and b.trace_id in rows[0] and "invoke_work" in rows[0]
+    assert len(rows) == 1 and b.trace_id in rows[0] and "invoke_w" in rows[0]
+    assert header.split()[2:4] == ["status", "ms"] and rows[0].split()[1] == "ok"
+    code, out, _ = _cli(capsys, "find", "--correlation-id", "corr-x", "--store", db)
+    # a failed run reads as one without colour: its status is a word
+    assert [r.split()[1] for r in out.splitlines()[1:]] == ["ERROR", "ok"]
 
 
 @pytest.mark.parametrize(
@@ -107,7 +111,9 @@ def test_find_by_each_id_newest_first(store: Any, capsys: Any) -> None:
     [
         (["trace", "0" * 32], 1, "trace 00000000000000000000000000000000 not found"),
         (["trace", "not-a-trace"], 2, "not a trace id"),
-        (["trace", "a" * 31], 2, "not a trace id"),
+        (["trace", "a" * 31], 1, "no trace id starts with aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+        (["trace", "abc"], 2, "not a trace id"),
+        (["ls", "--model", "nobody"], 1, "no traces matching the filters"),
         (["find"], 2, "find needs"),
         (["find", "--correlation-id", "nobody"], 1, "no trace found for correlation_id=nobody"),
     ],
@@ -178,3 +184,91 @@ def test_processes_starting_together_on_a_new_store_all_write(tmp_path: Any) -> 
         store = LocalTraceStore(path)
         assert [len(store.trace(f"{n:032x}")) for n in range(4)] == [20] * 4
         store.close()
+
+
+def test_ls_lists_recent_runs_with_filters_and_an_exit_code_for_errors(
+    store: Any, capsys: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = _turn("conv-a", "corr-a", "m1")
+    with pytest.raises(RuntimeError):
+        _turn("conv-b", "corr-b", "m2", fail=True)
+    c = _turn("conv-a", "corr-c", "m3")
+    db = str(store.path)
+    code, out, _ = _cli(capsys, "ls", "--store", db)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split()[2] == "status"  # "UTC", the day, then the status word
+    assert "model" in header and "correlation id" in header
+    assert all(len(line) <= 80 for line in out.splitlines())
+    assert [r.split()[1] for r in rows] == ["ok", "ERROR", "ok"]  # newest first
+    assert rows[0].split()[5] == c.trace_id[:12] and "chatter-local" in rows[0]
+    # the listed prefix is enough for `trace`
+    code, out, _ = _cli(capsys, "trace", c.trace_id[:12], "--store", db)
+    assert code == 0 and out.splitlines()[0].startswith(f"trace {c.trace_id}")
+    # filters, and the exit code a script can alert on
+    code, out, _ = _cli(capsys, "ls", "--errors", "--json", "--store", db)
+    assert code == 3 and [t["correlation_id"] for t in json.loads(out)] == ["corr-b"]
+    code, out, _ = _cli(capsys, "ls", "--conversation", "conv-a", "--json", "--store", db)
+    assert [t["trace_id"] for t in json.loads(out)] == [c.trace_id, a.trace_id]
+    code, out, _ = _cli(capsys, "ls", "--model", "chatter-local-1", "--limit", "2", "--json",
+                        "--store", db)  # fmt: skip
+    got = json.loads(out)
+    assert code == 0 and len(got) == 2 and {t["model"] for t in got} == {"chatter-local-1"}
+    code, out, _ = _cli(capsys, "ls", "--since", "1h", "--json", "--store", db)
+    assert len(json.loads(out)) == 3
+    # wider with COLUMNS: nothing cut
+    monkeypatch.setenv("COLUMNS", "160")
+    code, out, _ = _cli(capsys, "ls", "--store", db)
+    assert "corr-c" in out.splitlines()[1] and max(len(line) for line in out.splitlines()) > 80
+    # no failures in the window: exit 0 and a word, not an empty screen
+    code, out, _ = _cli(capsys, "ls", "--errors", "--since", "0s", "--store", db)
+    assert code == 0 and out.strip() == "no failed runs"
+
+
+def test_trace_shows_the_error_type_and_message(store: Any, capsys: Any) -> None:
+    with pytest.raises(RuntimeError):
+        _turn("c9", "corr-9", "m9", fail=True)
+    (t,) = json.loads(_cli(capsys, "ls", "--json", "--store", str(store.path))[1])
+    _, out, _ = _cli(capsys, "trace", t["trace_id"], "--store", str(store.path))
+    wf = next(line for line in out.splitlines() if "invoke_workflow turn" in line)
+    assert "ERROR RuntimeError" in wf
+
+
+def test_tail_prints_runs_as_they_end_and_ends_on_ctrl_c(store: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store.last_rowid()  # the store exists (tail reads one; it says so when there is none)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatter_otel", "tail", "--interval", "0.1", "--store",
+         str(store.path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )  # fmt: skip
+    try:
+        time.sleep(2.0)  # started, and polling
+        ok = _turn("c1", "corr-t1", "m1")
+        with pytest.raises(RuntimeError):
+            _turn("c2", "corr-t2", "m2", fail=True)
+        lines: list[str] = []
+        assert proc.stdout is not None
+        while len(lines) < 2:
+            lines.append(proc.stdout.readline().rstrip("\n"))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, (lines, err)
+    assert [line.split()[1:2] for line in lines] == [["ok"], ["ERROR"]], (lines, err)
+    assert ok.trace_id[:12] in lines[0] and "corr-t1" in lines[0] and "corr-t2" in lines[1]
+
+
+def test_python_dash_m_gives_the_exit_code(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "chatter_otel", "ls", "--store",
+                           str(tmp_path / "none.db")], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "no trace store" in proc.stderr

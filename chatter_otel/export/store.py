@@ -23,6 +23,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_CONVERSATION_ID,
     GEN_AI_OPERATION_NAME,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_RESPONSE_MODEL,
     GEN_AI_USAGE_INPUT_TOKENS,
     GEN_AI_USAGE_OUTPUT_TOKENS,
     GenAiOperationNameValues,
@@ -71,6 +73,7 @@ CREATE INDEX IF NOT EXISTS spans_start ON spans (start_ns);
 CREATE INDEX IF NOT EXISTS spans_correlation ON spans (correlation_id);
 CREATE INDEX IF NOT EXISTS spans_conversation ON spans (conversation_id);
 CREATE INDEX IF NOT EXISTS spans_message ON spans (message_id);
+CREATE INDEX IF NOT EXISTS spans_errors ON spans (start_ns) WHERE status = 'ERROR';
 """
 _COLUMNS = (
     "trace_id, span_id, parent_id, name, kind, start_ns, end_ns, status, status_message,"
@@ -101,6 +104,7 @@ class TraceSummary:
     cost: float | None
     correlation_id: str | None
     conversation_id: str | None
+    model: str | None = None  # the first LLM call's (response, else request) model
 
     @classmethod
     def of(cls, records: Sequence[SpanRecord]) -> TraceSummary:
@@ -130,7 +134,16 @@ class TraceSummary:
             cost=total(GEN_AI_USAGE_COST_AMOUNT),
             correlation_id=first(CHATTER_CORRELATION_ID),
             conversation_id=first(GEN_AI_CONVERSATION_ID),
+            model=_first_model(chats),
         )
+
+
+def _first_model(chats: Sequence[SpanRecord]) -> str | None:
+    for r in sorted(chats, key=lambda r: r.start_ns):
+        model = r.attributes.get(GEN_AI_RESPONSE_MODEL) or r.attributes.get(GEN_AI_REQUEST_MODEL)
+        if model:
+            return str(model)
+    return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -255,6 +268,76 @@ class LocalTraceStore:
                 )
             ]
         return [TraceSummary.of(self.trace(t)) for t in ids]
+
+    def recent(
+        self, *, limit: int = 20, since_ns: int | None = None, errors: bool = False,
+        model: str | None = None, conversation_id: str | None = None,
+    ) -> list[TraceSummary]:  # fmt: skip
+        """The traces with the newest spans matching the filters, newest first (``errors``:
+        traces with a failed span; ``model``: a span asking or answered by it). Walks the
+        spans newest first by index and stops at ``limit`` traces: as fast on a million spans
+        as on a thousand."""
+        clauses: list[str] = ["1"]
+        args: list[Any] = []
+        if errors:
+            clauses.append("status = 'ERROR'")  # the partial index spans_errors
+        if since_ns is not None:
+            clauses.append("start_ns >= ?")
+            args.append(since_ns)
+        if conversation_id is not None:
+            clauses.append("conversation_id = ?")
+            args.append(conversation_id)
+        if model is not None:
+            asked, answered = (
+                f"json_extract(attributes, '$.\"{key}\"')"
+                for key in (GEN_AI_REQUEST_MODEL, GEN_AI_RESPONSE_MODEL)
+            )
+            clauses.append(f"({asked} = ? OR {answered} = ?)")
+            args += [model, model]
+        ids: dict[str, None] = {}
+        with self._lock:
+            cursor = self._db().execute(
+                f"SELECT trace_id FROM spans WHERE {' AND '.join(clauses)} ORDER BY start_ns DESC",
+                args,
+            )  # fmt: skip
+            for (trace_id,) in cursor:
+                ids.setdefault(trace_id)
+                if len(ids) >= limit:
+                    break
+            cursor.close()
+        found = [TraceSummary.of(spans) for t in ids if (spans := self.trace(t))]
+        return sorted(found, key=lambda t: t.start_ns, reverse=True)
+
+    def ended_since(self, rowid: int) -> tuple[int, list[TraceSummary]]:
+        """Traces whose root span (no parent, or one not in the store) was written after
+        ``rowid``, oldest first, and the last rowid seen: what ``chatter-otel tail`` polls."""
+        with self._lock:
+            rows = self._db().execute(
+                "SELECT rowid, trace_id, parent_id FROM spans WHERE rowid > ? ORDER BY rowid",
+                (rowid,),
+            ).fetchall()  # fmt: skip
+        last, roots = rowid, dict[str, None]()
+        for row_id, trace_id, parent_id in rows:
+            last = max(last, row_id)
+            if parent_id is None:
+                roots.setdefault(trace_id)
+        found = [TraceSummary.of(spans) for t in roots if (spans := self.trace(t))]
+        return last, found
+
+    def trace_ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
+        """Trace ids starting with ``prefix`` (lower-case hex), at most ``limit``, by index."""
+        upper = prefix + "g"  # every hex digit sorts below "g"
+        with self._lock:
+            rows = self._db().execute(
+                "SELECT DISTINCT trace_id FROM spans WHERE trace_id >= ? AND trace_id < ? LIMIT ?",
+                (prefix, upper, limit),
+            ).fetchall()  # fmt: skip
+        return [r[0] for r in rows]
+
+    def last_rowid(self) -> int:
+        with self._lock:
+            (last,) = self._db().execute("SELECT COALESCE(MAX(rowid), 0) FROM spans").fetchone()
+        return int(last)
 
     def close(self) -> None:
         with self._lock:

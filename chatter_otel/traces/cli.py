@@ -5,6 +5,8 @@
     chatter-otel trace TRACE_ID [--json]           one trace as a tree
     chatter-otel find --correlation-id ID [--json] traces of a request (or --conversation-id,
                                                    --message-id), newest first
+    chatter-otel ls [--errors] [--since 30m] [--model M] [--conversation ID] [--limit N]
+    chatter-otel tail [--errors]                   runs as they end in the local store
 
 Sources: ``--from local`` (default: the local trace store, ``--store PATH``, default
 ``$CHATTER_OTEL_TRACE_STORE`` or ``~/.local/share/chatter-otel/traces.db``), ``--from jaeger
@@ -23,7 +25,6 @@ import shutil
 import sqlite3
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -140,8 +141,9 @@ def _trace(args: argparse.Namespace) -> int:
     from chatter_otel.traces import spans as _tree
     from chatter_otel.traces.sources import normalize_trace_id
 
-    trace_id = normalize_trace_id(args.trace_id)
-    records = _source(args).trace(trace_id)
+    source = _source(args)
+    trace_id = _full_trace_id(source, args.trace_id) or normalize_trace_id(args.trace_id)
+    records = source.trace(trace_id)
     if not records:
         raise _Fail(f"trace {trace_id} not found" + _hint(args), EXIT_NOT_FOUND)
     if args.json:
@@ -149,6 +151,23 @@ def _trace(args: argparse.Namespace) -> int:
     else:
         _tree.console().print(_tree.tree(records))
     return 0
+
+
+def _full_trace_id(source: Any, given: str) -> str | None:
+    """A prefix of 8 to 31 hex digits (``ls`` shows 12), from the local store: the one trace
+    it names; None when ``given`` is not a prefix."""
+    text = given.strip().lower()
+    if not (8 <= len(text) < 32 and re.fullmatch(r"[0-9a-f]+", text)):
+        return None
+    if not hasattr(source, "trace_ids_with_prefix"):
+        raise _Fail(f"{text}: a trace id prefix needs --from local; give all 32 hex digits",
+                    EXIT_USAGE)  # fmt: skip
+    ids = source.trace_ids_with_prefix(text)
+    if len(ids) != 1:
+        raise _Fail(f"no trace id starts with {text}" if not ids else
+                    f"{text} starts more than one trace id: give more digits",
+                    EXIT_NOT_FOUND if not ids else EXIT_USAGE)  # fmt: skip
+    return str(ids[0])
 
 
 def _find(args: argparse.Namespace) -> int:
@@ -163,37 +182,70 @@ def _find(args: argparse.Namespace) -> int:
     if not found:
         wanted = ", ".join(f"{k}={v}" for k, v in ids.items() if v)
         raise _Fail(f"no trace found for {wanted}" + _hint(args), EXIT_NOT_FOUND)
+    return _print_list(args, found, full_ids=True)
+
+
+def _print_list(args: argparse.Namespace, found: list[Any], *, full_ids: bool) -> int:
     if args.json:
         print(json.dumps([asdict(t) for t in found], indent=2))
         return 0
-    from rich.table import Table
-
+    from chatter_otel.traces.listing import table
     from chatter_otel.traces.spans import console
 
-    days = {datetime.fromtimestamp(t.start_ns / 1e9, tz=UTC).strftime("%m-%d") for t in found}
-    one_day = len(days) == 1  # then the date goes in the header: the rows fit 80 columns
-    rows = []
-    for t in found:
-        start = datetime.fromtimestamp(t.start_ns / 1e9, tz=UTC).strftime(
-            "%H:%M:%S" if one_day else "%m-%d %H:%M"
-        )
-        tokens = (f"{t.input_tokens if t.input_tokens is not None else '-'}/"
-                  f"{t.output_tokens if t.output_tokens is not None else '-'}")  # fmt: skip
-        cost = f"${t.cost:.6f}" if t.cost is not None else "-"
-        root = t.root_name + (" (error)" if t.status == "ERROR" else "")
-        rows.append((start, t.trace_id, f"{t.duration_ms:.0f}", tokens, cost, root, t.status))
-    headers = (f"UTC {next(iter(days))}" if one_day else "UTC", "trace id", "ms", "tokens", "cost")
     out = console()
-    # The root span's name gives way (cut with an ellipsis): ids and numbers never do.
-    fixed = sum(max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(headers))
-    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
-    for i, header in enumerate(headers):
-        table.add_column(header, no_wrap=True, justify="right" if i >= 2 else "left")
-    table.add_column("root", overflow="ellipsis", no_wrap=True, max_width=max(out.width - fixed, 4))
-    for *cells, status in rows:
-        table.add_row(*cells, style="red" if status == "ERROR" else None)
-    out.print(table)
+    out.print(table(found, out, full_ids=full_ids))
     return 0
+
+
+EXIT_ERRORS_FOUND = 3
+
+
+def _ls(args: argparse.Namespace) -> int:
+    import time
+
+    source = _source(args)
+    if not hasattr(source, "recent"):
+        raise _Fail("ls reads the local trace store (--from local); for Jaeger or Tempo, use "
+                    "find --correlation-id or their search", EXIT_USAGE)  # fmt: skip
+    since = time.time_ns() - int(args.since * 1e9) if args.since is not None else None
+    found = source.recent(limit=args.limit, since_ns=since, errors=args.errors, model=args.model,
+                          conversation_id=args.conversation)  # fmt: skip
+    if not found and not args.errors:
+        raise _Fail("no traces" + (" matching the filters" if args.model or args.conversation
+                                   or since else "") + _hint(args), EXIT_NOT_FOUND)  # fmt: skip
+    if found or args.json:
+        _print_list(args, found, full_ids=False)
+    elif not args.json:
+        print("no failed runs")
+    return EXIT_ERRORS_FOUND if args.errors and found else 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    import time
+
+    from chatter_otel.traces.listing import line
+    from chatter_otel.traces.spans import console
+
+    store = _source(args)
+    if not hasattr(store, "ended_since"):
+        raise _Fail("tail reads the local trace store (--from local)", EXIT_USAGE)
+    out = console()
+    last = store.last_rowid()
+    try:
+        while True:
+            last, ended = store.ended_since(last)
+            for t in ended:
+                if args.errors and t.status != "ERROR":
+                    continue
+                if args.json:
+                    print(json.dumps(asdict(t)), flush=True)
+                else:
+                    out.print(line(t), style="red" if t.status == "ERROR" else None,
+                              overflow="ellipsis", no_wrap=True, crop=True)  # fmt: skip
+                    out.file.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:  # Ctrl-C ends it: not an error
+        return 0
 
 
 _DESCRIPTION = """\
@@ -201,14 +253,17 @@ Run the demo, and look up traces during an incident.
 
   chatter-otel demo                      run the reference workflow
   chatter-otel serve                     run the reference chat app
+  chatter-otel ls [--errors]             recent runs, newest first
+  chatter-otel tail                      runs as they end (Ctrl-C ends it)
   chatter-otel find --correlation-id ID  the traces of a request
-  chatter-otel trace TRACE_ID            one trace as a tree
+  chatter-otel trace TRACE_ID            one trace as a tree (or an id prefix)
 
 Errors are one line on stderr: exit 1 when nothing was found, 2 for bad input,
-an unreachable backend or a malformed response."""
+an unreachable backend or a malformed response; `ls --errors` exits 3 when it
+lists failed runs."""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     from chatter_otel.version import __version__
 
     parser = argparse.ArgumentParser(
@@ -233,6 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on")
     sv.set_defaults(func=_serve)
+    _add_lookups(sub, store_help)
+    return parser
+
+
+def _add_lookups(sub: Any, store_help: str) -> None:
+    """trace, find, ls, tail: the commands that read traces, and where they read them."""
 
     def add_source(p: argparse.ArgumentParser) -> None:
         p.add_argument("--from", dest="source", choices=("local", "jaeger", "tempo"),
@@ -257,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     tr = sub.add_parser("trace", help="show one trace as a tree")
-    tr.add_argument("trace_id", help="32 hex digits, or base64 of 16 bytes")
+    tr.add_argument("trace_id", help="32 hex digits, base64 of 16 bytes, or (local) a prefix")
     add_source(tr)
     tr.set_defaults(func=_trace)
 
@@ -270,7 +331,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_source(fd)
     fd.set_defaults(func=_find)
 
-    args = parser.parse_args(argv)
+    ls = sub.add_parser("ls", help="recent runs, newest first (from the local store)")
+    errors_help = f"only failed runs; exit {EXIT_ERRORS_FOUND} when there are some"
+    ls.add_argument("--errors", action="store_true", help=errors_help)
+    ls.add_argument("--since", type=_seconds, default=None, help="only runs of the last 30m, 2h...")
+    ls.add_argument("--model", help="only runs that called this model")
+    ls.add_argument("--conversation", help="only runs of this gen_ai.conversation.id")
+    ls.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    add_source(ls)
+    ls.set_defaults(func=_ls)
+
+    tl = sub.add_parser("tail", help="runs as they end in the local store (Ctrl-C ends it)")
+    tl.add_argument("--errors", action="store_true", help="only failed runs")
+    tl.add_argument("--interval", type=_seconds, default=1.0, help="poll every (default 1s)")
+    add_source(tl)
+    tl.set_defaults(func=_tail)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     from chatter_otel.traces.sources import SourceError
 
     try:

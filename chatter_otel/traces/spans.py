@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from chatter_otel.attributes import (
     GEN_AI_USAGE_COST_AMOUNT,
     LANGGRAPH_CHECKPOINT_ID,
 )
+from chatter_otel.traces.listing import cost_text
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -79,6 +81,8 @@ def _details(rec: SpanRecord) -> str:
     parts = [f"{rec.duration_ms:.1f} ms"]
     if rec.status == "ERROR":
         parts.append(f"ERROR {a.get(ERROR_TYPE, '')}".rstrip())
+        if rec.status_message:  # recorded only where capture allowed it (else scrubbed)
+            parts.append(repr(rec.status_message[:200]))
     model = a.get(GEN_AI_RESPONSE_MODEL) or a.get(GEN_AI_REQUEST_MODEL)
     if model:
         parts.append(f"model={model}")
@@ -94,7 +98,7 @@ def _details(rec: SpanRecord) -> str:
         parts.append("usage=missing")
     cost = _number(a.get(GEN_AI_USAGE_COST_AMOUNT))
     if cost is not None:
-        parts.append(f"cost=${cost:.7f}")
+        parts.append(f"cost={cost_text(cost)}")
     checkpoint = a.get(LANGGRAPH_CHECKPOINT_ID)
     checkpoint = checkpoint if isinstance(checkpoint, str) else None
     if a.get(CHATTER_INTERRUPTED) is True:  # a human-in-the-loop pause: where it can resume
@@ -135,10 +139,12 @@ def tree(records: Iterable[SpanRecord]) -> Tree:
 
 def console(file: IO[str] | None = None) -> Console:
     """A console for our output: colour only on a terminal (and never with ``NO_COLOR``), the
-    terminal's width there, 80 columns elsewhere (pipes, files, tests)."""
+    terminal's width there or ``COLUMNS`` when set, else 80 columns (pipes, files, tests)."""
     out = file or sys.stdout
     tty = out.isatty()
-    return Console(file=out, width=None if tty else 80, color_system="auto" if tty else None,
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() and int(columns) >= 40 else None if tty else 80
+    return Console(file=out, width=width, color_system="auto" if tty else None,
                    highlight=False, soft_wrap=False)  # fmt: skip
 
 
