@@ -74,8 +74,9 @@ def main() -> None:
         failures.append(f"--version takes {ratio:.2f}x a bare interpreter")
     with tempfile.TemporaryDirectory() as folder:
         store = str(Path(folder) / "traces.db")
-        for command in (["--version"], ["find", "--correlation-id", "x", "--store", store],
-                        ["trace", "0" * 32, "--store", store], ["ls", "--store", store]):  # fmt: skip
+        commands = (["--version"], ["find", "--correlation-id", "x", "--store", store],
+                    ["trace", "0" * 32, "--store", store], ["ls", "--store", store])  # fmt: skip
+        for command in commands:
             heavy = _heavy_imports(command)
             print(f"chatter-otel {command[0]:<9} loads {len(heavy)} heavy module(s)")
             if heavy:
