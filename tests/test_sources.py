@@ -125,6 +125,7 @@ class Backend:
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, str, bytes]] = {}
         self.requests: list[tuple[str, dict[str, list[str]], str]] = []
+        self.headers: list[dict[str, str]] = []
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -135,6 +136,7 @@ class Backend:
                 parsed = urllib.parse.urlparse(self.path)
                 query = urllib.parse.parse_qs(parsed.query)
                 backend.requests.append((parsed.path, query, self.headers.get("Accept", "")))
+                backend.headers.append(dict(self.headers.items()))
                 status, ctype, body = backend.routes.get(
                     parsed.path, (404, "application/json", b'{"error":"not found"}')
                 )
@@ -330,3 +332,51 @@ def test_jaeger_find_needs_a_service(backend: Backend, capsys: Any) -> None:
         capsys, "find", "--correlation-id", "x", "--from", "jaeger", "--url", backend.url
     )
     assert code == 2 and "--service" in err
+
+
+def test_a_secured_backend_headers_tls_and_urls_from_the_environment(
+    backend: Backend, recorded: dict[str, Any], capsys: Any, tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Jaeger behind https with its own CA and a bearer token, as people run it: the URL from
+    the environment, the token by --header or the environment, the CA by --ca-bundle (or no
+    check at all with --insecure); an untrusted certificate is one clear line."""
+    import ssl
+
+    from tests.test_configure import _self_signed
+
+    tid = recorded["trace_id"]
+    backend.json(f"/api/v3/traces/{tid}", {"result": _otlp_json_hex(recorded["pb"])})
+    local = _local_tree(capsys, recorded)
+    cert, key = _self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    backend.server.socket = ctx.wrap_socket(backend.server.socket, server_side=True)
+    url = backend.url.replace("http://", "https://")
+    monkeypatch.setenv("CHATTER_OTEL_JAEGER_URL", url)
+    # the system's CAs do not know it: refused, saying how to trust it
+    code, out, err = _cli(capsys, "trace", tid, "--from", "jaeger")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in err and "--ca-bundle" in err
+    # its CA given: the same tree as the local store, with the token sent
+    code, out, err = _cli(capsys, "trace", tid, "--from", "jaeger", "--ca-bundle", cert,
+                          "--header", "Authorization: Bearer s3cret")  # fmt: skip
+    assert code == 0 and out == local, err
+    assert backend.headers[-1]["Authorization"] == "Bearer s3cret"
+    # or the token from the environment (OTLP headers' form), and no check at all
+    monkeypatch.setenv("CHATTER_OTEL_QUERY_HEADERS", "Authorization=Bearer%20env,X-Scope-OrgID=t1")
+    code, out, _ = _cli(capsys, "trace", tid, "--from", "jaeger", "--insecure")
+    assert code == 0 and out == local
+    assert backend.headers[-1]["Authorization"] == "Bearer env"
+    assert backend.headers[-1]["X-Scope-OrgID"] == "t1"
+    # a header smuggling a second line, a bundle that is not there: one line each
+    code, _, err = _cli(capsys, "trace", tid, "--from", "jaeger", "--header", "X: a\r\nY: b")
+    assert code == 2 and "no line breaks" in err
+    code, _, err = _cli(capsys, "trace", tid, "--from", "jaeger", "--ca-bundle", "/nope.pem")
+    assert code == 2 and "cannot read the CA bundle /nope.pem" in err
+
+
+def test_a_backend_needs_a_url(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHATTER_OTEL_TEMPO_URL", raising=False)
+    code, _, err = _cli(capsys, "trace", "a" * 32, "--from", "tempo")
+    assert code == 2 and "--from tempo needs --url or CHATTER_OTEL_TEMPO_URL" in err

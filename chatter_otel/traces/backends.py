@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,7 +29,7 @@ from chatter_otel.traces.spans import SpanRecord
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["JaegerSource", "TempoSource"]
+__all__ = ["Connection", "JaegerSource", "TempoSource"]
 
 T = TypeVar("T")
 MAX_RESPONSE_BYTES = 32 * 2**20  # a trace or a search page; a 200 MB answer is an error
@@ -42,22 +41,44 @@ _KEYS = {  # the ids `find` can look for, and their span attribute
 }
 
 
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a secured backend: extra request headers (``Authorization``, a tenant),
+    a CA bundle for its certificate (else the system's, which ``SSL_CERT_FILE`` can point
+    elsewhere), or ``insecure`` (no certificate check: a loopback tunnel, a test backend)."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    ca_bundle: str | None = None
+    insecure: bool = False
+
+    def verify(self) -> ssl.SSLContext | bool:
+        if self.insecure:
+            return False
+        try:
+            return ssl.create_default_context(cafile=self.ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise SourceError(f"cannot read the CA bundle {self.ca_bundle}: {exc}") from None
+
+
 class _Http:
-    """A backend's HTTP API, within one deadline per command (``timeout_s``: connecting,
-    headers and a body trickled a byte at a time all count) and a response size cap
-    (``max_bytes``); its parsers are total: whatever comes back is records or a ``SourceError``
-    (one line, exit 2), never a traceback."""
+    """A backend's HTTP API through httpx, within one deadline per command (``timeout_s``:
+    connecting, TLS, headers and a body trickled a byte at a time all count) and a response
+    size cap (``max_bytes``, read as it streams); its parsers are total: whatever comes back is
+    records or a ``SourceError`` (one line, exit 2), never a traceback."""
 
     name = "backend"
 
     def __init__(
-        self, url: str, timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES
-    ) -> None:
+        self, url: str, timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES,
+        connection: Connection | None = None,
+    ) -> None:  # fmt: skip
         if not url or not url.startswith(("http://", "https://")):
             raise SourceError(f"--url must be an http(s) URL for {self.name}, got {url!r}")
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
+        self.connection = connection or Connection()
+        self._verify = self.connection.verify()
         self._deadline = time.monotonic() + timeout_s
 
     def trace(self, trace_id: str) -> list[SpanRecord]:
@@ -87,16 +108,16 @@ class _Http:
         self, path: str, params: dict[str, Any] | None = None, accept: str = "application/json"
     ) -> bytes | None:
         """The body, or None on 404; within the command's deadline and the size cap."""
-        url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
             raise SourceError(f"{self.name} at {self.url} did not answer within "
                               f"{self.timeout_s:g} s (--timeout)")  # fmt: skip
         result: list[bytes | BaseException | None] = []
         # A worker thread, joined with the time left: the deadline holds whatever phase the
-        # backend stalls in (urllib's timeout is per socket read, not per request).
-        worker = threading.Thread(target=self._fetch, args=(url, accept, remaining, result),
-                                  daemon=True)  # fmt: skip
+        # backend stalls in (httpx's timeouts are per phase and per read, not per request).
+        worker = threading.Thread(
+            target=self._fetch, args=(path, params, accept, remaining, result), daemon=True
+        )
         worker.start()
         worker.join(remaining)
         if not result:
@@ -107,27 +128,37 @@ class _Http:
             raise outcome
         return outcome
 
-    def _fetch(self, url: str, accept: str, timeout: float, result: list[Any]) -> None:
-        req = urllib.request.Request(url, headers={"Accept": accept})
+    def _fetch(self, path: str, params: dict[str, Any] | None, accept: str, timeout: float,
+               result: list[Any]) -> None:  # fmt: skip
+        import httpx  # only the backends need it: ls, trace and find on the store start lighter
+
+        headers = {**self.connection.headers, "Accept": accept}
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with (
+                httpx.Client(verify=self._verify, timeout=timeout, follow_redirects=True) as http,
+                http.stream("GET", self.url + path, params=params, headers=headers) as resp,
+            ):
+                if resp.status_code == 404:
+                    result.append(None)
+                    return
+                if resp.status_code >= 400:
+                    code = resp.status_code
+                    hint = " (check --header)" if code in (401, 403) else ""
+                    answer = f"{self.name} at {self.url} answered HTTP {code}{hint}"
+                    result.append(SourceError(answer))
+                    return
                 chunks, size = [], 0
-                while chunk := resp.read1(65536):
+                for chunk in resp.iter_raw(65536):
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise SourceError(f"{self.name} at {self.url} sent more than "
                                           f"{self.max_bytes // 2**20} MiB")  # fmt: skip
                     chunks.append(chunk)
                 result.append(b"".join(chunks))
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                result.append(None)
-            else:
-                result.append(SourceError(f"{self.name} at {self.url} answered HTTP {exc.code}"))
         except SourceError as exc:
             result.append(exc)
-        except Exception as exc:  # URLError, OSError, timeouts, http.client's protocol errors
-            reason = getattr(exc, "reason", exc)
+        except Exception as exc:  # connection refused, TLS, timeouts, protocol errors
+            reason = _reason(exc)
             result.append(SourceError(f"cannot reach {self.name} at {self.url}: {reason}"))
 
     def _json(self, body: bytes) -> list[dict[str, Any]]:
@@ -151,6 +182,14 @@ class _Http:
         return hits[:limit]
 
 
+def _reason(exc: Exception) -> str:
+    """What went wrong, in words (a certificate one says how to trust it)."""
+    text = str(exc) or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text or isinstance(exc.__context__, ssl.SSLError):
+        return f"{text} (--ca-bundle FILE trusts its CA; --insecure skips the check)"
+    return text
+
+
 def _check_ids(ids: dict[str, str | None]) -> None:
     if not any(ids.values()):
         raise SourceError("find needs a correlation, conversation or message id")
@@ -161,9 +200,10 @@ class JaegerSource(_Http):
 
     name = "jaeger"
 
-    def __init__(self, url: str, service: str | None = None, lookback_s: float = 3600.0,
-                 timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES) -> None:  # fmt: skip
-        super().__init__(url, timeout_s, max_bytes)
+    def __init__(self, url: str, service: str | None = None, lookback_s: float = 3600.0, *,
+                 timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES,
+                 connection: Connection | None = None) -> None:  # fmt: skip
+        super().__init__(url, timeout_s, max_bytes, connection)
         self.service = service
         self.lookback_s = lookback_s
 
@@ -260,9 +300,10 @@ class TempoSource(_Http):
 
     name = "tempo"
 
-    def __init__(self, url: str, protobuf: bool = False, lookback_s: float = 3600.0,
-                 timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES) -> None:  # fmt: skip
-        super().__init__(url, timeout_s, max_bytes)
+    def __init__(self, url: str, protobuf: bool = False, lookback_s: float = 3600.0, *,
+                 timeout_s: float = 30.0, max_bytes: int = MAX_RESPONSE_BYTES,
+                 connection: Connection | None = None) -> None:  # fmt: skip
+        super().__init__(url, timeout_s, max_bytes, connection)
         self.protobuf = protobuf
         self.lookback_s = lookback_s
 

@@ -10,7 +10,9 @@
 
 Sources: ``--from local`` (default: the local trace store, ``--store PATH``, default
 ``$CHATTER_OTEL_TRACE_STORE`` or ``~/.local/share/chatter-otel/traces.db``), ``--from jaeger
---url URL [--service NAME]``, ``--from tempo --url URL [--protobuf]``. Trace ids are taken in hex
+--url URL [--service NAME]``, ``--from tempo --url URL [--protobuf]`` (URLs also from
+``$CHATTER_OTEL_JAEGER_URL`` / ``$CHATTER_OTEL_TEMPO_URL``; ``--header``, ``--ca-bundle`` and
+``--insecure`` for a secured backend). Trace ids are taken in hex
 or base64. Errors are one line on stderr with exit code 1 (not found) or 2 (bad input, an
 unreachable backend, a malformed response); never a traceback.
 """
@@ -50,12 +52,16 @@ def _seconds(text: str) -> float:
 
 
 def _source(args: argparse.Namespace) -> Any:
-    from chatter_otel.traces.sources import open_source
+    from chatter_otel.traces.sources import ENV_HEADERS, Connection, open_source, parse_headers
 
+    connection = None
+    if args.source != "local":
+        headers = parse_headers(args.header, os.environ.get(ENV_HEADERS))
+        connection = Connection(headers, ca_bundle=args.ca_bundle, insecure=args.insecure)
     return open_source(
         args.source, url=args.url, store=args.store, service=getattr(args, "service", None),
         lookback_s=args.lookback, protobuf=args.protobuf, timeout_s=args.timeout,
-        max_bytes=int(args.max_response_mb * 2**20),
+        max_bytes=int(args.max_response_mb * 2**20), connection=connection,
     )  # fmt: skip
 
 
@@ -298,7 +304,18 @@ def _add_lookups(sub: Any, store_help: str) -> None:
     def add_source(p: argparse.ArgumentParser) -> None:
         p.add_argument("--from", dest="source", choices=("local", "jaeger", "tempo"),
                        default="local", help="where to read traces (default: local)")  # fmt: skip
-        p.add_argument("--url", help="Jaeger query or Tempo base URL (http://host:port)")
+        p.add_argument("--url", help="Jaeger query or Tempo base URL (default: "
+                       "$CHATTER_OTEL_JAEGER_URL / $CHATTER_OTEL_TEMPO_URL)")  # fmt: skip
+        p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                       help="jaeger/tempo: a request header, e.g. Authorization (repeatable; "
+                       "also $CHATTER_OTEL_QUERY_HEADERS=name=value,...)")  # fmt: skip
+        p.add_argument(
+            "--ca-bundle",
+            metavar="FILE",
+            help="jaeger/tempo: trust this CA for https (else the system's)",
+        )
+        p.add_argument("--insecure", action="store_true",
+                       help="jaeger/tempo: do not check the https certificate")  # fmt: skip
         p.add_argument("--store", default=None, help=store_help)
         p.add_argument("--protobuf", action="store_true", help="tempo: ask for protobuf")
         p.add_argument("--lookback", type=_seconds, default=3600.0,
