@@ -76,6 +76,7 @@ bench-run:
 	$(BIN)/python -m benchmarks.bench_startup
 	$(BIN)/python -m benchmarks.bench_soak
 	$(BIN)/python -m benchmarks.bench_ls
+	$(BIN)/python -m benchmarks.bench_html
 	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
 	$(BIN)/python -m benchmarks.bench_before_after
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# PostgreSQL and Redis for the tests and benchmarks, private to this checkout:
+# PostgreSQL and Redis for the tests and benchmarks, private to this checkout (and Debian's
+# Chromium, for the tests that open a page in a real browser):
 #   - their own data directories under .services/ (removed by `make clean`), never a system
 #     cluster, never a file under /etc;
 #   - their own loopback ports: CHATTER_OTEL_PG_PORT (default 55432) and
@@ -29,6 +30,9 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" \
     >/dev/null
 }
+
+# The browser the page tests drive (Playwright, with Debian's build, never a downloaded one).
+ensure_browser() { command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core; }
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1; }
 
@@ -95,13 +99,14 @@ stop_all() {
 }
 
 case "${1:-start}" in
-  start) start_postgres; start_redis ;;
+  start) start_postgres; start_redis; ensure_browser ;;
   stop) stop_all ;;
   run)
     shift
     trap stop_all EXIT
     start_postgres
     start_redis
+    ensure_browser
     CHATTER_OTEL_PG_PORT="$pg_port" CHATTER_OTEL_REDIS_PORT="$redis_port" "$@"
     ;;
   *) echo "usage: scripts/services.sh [start|stop|run CMD...]" >&2; exit 2 ;;

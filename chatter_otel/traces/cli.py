@@ -152,7 +152,16 @@ def _trace(args: argparse.Namespace) -> int:
     records = source.trace(trace_id)
     if not records:
         raise _Fail(f"trace {trace_id} not found" + _hint(args), EXIT_NOT_FOUND)
-    if args.json:
+    if args.html:
+        from chatter_otel.traces.html import render_html
+
+        try:
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(render_html(records))
+        except OSError as exc:
+            raise _Fail(f"cannot write {args.html}: {exc.strerror or exc}", EXIT_USAGE) from None
+        print(f"wrote {args.html}: trace {trace_id}, {len(records)} spans (open it in a browser)")
+    elif args.json:
         print(json.dumps([asdict(r) for r in records], indent=2, default=str))
     else:
         _tree.console().print(_tree.tree(records))
@@ -263,6 +272,7 @@ Run the demo, and look up traces during an incident.
   chatter-otel tail                      runs as they end (Ctrl-C ends it)
   chatter-otel find --correlation-id ID  the traces of a request
   chatter-otel trace TRACE_ID            one trace as a tree (or an id prefix)
+  chatter-otel trace ID --html FILE      ...as a page to open or attach to a ticket
 
 Errors are one line on stderr: exit 1 when nothing was found, 2 for bad input,
 an unreachable backend or a malformed response; `ls --errors` exits 3 when it
@@ -336,6 +346,8 @@ def _add_lookups(sub: Any, store_help: str) -> None:
 
     tr = sub.add_parser("trace", help="show one trace as a tree")
     tr.add_argument("trace_id", help="32 hex digits, base64 of 16 bytes, or (local) a prefix")
+    html_help = "write the trace as one self-contained page (a waterfall) to FILE"
+    tr.add_argument("--html", metavar="FILE", help=html_help)
     add_source(tr)
     tr.set_defaults(func=_trace)
 
