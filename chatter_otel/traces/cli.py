@@ -272,7 +272,7 @@ Run the demo, and look up traces during an incident.
   chatter-otel tail                      runs as they end (Ctrl-C ends it)
   chatter-otel find --correlation-id ID  the traces of a request
   chatter-otel trace TRACE_ID            one trace as a tree (or an id prefix)
-  chatter-otel trace ID --html FILE      ...as a page to open or attach to a ticket
+  chatter-otel trace ID --html FILE      ...as a page, for a browser or a ticket
 
 Errors are one line on stderr: exit 1 when nothing was found, 2 for bad input,
 an unreachable backend or a malformed response; `ls --errors` exits 3 when it
