@@ -380,3 +380,44 @@ def test_a_backend_needs_a_url(capsys: Any, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("CHATTER_OTEL_TEMPO_URL", raising=False)
     code, _, err = _cli(capsys, "trace", "a" * 32, "--from", "tempo")
     assert code == 2 and "--from tempo needs --url or CHATTER_OTEL_TEMPO_URL" in err
+
+
+def test_ls_against_jaeger_and_tempo(
+    backend: Backend, recorded: dict[str, Any], capsys: Any
+) -> None:
+    """``ls`` from a backend: its search asked with the filters as tags (Jaeger) or TraceQL
+    (Tempo), the answer filtered again here, listed as from the local store."""
+    tid = recorded["trace_id"]
+    backend.json("/api/traces", _jaeger_v1(recorded["spans"]))
+    local = json.loads(_cli(capsys, "ls", "--json", "--store", recorded["store"])[1])
+    jaeger = ["--from", "jaeger", "--url", backend.url, "--service", SERVICE]
+    code, out, err = _cli(capsys, "ls", *jaeger, "--json")
+    assert code == 0, err
+
+    def untimed(found: list[dict[str, Any]]) -> list[dict[str, Any]]:  # Jaeger v1 keeps µs
+        return [{k: v for k, v in t.items() if k not in ("start_ns", "duration_ms")}
+                for t in found]  # fmt: skip
+
+    assert untimed(json.loads(out)) == untimed(local) and local[0]["trace_id"] == tid
+    code, out, _ = _cli(capsys, "ls", *jaeger, "--model", "chatter-local-1",
+                        "--conversation", "conv-s", "--since", "2h", "--json")  # fmt: skip
+    assert [t["trace_id"] for t in json.loads(out)] == [tid]
+    path, query, _ = backend.requests[-1]
+    assert path == "/api/traces" and json.loads(query["tags"][0]) == {
+        "gen_ai.conversation.id": "conv-s", "gen_ai.request.model": "chatter-local-1"}  # fmt: skip
+    # a backend that ignores the error tag: the run did not fail, so nothing is listed
+    code, out, _ = _cli(capsys, "ls", *jaeger, "--errors")
+    assert code == 0 and out.strip() == "no failed runs"
+    assert json.loads(backend.requests[-1][1]["tags"][0]) == {"error": "true"}
+    code, out, _ = _cli(capsys, "ls", *jaeger, "--model", "other-model")
+    assert code == 1
+    # Tempo: TraceQL, then each trace
+    backend.json(f"/api/v2/traces/{tid}", {"trace": _proto3_json(recorded["pb"])})
+    backend.json("/api/search", {"traces": [{"traceID": tid}]})
+    tempo = ["--from", "tempo", "--url", backend.url]
+    code, out, err = _cli(capsys, "ls", *tempo, "--json")
+    assert code == 0 and json.loads(out) == local, err
+    assert next(q for p, q, _ in reversed(backend.requests) if p == "/api/search")["q"] == ["{  }"]
+    _cli(capsys, "ls", *tempo, "--errors", "--model", "m")
+    q = next(q for p, q, _ in reversed(backend.requests) if p == "/api/search")["q"]
+    assert q == ['{ status = error && span.gen_ai.request.model = "m" }']

@@ -21,13 +21,15 @@ from chatter_otel.traces.decode import (
     field1,
     json_docs,
     norm_id,
+    records_from_jaeger_v1,
     records_from_otlp_json,
     records_from_traces_data,
 )
-from chatter_otel.traces.spans import SpanRecord
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from chatter_otel.traces.spans import SpanRecord
 
 __all__ = ["Connection", "JaegerSource", "TempoSource"]
 
@@ -86,6 +88,18 @@ class _Http:
 
     def find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
         return self._total(lambda: self._find(limit=limit, **ids))
+
+    def recent(self, *, limit: int = 20, since_ns: int | None = None, errors: bool = False,
+               model: str | None = None, conversation_id: str | None = None,
+               ) -> list[TraceSummary]:  # fmt: skip
+        """``chatter-otel ls`` against the backend: its search, newest first."""
+        return self._total(lambda: self._recent(
+            limit=limit, since_ns=since_ns, errors=errors, model=model,
+            conversation_id=conversation_id))  # fmt: skip
+
+    def _recent(self, *, limit: int, since_ns: int | None, errors: bool, model: str | None,
+                conversation_id: str | None) -> list[TraceSummary]:  # fmt: skip
+        raise NotImplementedError
 
     def _trace(self, trace_id: str) -> list[SpanRecord]:
         raise NotImplementedError
@@ -190,6 +204,26 @@ def _reason(exc: Exception) -> str:
     return text
 
 
+def _matching(traces: dict[str, list[SpanRecord]], limit: int, errors: bool, model: str | None,
+              conversation_id: str | None) -> list[TraceSummary]:  # fmt: skip
+    """``ls``'s filters over what a search returned (a backend may filter less than asked)."""
+    out = []
+    for recs in traces.values():
+        cleaned = [clean_record(r) for r in recs]
+        if not cleaned:
+            continue
+        t = TraceSummary.of(cleaned)
+        models = {r.attributes.get(k) for r in cleaned
+                  for k in ("gen_ai.request.model", "gen_ai.response.model")}  # fmt: skip
+        if ((errors and t.status != "ERROR") or (model and model not in models)
+                or (conversation_id and not any(r.attributes.get("gen_ai.conversation.id")
+                                                == conversation_id for r in cleaned))):  # fmt: skip
+            continue
+        out.append(t)
+    out.sort(key=lambda t: t.start_ns, reverse=True)
+    return out[:limit]
+
+
 def _check_ids(ids: dict[str, str | None]) -> None:
     if not any(ids.values()):
         raise SourceError("find needs a correlation, conversation or message id")
@@ -219,23 +253,44 @@ class JaegerSource(_Http):
         if body is None:
             raise SourceError(f"trace {trace_id} not found in jaeger", 1)
         recs = [
-            r for d in self._json(body) for t in d.get("data") or [] for r in _from_jaeger_v1(t)
+            r
+            for d in self._json(body)
+            for t in d.get("data") or []
+            for r in records_from_jaeger_v1(t)
         ]
         if not recs:
             raise SourceError(f"trace {trace_id} not found in jaeger", 1)
         return recs
 
     def _find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
+        _check_ids(ids)
+        tags = {_KEYS[k]: v for k, v in ids.items() if v}
+        return self._summaries(self._search(tags, limit, None), ids, limit)
+
+    def _recent(self, *, limit: int, since_ns: int | None, errors: bool, model: str | None,
+                conversation_id: str | None) -> list[TraceSummary]:  # fmt: skip
+        tags: dict[str, str] = {}
+        if errors:
+            tags["error"] = "true"  # how Jaeger tags a span whose status is ERROR
+        if conversation_id:
+            tags["gen_ai.conversation.id"] = conversation_id
+        if model:
+            tags["gen_ai.request.model"] = model
+        traces = self._search(tags, limit, since_ns)
+        return _matching(traces, limit, errors, model, conversation_id)
+
+    def _search(self, tags: dict[str, str], limit: int, since_ns: int | None,
+                ) -> dict[str, list[SpanRecord]]:  # fmt: skip
         """Jaeger filters by tag on the server only in its v1 search (``/api/traces?tags=``,
         what its UI uses, still served by Jaeger v2); v3's HTTP search takes no attributes, so
-        it is the fallback, filtered here (``query.num_traces`` deep)."""
-        _check_ids(ids)
+        it is the fallback, filtered by the caller (``query.num_traces`` deep)."""
         if not self.service:
             raise SourceError("jaeger's search needs --service (the app's service.name)")
         now = datetime.now(UTC)
         start = now - timedelta(seconds=self.lookback_s)
+        if since_ns is not None:
+            start = max(start, datetime.fromtimestamp(since_ns / 1e9, tz=UTC))
         traces: dict[str, list[SpanRecord]] = {}
-        tags = {_KEYS[k]: v for k, v in ids.items() if v}
         v1 = self._get(
             "/api/traces",
             {"service": self.service, "tags": json.dumps(tags), "limit": limit,
@@ -244,10 +299,10 @@ class JaegerSource(_Http):
         if v1 is not None:
             for doc in self._json(v1):
                 for t in doc.get("data") or []:
-                    recs = _from_jaeger_v1(t)
+                    recs = records_from_jaeger_v1(t)
                     if recs:
                         traces[recs[0].trace_id] = recs
-            return self._summaries(traces, ids, limit)
+            return traces
         v3 = self._get(
             "/api/v3/traces",
             {
@@ -260,39 +315,7 @@ class JaegerSource(_Http):
         for doc in self._json(v3 or b"{}"):
             for r in records_from_otlp_json(doc.get("result") or doc):
                 traces.setdefault(r.trace_id, []).append(r)
-        return self._summaries(traces, ids, limit)
-
-
-def _from_jaeger_v1(trace: dict[str, Any]) -> list[SpanRecord]:
-    processes = trace.get("processes") or {}
-    out = []
-    for sp in trace.get("spans") or []:
-        tags = {t["key"]: t.get("value") for t in sp.get("tags") or []}
-        parent = next(
-            (r.get("spanID") for r in sp.get("references") or [] if r.get("refType") == "CHILD_OF"),
-            None,
-        )
-        status = str(tags.pop("otel.status_code", "")).upper()
-        if not status:
-            status = "ERROR" if tags.get("error") is True else "UNSET"
-        kind = str(tags.pop("span.kind", "internal")).upper()
-        start_ns = int(sp.get("startTime", 0)) * 1000
-        out.append(
-            SpanRecord(
-                trace_id=norm_id(sp.get("traceID"), 16),
-                span_id=norm_id(sp.get("spanID"), 8),
-                parent_id=norm_id(parent, 8) or None,
-                name=str(sp.get("operationName", "")),
-                start_ns=start_ns,
-                end_ns=start_ns + int(sp.get("duration", 0)) * 1000,
-                status=status,
-                status_message=str(tags.pop("otel.status_description", "") or ""),
-                attributes=tags,
-                kind=kind,
-                service=(processes.get(sp.get("processID")) or {}).get("serviceName"),
-            )
-        )
-    return out
+        return traces
 
 
 class TempoSource(_Http):
@@ -340,16 +363,30 @@ class TempoSource(_Http):
 
     def _find(self, *, limit: int = 20, **ids: str | None) -> list[TraceSummary]:
         _check_ids(ids)
-        conds = " && ".join(f"span.{_KEYS[k]} = {json.dumps(v)}" for k, v in ids.items() if v)
+        conds = [f"span.{_KEYS[k]} = {json.dumps(v)}" for k, v in ids.items() if v]
+        return self._summaries(self._search(conds, limit, None), ids, limit)
+
+    def _recent(self, *, limit: int, since_ns: int | None, errors: bool, model: str | None,
+                conversation_id: str | None) -> list[TraceSummary]:  # fmt: skip
+        conds = ["status = error"] if errors else []
+        if conversation_id:
+            conds.append(f"span.gen_ai.conversation.id = {json.dumps(conversation_id)}")
+        if model:
+            conds.append(f"span.gen_ai.request.model = {json.dumps(model)}")
+        traces = self._search(conds, limit, since_ns)
+        return _matching(traces, limit, errors, model, conversation_id)
+
+    def _search(self, conds: list[str], limit: int, since_ns: int | None,
+                ) -> dict[str, list[SpanRecord]]:  # fmt: skip
+        """TraceQL search (``{ }`` when there is nothing to match: every trace), then each
+        trace it names."""
         now = int(time.time())
-        query = {
-            "q": "{ " + conds + " }",
-            "limit": limit,
-            "start": now - int(self.lookback_s),
-            "end": now,
-        }
+        start = now - int(self.lookback_s)
+        if since_ns is not None:
+            start = max(start, since_ns // 10**9)
+        query = {"q": "{ " + " && ".join(conds) + " }", "limit": limit, "start": start,
+                 "end": now}  # fmt: skip
         body = self._get("/api/search", query)
         docs = self._json(body or b"{}")
         trace_ids = [norm_id(t.get("traceID"), 16) for d in docs for t in d.get("traces") or []]
-        traces = {tid: self.trace(tid) for tid in dict.fromkeys(trace_ids)}
-        return self._summaries(traces, ids, limit)
+        return {tid: self.trace(tid) for tid in dict.fromkeys(trace_ids)}

@@ -219,9 +219,6 @@ def _ls(args: argparse.Namespace) -> int:
     import time
 
     source = _source(args)
-    if not hasattr(source, "recent"):
-        raise _Fail("ls reads the local trace store (--from local); for Jaeger or Tempo, use "
-                    "find --correlation-id or their search", EXIT_USAGE)  # fmt: skip
     since = time.time_ns() - int(args.since * 1e9) if args.since is not None else None
     found = source.recent(limit=args.limit, since_ns=since, errors=args.errors, model=args.model,
                           conversation_id=args.conversation)  # fmt: skip
@@ -360,13 +357,14 @@ def _add_lookups(sub: Any, store_help: str) -> None:
     add_source(fd)
     fd.set_defaults(func=_find)
 
-    ls = sub.add_parser("ls", help="recent runs, newest first (from the local store)")
+    ls = sub.add_parser("ls", help="recent runs, newest first")
     errors_help = f"only failed runs; exit {EXIT_ERRORS_FOUND} when there are some"
     ls.add_argument("--errors", action="store_true", help=errors_help)
     ls.add_argument("--since", type=_seconds, default=None, help="only runs of the last 30m, 2h...")
     ls.add_argument("--model", help="only runs that called this model")
     ls.add_argument("--conversation", help="only runs of this gen_ai.conversation.id")
     ls.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    ls.add_argument("--service", help="jaeger: the app's service.name (Jaeger search needs it)")
     add_source(ls)
     ls.set_defaults(func=_ls)
 

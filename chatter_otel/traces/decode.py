@@ -270,3 +270,36 @@ def clean_record(rec: SpanRecord) -> SpanRecord:
         kind=_text(rec.kind, 16),
         service=_text(rec.service, 256) if rec.service is not None else None,
     )
+
+
+def records_from_jaeger_v1(trace: dict[str, Any]) -> list[SpanRecord]:
+    """Jaeger v1's JSON (``/api/traces``): tags, ``CHILD_OF`` references, microseconds."""
+    processes = trace.get("processes") or {}
+    out = []
+    for sp in trace.get("spans") or []:
+        tags = {t["key"]: t.get("value") for t in sp.get("tags") or []}
+        parent = next(
+            (r.get("spanID") for r in sp.get("references") or [] if r.get("refType") == "CHILD_OF"),
+            None,
+        )
+        status = str(tags.pop("otel.status_code", "")).upper()
+        if not status:
+            status = "ERROR" if tags.get("error") is True else "UNSET"
+        kind = str(tags.pop("span.kind", "internal")).upper()
+        start_ns = int(sp.get("startTime", 0)) * 1000
+        out.append(
+            SpanRecord(
+                trace_id=norm_id(sp.get("traceID"), 16),
+                span_id=norm_id(sp.get("spanID"), 8),
+                parent_id=norm_id(parent, 8) or None,
+                name=str(sp.get("operationName", "")),
+                start_ns=start_ns,
+                end_ns=start_ns + int(sp.get("duration", 0)) * 1000,
+                status=status,
+                status_message=str(tags.pop("otel.status_description", "") or ""),
+                attributes=tags,
+                kind=kind,
+                service=(processes.get(sp.get("processID")) or {}).get("serviceName"),
+            )
+        )
+    return out
