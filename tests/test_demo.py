@@ -111,3 +111,17 @@ def test_agents_demo_prints_the_agent_and_the_paused_and_resumed_runs(tmp_path: 
         shown = _cli("trace", tid, store=store)
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.strip() == f"trace {tree}".strip()
+
+
+def test_demo_json_is_the_run_and_its_usage(tmp_path: Any) -> None:
+    import json
+
+    store = str(tmp_path / "traces.db")
+    proc = _cli("demo", "--json", store=store)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["usage"]["total_tokens"] == 27 and doc["usage"]["llm_calls"] == 2
+    assert doc["usage"]["cost"] == "0.0000245" and doc["store_path"] == store
+    listed = json.loads(_cli("ls", "--json", store=store).stdout)
+    assert [t["trace_id"] for t in listed] == [doc["trace_id"]]
+    assert listed[0]["correlation_id"] == doc["correlation_id"]

@@ -72,6 +72,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     result = run_demo(args.question, store_path=args.store)
     u = result.usage
+    if args.json:
+        doc = {k: v for k, v in asdict(result).items() if k != "tree"}
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
     print(result.tree)
     print()
     print(f"answer:          {result.answer}")
@@ -98,6 +102,9 @@ def _agent_demo(args: argparse.Namespace) -> int:
     from chatter_otel.reference.agent_demo import run_agent_demo
 
     result = run_agent_demo(store_path=args.store)
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+        return 0
     print("A prebuilt ReAct agent:")
     print(result.agent_tree)
     print("\nA graph paused by an interrupt (a human must approve):")
@@ -295,6 +302,7 @@ def _parser() -> argparse.ArgumentParser:
         "--agents", action="store_true",
         help="run a ReAct agent and an interrupted, resumed graph instead",
     )  # fmt: skip
+    demo.add_argument("--json", action="store_true", help="machine-readable output")
     demo.set_defaults(func=_demo)
 
     sv = sub.add_parser("serve", help="run the reference chat app (FastAPI) on embedded defaults")
