@@ -27,9 +27,12 @@ __all__ = [
     "EVENTS_REDIS_LOST_METRIC",
     "EVENTS_REDIS_RECONNECTS_METRIC",
     "EVENTS_REJECTED_METRIC",
+    "EXECUTE_TOOL_DURATION_METRIC",
     "GEN_AI_USAGE_COST_AMOUNT",
     "GEN_AI_USAGE_COST_CURRENCY",
     "GEN_AI_USAGE_COST_SOURCE",
+    "INVOKE_AGENT_DURATION_METRIC",
+    "INVOKE_WORKFLOW_DURATION_METRIC",
     "LANGGRAPH_CHECKPOINT_ID",
     "LANGGRAPH_INTERRUPT_IDS",
     "LANGGRAPH_NODE_NAME",
@@ -135,6 +138,16 @@ SPANS_DROPPED_METRIC: Final = "chatter.spans.dropped"
 
 EVENTS_UNSIGNED_METRIC: Final = "chatter.events.unsigned"
 """Events from Redis dropped because a signing secret is set and theirs is missing or wrong."""
+
+INVOKE_WORKFLOW_DURATION_METRIC: Final = "gen_ai.invoke_workflow.duration"
+"""Histogram of workflow run durations (s), as ``opentelemetry-util-genai`` names it (the
+semantic conventions package has no constant for it yet)."""
+
+INVOKE_AGENT_DURATION_METRIC: Final = "gen_ai.invoke_agent.duration"
+"""Histogram of agent run durations (s), as ``opentelemetry-util-genai`` names it."""
+
+EXECUTE_TOOL_DURATION_METRIC: Final = "gen_ai.execute_tool.duration"
+"""Histogram of tool call durations (s), as ``opentelemetry-util-genai`` names it."""
 
 APP_MISMATCH_METRIC: Final = "chatter.usage.app_mismatch"
 """Counter of runs whose usage the app reported itself with numbers other than the measured

@@ -304,3 +304,50 @@ def test_reconfiguring_a_provider_leaves_no_worker_threads_behind() -> None:
     while workers() > before and time.monotonic() < deadline:
         time.sleep(0.02)
     assert workers() == before
+
+
+async def test_run_tool_and_chunk_metrics_equal_the_spans(setup: Any) -> None:
+    """util-genai's run metrics: a duration per workflow, agent and tool span, by name, with
+    error.type on failures and its bucket advisories; time per output chunk for streams."""
+    from chatter_otel.sinks.metrics import AGENT_BUCKETS, WORKFLOW_BUCKETS
+
+    s = setup()
+    await _runs(fail=True)
+    build_chat_graph().with_config(metadata={"gen_ai.agent.name": "support"}).invoke(Q)
+    s.flush()
+    spans = s.exporter.get_finished_spans()
+    m = s.metrics()
+
+    def by(points: list[Any], key: str) -> dict[tuple[Any, Any], Any]:
+        return {(p.attributes[key], p.attributes.get("error.type")): p for p in points}
+
+    workflows = by(m["gen_ai.invoke_workflow.duration"], "gen_ai.workflow.name")
+    want: dict[tuple[Any, Any], list[float]] = {}
+    for sp in spans:
+        if sp.name.startswith("invoke_workflow "):
+            key = (sp.name.removeprefix("invoke_workflow "),
+                   sp.attributes.get("error.type"))  # fmt: skip
+            want.setdefault(key, []).append((sp.end_time - sp.start_time) / 1e9)
+    assert set(workflows) == set(want) and ("failing", "RuntimeError") in want
+    for key, durations in want.items():
+        assert workflows[key].count == len(durations)
+        assert workflows[key].sum == pytest.approx(sum(durations), rel=1e-6)
+        assert list(workflows[key].explicit_bounds) == WORKFLOW_BUCKETS
+        assert workflows[key].attributes["gen_ai.operation.name"] == "invoke_workflow"
+    (agent,) = m["gen_ai.invoke_agent.duration"]
+    (agent_span,) = [sp for sp in spans if sp.name == "invoke_agent support"]
+    assert agent.attributes == {"gen_ai.operation.name": "invoke_agent",
+                                "gen_ai.agent.name": "support"}  # fmt: skip
+    assert agent.count == 1 and list(agent.explicit_bounds) == AGENT_BUCKETS
+    assert agent.sum == pytest.approx((agent_span.end_time - agent_span.start_time) / 1e9)
+    (tool,) = m["gen_ai.execute_tool.duration"]
+    tools = [sp for sp in spans if sp.name.startswith("execute_tool ")]
+    assert tool.attributes == {"gen_ai.operation.name": "execute_tool",
+                               "gen_ai.tool.name": "get_weather"}  # fmt: skip
+    assert tool.count == len(tools) == 5 and list(tool.explicit_bounds) == DURATION_BUCKETS
+    # streamed calls: the gaps between their chunks, within each streamed call's duration
+    (chunks,) = m["gen_ai.client.operation.time_per_output_chunk"]
+    streamed = [c for c in s.chats() if "gen_ai.response.time_to_first_chunk" in c.attributes]
+    assert len(streamed) == 2 and chunks.count >= 2
+    assert 0 < chunks.sum <= sum((c.end_time - c.start_time) / 1e9 for c in streamed)
+    assert list(chunks.explicit_bounds) == DURATION_BUCKETS

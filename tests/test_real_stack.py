@@ -23,7 +23,7 @@ from chatter_otel import configure, last_run, track_workflow
 from chatter_otel.reference.agent_demo import build_approval_graph
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
-from chatter_otel.sinks.metrics import DURATION_BUCKETS
+from chatter_otel.sinks.metrics import DURATION_BUCKETS, WORKFLOW_BUCKETS
 from tests.conftest import start_grpc_receiver
 from tests.stack import (
     INPROCESS_JOB,
@@ -48,6 +48,7 @@ TOKENS = "gen_ai_client_token_usage_sum"
 CALLS = "gen_ai_client_operation_duration_seconds_count"
 COST = "chatter_gen_ai_cost_USD_total"
 TTFC = "gen_ai_client_operation_time_to_first_chunk_seconds"
+CHUNK = "gen_ai_client_operation_time_per_output_chunk_seconds"
 CONV_COST = "chatter_gen_ai_conversation_cost_USD_total"  # derived by the collector
 JOB, CHAT, FAILED = f'job="{SERVICE}"', 'gen_ai_operation_name="chat"', 'error_type!=""'
 INPUT, OUTPUT = 'gen_ai_token_type="input"', 'gen_ai_token_type="output"'
@@ -454,6 +455,17 @@ def _increase_seen(
     return out
 
 
+def _filled_buckets(stack: Stack, histogram: str) -> tuple[float, float]:
+    """The lower edge of the first bucket of ``histogram`` (this service's) holding a value
+    and the upper edge of the last: where any quantile of it must lie."""
+    rows = stack.promql(f"sum by (le) ({histogram}_bucket{{{JOB}}})")
+    counts = sorted((float(r["metric"]["le"]), float(r["value"][1])) for r in rows)
+    assert counts and counts[-1][1] > 0, counts
+    edges = [0.0] + [le for le, _ in counts]
+    filled = [i for i, (_, c) in enumerate(counts) if c > (counts[i - 1][1] if i else 0)]
+    return edges[filled[0]], edges[filled[-1] + 1]
+
+
 def _dashboard() -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(
         (ROOT / "collector/grafana/dashboards/chatter-genai.json").read_text()
@@ -483,11 +495,18 @@ def test_every_dashboard_query_gives_the_right_number(
     time.sleep(max(0.0, workload["ready"] + 20 - time.time()))
     m = _totals(_measured(workload))
     assert time.time() - workload["start"] < 300 - 30, "the measured chats left the window"
-    quantiles = {
-        "LLM call latency (p50/p95/p99)": sorted(r.duration_ms / 1000 for r in m["chats"]),
-        "Time to first chunk (p50/p95/p99)": sorted(
+    measured = _measured(workload)
+    quantiles = {  # the true values, and the buckets of the histogram the panel reads
+        "LLM call latency (p50/p95/p99)": (
+            sorted(r.duration_ms / 1000 for r in m["chats"]), DURATION_BUCKETS),
+        "Time to first chunk (p50/p95/p99)": (sorted(
             float(r.attributes["gen_ai.response.time_to_first_chunk"]) for r in m["chats"]
-            if "gen_ai.response.time_to_first_chunk" in r.attributes),
+            if "gen_ai.response.time_to_first_chunk" in r.attributes), DURATION_BUCKETS),
+        "Run duration (p50/p95/p99)": (sorted(
+            r.duration_ms / 1000 for r in _spans(measured, "invoke_workflow")),
+            WORKFLOW_BUCKETS),
+        "Tool call duration (p95) by tool": (sorted(
+            r.duration_ms / 1000 for r in _spans(measured, "execute_tool")), DURATION_BUCKETS),
     }  # fmt: skip
     mine = {"service": SERVICE, "model": ".*", "environment": ENVIRONMENT}
     checked = 0
@@ -499,11 +518,14 @@ def test_every_dashboard_query_gives_the_right_number(
             elsewhere = stack.promql(_expr(target, **{**mine, "environment": "elsewhere"}))
             assert elsewhere == [], title
             got = {next(iter(s["metric"].values()), ""): float(s["value"][1]) for s in result}
-            if title in quantiles:
-                values = quantiles[title]
+            if title == "Time per output chunk (p50/p95)":  # gaps are on no span: the buckets
+                lo, hi = _filled_buckets(stack, CHUNK)
+                assert lo <= _value(result) <= hi * (1 + 1e-9), (title, lo, hi, result)
+            elif title in quantiles:
+                values, bounds = quantiles[title]
                 phi = float(re.match(r"histogram_quantile\(([0-9.]+)", target["expr"])[1])
                 true = values[min(int(phi * len(values)), len(values) - 1)]
-                lo, hi = _bucket_of(true, DURATION_BUCKETS)
+                lo, hi = _bucket_of(true, bounds)
                 # PromQL interpolates inside the bucket in floating point: a quantile at the
                 # bucket's lower edge comes out as 0.009999999999999998 for 0.01
                 assert lo * (1 - 1e-9) <= _value(result) <= hi * (1 + 1e-9), (
@@ -530,7 +552,7 @@ def test_every_dashboard_query_gives_the_right_number(
                     assert value * 0.999 <= got[key] <= value * most + 1e-12, (
                         title, key, got[key], value, most)  # fmt: skip
             checked += 1
-    assert checked == 12
+    assert checked == 18
     # and the measured round is what those windows saw, give or take the warm-up's tail
     seen_in = _increase_seen(stack, f"{TOKENS}{{{JOB},{INPUT}}}", "x", "5m")[""][0]
     assert m["in"] <= seen_in <= m["in"] + _totals(workload["warm"])["in"]

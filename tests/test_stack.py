@@ -255,6 +255,8 @@ def _app_metrics() -> dict[str, set[str]]:
     from opentelemetry.sdk.metrics import MeterProvider
     from prometheus_client import REGISTRY
 
+    from chatter_otel.instrumentation.records import ToolCallRecord, WorkflowRecord
+    from chatter_otel.instrumentation.runs import EMPTY_IDS
     from chatter_otel.sinks.metrics import GenAIMetrics
 
     reader = PrometheusMetricReader()
@@ -264,8 +266,13 @@ def _app_metrics() -> dict[str, set[str]]:
         rec: Any = SimpleNamespace(operation="chat", provider="openai", request_model="m",
                                    response_model="m", duration_s=0.1, input_tokens=1,
                                    output_tokens=2, time_to_first_chunk_s=0.05,
-                                   cost=Decimal(1))  # fmt: skip
-        GenAIMetrics(provider).record(rec, "TimeoutError")
+                                   chunk_gaps_s=(0.01,), cost=Decimal(1))  # fmt: skip
+        metrics = GenAIMetrics(provider)
+        metrics.record(rec, "TimeoutError")
+        common = ("0" * 16, "0" * 32, None, EMPTY_IDS, 0, 10**9, "OK", None, None)
+        metrics.record_run(WorkflowRecord(*common, "chat", True, 1, 2, 3, None, None, None, None,
+                                          1, 1), None)  # fmt: skip
+        metrics.record_run(ToolCallRecord(*common, "get_weather", None), "TimeoutError")
         out: dict[str, set[str]] = {}
         for family in REGISTRY.collect():
             for sample in family.samples:

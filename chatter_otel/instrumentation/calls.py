@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
@@ -46,6 +47,10 @@ from chatter_otel.instrumentation import records as r
 from chatter_otel.instrumentation.invocations import Invocation
 from chatter_otel.instrumentation.usage import ResponseInfo, TokenUsage, extract_response
 
+# Chunk gaps kept per streamed call for the time-per-chunk metric (8 bytes each): a longer
+# stream's later gaps are not recorded (its duration and first chunk still are).
+MAX_CHUNK_GAPS = 16_384
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -60,7 +65,8 @@ _MAX_DESC_LEN = 256
 
 
 class LLMInvocation(Invocation):
-    __slots__ = ("first_chunk_ns", "operation", "provider", "request_model", "streaming")
+    __slots__ = ("chunk_gaps", "first_chunk_ns", "last_chunk_ns", "operation", "provider",
+                 "request_model", "streaming")  # fmt: skip
 
     def __init__(
         self,
@@ -82,6 +88,8 @@ class LLMInvocation(Invocation):
         self.operation, self.provider, self.request_model = operation, provider, model
         self.streaming = streaming
         self.first_chunk_ns: int | None = None
+        self.last_chunk_ns = 0
+        self.chunk_gaps: array[float] | None = None  # between chunks after the first, seconds
         self._open(tracer, f"{operation} {model}" if model else operation, SpanKind.CLIENT, {})
         try:
             if self.span.is_recording():
@@ -116,9 +124,16 @@ class LLMInvocation(Invocation):
         return attrs
 
     def chunk(self) -> None:
+        now = time.monotonic_ns()
         if self.first_chunk_ns is None:
-            self.first_chunk_ns = time.monotonic_ns()
+            self.first_chunk_ns = now
             self.streaming = True
+        else:  # ``gen_ai.client.operation.time_per_output_chunk``: the gap since the last one
+            if self.chunk_gaps is None:
+                self.chunk_gaps = array("d")
+            if len(self.chunk_gaps) < MAX_CHUNK_GAPS:
+                self.chunk_gaps.append((now - self.last_chunk_ns) / 1e9)
+        self.last_chunk_ns = now
 
     def stop(
         self, response: Any, error: BaseException | None, pricer: Pricer, settings: Settings
@@ -143,6 +158,7 @@ class LLMInvocation(Invocation):
                 u.reasoning_output_tokens, u.reported,
                 cost.amount if cost else None, cost.currency if cost else None,
                 cost.source if cost else None, info.finish_reasons, self.streaming, ttfc,
+                tuple(self.chunk_gaps) if self.chunk_gaps is not None else (),
             )  # fmt: skip
             if self.streaming and error is None and not u.reported:
                 _say_stream_usage_missing(record.model)

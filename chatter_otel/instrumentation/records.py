@@ -133,6 +133,7 @@ class LLMCallRecord(_Common):
     finish_reasons: tuple[str, ...]
     streaming: bool
     time_to_first_chunk_s: float | None
+    chunk_gaps_s: tuple[float, ...] = ()  # between a stream's chunks after the first
 
     @property
     def model(self) -> str | None:
@@ -165,6 +166,7 @@ class EmbeddingsRecord(_Common):
     operation: str = "embeddings"
     output_tokens: None = None  # the shape the metrics read, as for an LLM call
     time_to_first_chunk_s: None = None
+    chunk_gaps_s: tuple[float, ...] = ()
 
 
 Record = Union[  # noqa: UP007

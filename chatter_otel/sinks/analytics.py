@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chatter_otel.attributes import COST_METRIC
-from chatter_otel.instrumentation.records import EmbeddingsRecord, LLMCallRecord
+from chatter_otel.instrumentation.records import (
+    EmbeddingsRecord,
+    LLMCallRecord,
+    ToolCallRecord,
+    WorkflowRecord,
+)
 from chatter_otel.sinks.dispatch import RecordSpanProcessor
 from chatter_otel.sinks.metrics import GenAIMetrics
 from chatter_otel.sinks.worker import SinkWorker
@@ -205,6 +210,9 @@ class AnalyticsSpanProcessor(RecordSpanProcessor):
         self.metrics = GenAIMetrics(meter_provider)
 
     def ended(self, rec: Record) -> None:
+        if isinstance(rec, WorkflowRecord | ToolCallRecord):
+            self.metrics.record_run(rec, (rec.error_type or "_OTHER") if rec.failed else None)
+            return
         if not isinstance(rec, LLMCallRecord | EmbeddingsRecord):
             return
         error = (rec.error_type or "_OTHER") if rec.failed else None

@@ -1,11 +1,15 @@
-"""The GenAI client metrics, recorded from LLM call records.
+"""The GenAI metrics, recorded from the records of every span of ours (sampled or not).
 
-``gen_ai.client.token.usage`` (by ``gen_ai.token.type``), ``gen_ai.client.operation.duration``
-and ``gen_ai.client.operation.time_to_first_chunk``, with the conventions' advised bucket
-boundaries and attributes (``gen_ai.operation.name``, ``gen_ai.provider.name``,
-``gen_ai.request.model``, ``gen_ai.response.model``, ``error.type``), and the counter
-``chatter.gen_ai.cost`` (USD) where a call could be priced. Every call is recorded, sampled or
-not: the records come from every span of ours.
+LLM calls: ``gen_ai.client.token.usage`` (by ``gen_ai.token.type``),
+``gen_ai.client.operation.duration``, ``gen_ai.client.operation.time_to_first_chunk`` and
+``gen_ai.client.operation.time_per_output_chunk`` (each gap between a stream's chunks after the
+first), with the conventions' advised bucket boundaries and attributes
+(``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``,
+``gen_ai.response.model``, ``error.type``), and the counter ``chatter.gen_ai.cost`` (USD) where
+a call could be priced. Runs and tools, as ``opentelemetry-util-genai`` names and buckets them:
+``gen_ai.invoke_workflow.duration`` (``gen_ai.workflow.name``), ``gen_ai.invoke_agent.duration``
+(``gen_ai.agent.name``) and ``gen_ai.execute_tool.duration`` (``gen_ai.tool.name``), with
+``gen_ai.operation.name`` and ``error.type``.
 """
 
 from __future__ import annotations
@@ -13,35 +17,53 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
+    GEN_AI_AGENT_NAME,
     GEN_AI_OPERATION_NAME,
     GEN_AI_PROVIDER_NAME,
     GEN_AI_REQUEST_MODEL,
     GEN_AI_RESPONSE_MODEL,
     GEN_AI_TOKEN_TYPE,
+    GEN_AI_TOOL_NAME,
+    GEN_AI_WORKFLOW_NAME,
     GenAiTokenTypeValues,
 )
 from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
     GEN_AI_CLIENT_OPERATION_DURATION,
+    GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK,
     GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK,
     GEN_AI_CLIENT_TOKEN_USAGE,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 
-from chatter_otel.attributes import COST_METRIC
+from chatter_otel.attributes import (
+    COST_METRIC,
+    EXECUTE_TOOL_DURATION_METRIC,
+    INVOKE_AGENT_DURATION_METRIC,
+    INVOKE_WORKFLOW_DURATION_METRIC,
+)
+from chatter_otel.instrumentation.records import WorkflowRecord
 from chatter_otel.version import our_meter
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
 
-    from chatter_otel.instrumentation.records import EmbeddingsRecord, LLMCallRecord
+    from chatter_otel.instrumentation.records import (
+        EmbeddingsRecord,
+        LLMCallRecord,
+        ToolCallRecord,
+    )
 
-__all__ = ["DURATION_BUCKETS", "TOKEN_BUCKETS", "GenAIMetrics"]
+__all__ = ["AGENT_BUCKETS", "DURATION_BUCKETS", "TOKEN_BUCKETS", "WORKFLOW_BUCKETS",
+           "GenAIMetrics"]  # fmt: skip
 
 # The GenAI conventions' advised bucket boundaries.
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                  16777216, 67108864]  # fmt: skip
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                     40.96, 81.92]  # fmt: skip
+# opentelemetry-util-genai's: runs last seconds to hours, agents up to minutes.
+WORKFLOW_BUCKETS = [1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200]
+AGENT_BUCKETS = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2, 102.4, 204.8, 409.6]
 _INPUT = GenAiTokenTypeValues.INPUT.value
 _OUTPUT = GenAiTokenTypeValues.COMPLETION.value  # "output"
 
@@ -63,9 +85,45 @@ class GenAIMetrics:
             description="Time to receive the first chunk of a streamed response.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )  # fmt: skip
+        self._chunk = meter.create_histogram(
+            GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK, unit="s",
+            description="Time between a streamed response's chunks, after the first.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )  # fmt: skip
         self._cost = meter.create_counter(
             COST_METRIC, unit="USD", description="Cost of GenAI calls, where it could be priced."
         )
+        self._workflow = meter.create_histogram(
+            INVOKE_WORKFLOW_DURATION_METRIC, unit="s",
+            description="Measures the duration of a workflow execution.",
+            explicit_bucket_boundaries_advisory=WORKFLOW_BUCKETS,
+        )  # fmt: skip
+        self._agent = meter.create_histogram(
+            INVOKE_AGENT_DURATION_METRIC, unit="s",
+            description="Measures the duration of an in-process agent invocation.",
+            explicit_bucket_boundaries_advisory=AGENT_BUCKETS,
+        )  # fmt: skip
+        self._tool = meter.create_histogram(
+            EXECUTE_TOOL_DURATION_METRIC, unit="s",
+            description="Measures the duration of a tool execution.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )  # fmt: skip
+
+    def record_run(self, rec: WorkflowRecord | ToolCallRecord, error: str | None) -> None:
+        """A workflow, an agent's run or a tool call, as util-genai records them."""
+        attrs: dict[str, Any]
+        if not isinstance(rec, WorkflowRecord):  # a tool call
+            attrs = {GEN_AI_OPERATION_NAME: "execute_tool", GEN_AI_TOOL_NAME: rec.name}
+            histogram = self._tool
+        elif rec.agent:
+            attrs = {GEN_AI_OPERATION_NAME: "invoke_agent", GEN_AI_AGENT_NAME: rec.name}
+            histogram = self._agent
+        else:
+            attrs = {GEN_AI_OPERATION_NAME: "invoke_workflow", GEN_AI_WORKFLOW_NAME: rec.name}
+            histogram = self._workflow
+        if error:
+            attrs[ERROR_TYPE] = error
+        histogram.record(rec.duration_s, attrs)
 
     def record(self, rec: LLMCallRecord | EmbeddingsRecord, error: str | None) -> None:
         attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: rec.operation}
@@ -84,5 +142,7 @@ class GenAIMetrics:
             self._tokens.record(rec.output_tokens, {**attrs, GEN_AI_TOKEN_TYPE: _OUTPUT})
         if rec.time_to_first_chunk_s is not None:
             self._ttfc.record(rec.time_to_first_chunk_s, attrs)
+        for gap in rec.chunk_gaps_s:
+            self._chunk.record(gap, attrs)
         if rec.cost is not None:
             self._cost.add(float(rec.cost), attrs)
