@@ -834,3 +834,44 @@ async def test_a_locked_spool_file_holds_no_record_back(
         other.close()
         p.close()
         await host.engine.dispose()
+
+
+async def test_the_app_s_transaction_carries_one_statement_of_ours(
+    database: str, tmp_path: Any
+) -> None:
+    """On PostgreSQL the run's call rows, its claim and its conversation's totals are one
+    statement (in a savepoint) on the app's connection; SQLite, with no data-modifying CTEs and
+    no network, takes three. The numbers are the same either way."""
+    from sqlalchemy import event
+
+    async with _hosted(database, tmp_path) as (host, p):
+        cid = await host.new_conversation()
+        out = await host.graph.ainvoke({"messages": [HumanMessage("weather in Lima")]},
+                                       {"configurable": {"thread_id": cid}})  # fmt: skip
+        ours: list[str] = []
+
+        def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            # ours name our tables, or quote the app's (its own ORM statements do not)
+            if "chatter_usage" in statement or 'UPDATE "conversations"' in statement:
+                ours.append(statement)
+
+        event.listen(host.engine.sync_engine, "before_cursor_execute", seen)
+        try:
+            mid = await host.save_assistant(cid, str(out["messages"][-1].content))
+        finally:
+            event.remove(host.engine.sync_engine, "before_cursor_execute", seen)
+        assert p.stats["in_transaction"] == 1
+        if host.engine.dialect.name == "postgresql":
+            (statement,) = ours
+            assert statement.lstrip().startswith("WITH") and "chatter_calls" in statement
+        else:
+            assert len(ours) == 3
+        await _flush(p)
+        ledger = await host.rows(LEDGER)
+        (msg,) = await host.messages(cid)
+        assert msg.id == mid and msg.total_tokens == sum(r.total_tokens for r in ledger) > 0
+        conv = await host.conversation(cid)
+        assert conv.total_tokens == msg.total_tokens and conv.total_cost == msg.cost
+        assert {r.message_id for r in ledger} == {mid}
+        (run,) = await host.rows(RUNS)
+        assert run.applied_at is not None and run.message_id == mid

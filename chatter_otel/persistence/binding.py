@@ -26,6 +26,7 @@ from chatter_otel.persistence.schema import (
     is_empty,
     ledger_row,
     ledger_upsert,
+    one_statement_write,
     role_name,
     run_row,
 )
@@ -126,18 +127,27 @@ class BindingHooks:
         savepoint = conn.begin_nested()  # a refusal of ours never aborts the app's transaction
         try:
             with suppress_instrumentation():  # the package's own writes are never traced
-                if run.calls:  # each call row names the message it answers
-                    rows = [fit(LEDGER, {**ledger_row(c), "message_id": c.ids.message_id
-                                         or binding["message_id"]}) for c in run.calls]  # fmt: skip
-                    conn.execute(ledger_upsert(conn), rows)
+                # each call row names the message it answers
+                rows = [fit(LEDGER, {**ledger_row(c), "message_id": c.ids.message_id
+                                     or binding["message_id"]}) for c in run.calls]  # fmt: skip
                 row = fit(RUNS, run_row(record, applied_at=time.time()))
                 row["message_id"] = binding["message_id"]
-                claimed = conn.execute(claim_upsert(conn), row).rowcount == 1
                 conv = binding["conversation_id"]
+                conv = str(conv) if conv is not None else None
                 tokens, cost = binding["total_tokens"] or 0, binding["cost"] or Decimal(0)
-                if claimed and conv is not None and (tokens or cost):
-                    conn.execute(add_statement(self.mapping), {"tokens": tokens, "cost": cost,
-                                                         "conv": str(conv)})  # fmt: skip
+                if conn.dialect.name == "postgresql":  # one statement, one round trip
+                    conn.execute(
+                        one_statement_write(
+                            self.mapping, rows, row, conv=conv, tokens=tokens, cost=cost
+                        )
+                    )
+                else:  # SQLite has no data-modifying CTEs (and no network to cross)
+                    if rows:
+                        conn.execute(ledger_upsert(conn), rows)
+                    claimed = conn.execute(claim_upsert(conn), row).rowcount == 1
+                    if claimed and conv is not None and (tokens or cost):
+                        conn.execute(add_statement(self.mapping),
+                                     {"tokens": tokens, "cost": cost, "conv": conv})  # fmt: skip
             savepoint.commit()
         except Exception as exc:
             savepoint.rollback()

@@ -200,3 +200,48 @@ def add_statement(m: MessageMapping) -> Any:
         bindparam("cost", type_=Numeric(20, 10)),
         bindparam("conv", type_=String()),
     )
+
+
+def one_statement_write(m: MessageMapping, calls: list[dict[str, Any]], run: dict[str, Any], *,
+                        conv: str | None, tokens: int, cost: Any) -> Any:  # fmt: skip
+    """PostgreSQL: a run's call rows, its claim and its conversation's totals as ONE statement
+    (data-modifying CTEs), one round trip on the app's connection. The conversation is added
+    to only when this statement claimed the run (a replay adds nothing)."""
+    from sqlalchemy import column, exists, literal, select, table, update
+    from sqlalchemy.dialects.postgresql import insert
+
+    runs = insert(RUNS).values(run)
+    claimed = (
+        runs.on_conflict_do_update(
+            index_elements=[RUNS.c.workflow_id],
+            set_={"applied_at": runs.excluded.applied_at, "message_id": runs.excluded.message_id},
+            where=RUNS.c.applied_at.is_(None),
+        )
+        .returning(literal(1).label("claimed"))
+        .cte("chatter_claimed")
+    )
+    if conv is not None and (tokens or cost):
+        conversations = table(m.conversations_table, column(m.conversation_pk),
+                              column(m.conversation_total_tokens),
+                              column(m.conversation_total_cost))  # fmt: skip
+        c = conversations.c
+        main: Any = (
+            update(conversations)
+            .where(c[m.conversation_pk] == bindparam("conv", conv, type_=String()))
+            .where(exists(select(claimed.c.claimed)))
+            .values({
+                m.conversation_total_tokens: c[m.conversation_total_tokens]
+                + bindparam("tokens", tokens, type_=BigInteger()),
+                m.conversation_total_cost: c[m.conversation_total_cost]
+                + bindparam("cost", cost, type_=Numeric(20, 10)),
+            })
+        )  # fmt: skip
+    else:
+        main = select(func.count()).select_from(claimed)
+    if calls:
+        ledger = insert(LEDGER).values(calls)
+        main = main.add_cte(ledger.on_conflict_do_update(
+            index_elements=[LEDGER.c.span_id],
+            set_={"message_id": func.coalesce(LEDGER.c.message_id, ledger.excluded.message_id)},
+        ).cte("chatter_calls"))  # fmt: skip
+    return main
