@@ -253,8 +253,17 @@ def test_tail_prints_runs_as_they_end_and_ends_on_ctrl_c(store: Any) -> None:
             _turn("c2", "corr-t2", "m2", fail=True)
         lines: list[str] = []
         assert proc.stdout is not None
-        while len(lines) < 2:
-            lines.append(proc.stdout.readline().rstrip("\n"))
+        import queue
+
+        got: queue.Queue[str] = queue.Queue()
+        out = proc.stdout
+        threading.Thread(target=lambda: [got.put(line) for line in out], daemon=True).start()
+        deadline = time.monotonic() + 30  # bounded: a tail that prints nothing fails, not hangs
+        while len(lines) < 2 and time.monotonic() < deadline:
+            try:
+                lines.append(got.get(timeout=max(deadline - time.monotonic(), 0.01)).rstrip())
+            except queue.Empty:
+                break
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
     finally:
