@@ -23,7 +23,9 @@ for set in newest lowest; do
   rm -rf "$venv"
   "${PY:-python3}" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -c "$constraints" "$wheel[instruments]" pytest pytest-asyncio
+  # the test tools the listed tests use (cryptography: a self-signed certificate for https)
+  "$venv/bin/python" -m pip install -q -c "$constraints" "$wheel[instruments]" pytest pytest-asyncio \
+    cryptography
   echo "wheel, $set set ($("$venv/bin/python" -c 'import opentelemetry.sdk.version as v; print("OpenTelemetry", v.__version__)')), no extras:"
   (cd "$work" && "$venv/bin/python" -m pytest -q -p no:cacheprovider "${files[@]}")
 done
