@@ -30,6 +30,7 @@ __all__ = [
     "EXECUTE_TOOL_DURATION_METRIC",
     "GEN_AI_USAGE_COST_AMOUNT",
     "GEN_AI_USAGE_COST_CURRENCY",
+    "GEN_AI_USAGE_COST_PRICE_TABLE",
     "GEN_AI_USAGE_COST_SOURCE",
     "INVOKE_AGENT_DURATION_METRIC",
     "INVOKE_WORKFLOW_DURATION_METRIC",
@@ -85,6 +86,10 @@ GEN_AI_USAGE_COST_CURRENCY: Final = "gen_ai.usage.cost.currency"
 
 GEN_AI_USAGE_COST_SOURCE: Final = "gen_ai.usage.cost.source"
 """``provider`` when the provider reported the cost, ``local`` when computed here."""
+
+GEN_AI_USAGE_COST_PRICE_TABLE: Final = "gen_ai.usage.cost.price_table"
+"""The price table a computed cost came from, with its version: ``genai-prices 0.2.3``
+(``, updated <UTC time>`` for data it fetched since) or ``override <digest>`` (the app's)."""
 
 LANGGRAPH_NODE_NAME: Final = "langgraph.node.name"
 """The LangGraph node a ``invoke_node`` span runs."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import re
 from decimal import Decimal
+from importlib.metadata import version
 from typing import Any
 
 import pytest
@@ -70,6 +72,7 @@ def test_cost_equals_genai_prices_exactly(
         a = spans.starting("chat")[0].attributes
         assert a["gen_ai.usage.cost.amount"] == float(expected)
         assert a["gen_ai.usage.cost.source"] == "local"
+        assert a["gen_ai.usage.cost.price_table"] == f"genai-prices {version('genai-prices')}"
 
 
 def test_unknown_model_has_no_cost_never_zero(spans: Any, caplog: Any) -> None:
@@ -97,6 +100,40 @@ def test_override_table_by_model_and_by_provider_model(instrument: Any) -> None:
     assert a1["gen_ai.usage.cost.amount"] == pytest.approx((1000 * 2 + 500 * 4) / 1e6)
     assert a2["gen_ai.usage.cost.amount"] == pytest.approx((1000 * 10 + 500 * 20) / 1e6)
     assert "gen_ai.usage.cost.amount" not in a3  # invalid override ignored with a warning
+    # the app's table, named by a digest of its content: another table is another name
+    table = a1["gen_ai.usage.cost.price_table"]
+    assert a2["gen_ai.usage.cost.price_table"] == table
+    assert re.fullmatch(r"override [0-9a-f]{12}", table)
+    from chatter_otel.instrumentation.cost import _override_table
+
+    same = {"my-llama": {"input_mtok": "2", "output_mtok": "4"}}
+    assert _override_table(same) == _override_table(dict(same))
+    assert _override_table(same) != _override_table({"my-llama": {"input_mtok": "3"}})
+
+
+def test_a_cost_the_provider_reported_names_no_price_table(spans: Any) -> None:
+    from langchain_core.messages import AIMessage as Msg
+
+    msg = Msg("ok", usage_metadata={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+              response_metadata={"token_usage": {"cost": 0.0042}})  # fmt: skip
+    Scripted(message=msg, provider="openrouter", model="gpt-4o-mini").invoke("x")
+    a = spans.starting("chat")[0].attributes
+    assert a["gen_ai.usage.cost.source"] == "provider" and a["gen_ai.usage.cost.amount"] == 0.0042
+    assert "gen_ai.usage.cost.price_table" not in a
+
+
+def test_auto_updated_prices_name_their_update_time() -> None:
+    import datetime as dt
+
+    from chatter_otel.instrumentation.cost import _snapshot_table
+
+    class Snap:
+        from_auto_update = True
+        timestamp = dt.datetime(2026, 12, 1, 9, 30, tzinfo=dt.UTC)
+
+    assert _snapshot_table(Snap()) == (
+        f"genai-prices {version('genai-prices')}, updated 2026-12-01T09:30Z"
+    )
 
 
 def test_inconsistent_counts_do_not_raise(spans: Any) -> None:

@@ -875,3 +875,50 @@ async def test_the_app_s_transaction_carries_one_statement_of_ours(
         assert {r.message_id for r in ledger} == {mid}
         (run,) = await host.rows(RUNS)
         assert run.applied_at is not None and run.message_id == mid
+
+
+@pytest.mark.parametrize("create_tables", [True, False], ids=["upgraded", "app-managed"])
+async def test_a_ledger_table_of_an_older_release_is_upgraded(
+    database: str, tmp_path: Any, create_tables: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every ledger row names the price table its cost came from. A ledger table made before
+    that column existed gets it (or, where the app manages the schema, is written without it
+    and one line says which statement adds it): no row is lost either way."""
+    from sqlalchemy import Column, MetaData, Table, inspect
+
+    old = MetaData()
+    Table(LEDGER.name, old, *(Column(c.name, c.type, primary_key=c.primary_key)
+                              for c in LEDGER.columns if c.name != "price_table"))  # fmt: skip
+    host = Host(database)
+    await host.setup()
+    async with host.engine.begin() as conn:
+        await conn.run_sync(old.create_all)
+        if not create_tables:  # the app made every other table of ours itself
+            await conn.run_sync(lambda c: RUNS.create(c, checkfirst=True))
+    await host.engine.dispose()
+    async with _hosted(database, tmp_path, create_tables=create_tables) as (host2, p):
+        cid = await host2.new_conversation()
+        await host2.chat(cid, "weather in Quito")
+        await _flush(p)
+        async with host2.engine.connect() as conn:
+            ledger = list(
+                await conn.execute(
+                    select(*(c for c in LEDGER.columns if create_tables or c.name != "price_table"))
+                )
+            )
+        assert len(ledger) == 2 and sum(r.total_tokens for r in ledger) > 0
+        async with host2.engine.connect() as conn:
+            columns = await conn.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns(LEDGER.name)}
+            )
+        if create_tables:
+            assert "price_table" in columns
+            assert {r.price_table for r in ledger} == {
+                next(iter({r.price_table for r in ledger}))
+            } and ledger[0].price_table.startswith(
+                "override "
+            )  # the reference model is priced by the app's table
+        else:
+            assert "price_table" not in columns
+            assert "ALTER TABLE chatter_usage_ledger ADD COLUMN price_table" in caplog.text
+        assert p.stats["dropped"] == 0 and p.stats["quarantined"] == 0

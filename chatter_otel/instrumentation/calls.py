@@ -40,6 +40,7 @@ from chatter_otel.attributes import (
     CHATTER_USAGE_TOTAL_TOKENS,
     GEN_AI_USAGE_COST_AMOUNT,
     GEN_AI_USAGE_COST_CURRENCY,
+    GEN_AI_USAGE_COST_PRICE_TABLE,
     GEN_AI_USAGE_COST_SOURCE,
 )
 from chatter_otel.instrumentation import content as _content
@@ -159,6 +160,7 @@ class LLMInvocation(Invocation):
                 cost.amount if cost else None, cost.currency if cost else None,
                 cost.source if cost else None, info.finish_reasons, self.streaming, ttfc,
                 tuple(self.chunk_gaps) if self.chunk_gaps is not None else (),
+                cost.table if cost else None,
             )  # fmt: skip
             if self.streaming and error is None and not u.reported:
                 _say_stream_usage_missing(record.model)
@@ -200,6 +202,8 @@ class LLMInvocation(Invocation):
                 attrs[GEN_AI_USAGE_COST_AMOUNT] = float(rec.cost)
                 attrs[GEN_AI_USAGE_COST_CURRENCY] = rec.cost_currency
                 attrs[GEN_AI_USAGE_COST_SOURCE] = rec.cost_source
+                if rec.cost_table:
+                    attrs[GEN_AI_USAGE_COST_PRICE_TABLE] = rec.cost_table
             self.span.set_attributes(attrs)
         except Exception:
             internal_error("LLMInvocation.attributes")

@@ -7,6 +7,12 @@ a model name (``"my-llama"``) or ``"provider:model"`` (``"openai:my-finetune"``)
 ``output_mtok``, ``cache_read_mtok``, ``cache_write_mtok``, ``output_reasoning_mtok``...). A model
 that neither prices has no cost: the attribute is absent, never 0.
 
+Every computed cost names the price table it came from (``gen_ai.usage.cost.price_table`` on
+the span, ``price_table`` in the ledger): ``genai-prices <version>`` for its bundled data,
+``genai-prices <version>, updated <UTC time>`` for data it fetched since, ``override <digest>``
+for the app's table (a digest of its content: a changed table is another name). A cost the
+provider reported names none.
+
 Speed: genai-prices' ``calc_price`` walks its unit registry on every call (60-100 µs inside a
 graph run). For flat prices, cost is linear in the token counts, so the per-token rates are asked
 of genai-prices once per model (by pricing one million tokens of each kind) and each call is then
@@ -16,10 +22,13 @@ five multiplications. Tiered and time-of-day prices are not linear: those go thr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +56,31 @@ class Cost:
     amount: Decimal
     currency: str
     source: str
+    table: str | None = None  # the price table's name and version; None: the provider's cost
+
+
+def _genai_prices_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genai-prices")
+    except PackageNotFoundError:  # pragma: no cover - vendored or renamed
+        return "unknown"
+
+
+def _snapshot_table(snapshot: Any) -> str:
+    name = f"genai-prices {_genai_prices_version()}"
+    if getattr(snapshot, "from_auto_update", False):
+        stamp = getattr(snapshot, "timestamp", None)
+        when = stamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ") if stamp else "?"
+        return f"{name}, updated {when}"
+    return name
+
+
+def _override_table(overrides: Mapping[str, Any]) -> str:
+    canon = json.dumps({str(k).lower(): v if isinstance(v, Mapping) else repr(v)
+                        for k, v in overrides.items()}, sort_keys=True, default=str)  # fmt: skip
+    return "override " + hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +165,10 @@ class Pricer:
             mp = _model_price(str(key), value)
             if mp is not None:
                 self._overrides[str(key).lower()] = _Rates.of(mp)
+        self._table = _override_table(overrides) if self._overrides and overrides else None
         self._known: OrderedDict[tuple[str | None, str], object] = OrderedDict()
         self._snapshot: object = None
+        self._snapshot_table = ""
         self._lock = threading.Lock()
 
     def cost(
@@ -145,22 +181,23 @@ class Pricer:
             return None
         for model in models:
             if model:
-                how = self._how(model, provider)
+                how, table = self._how(model, provider)
                 if how is not None:
-                    return self._apply(how, usage, model, provider)
+                    return self._apply(how, table, usage, model, provider)
         return None
 
     def _apply(
-        self, how: object, usage: TokenUsage, model: str, provider: str | None
+        self, how: object, table: str, usage: TokenUsage, model: str, provider: str | None
     ) -> Cost | None:
         try:
             if isinstance(how, _Rates) and (total := how.total(usage)) is not None:
-                return Cost(total, CURRENCY, SOURCE_LOCAL)
+                return Cost(total, CURRENCY, SOURCE_LOCAL, table)
             if isinstance(how, ModelPrice):
-                return Cost(how.calc_price(_gp_usage(usage))["total_price"], CURRENCY, SOURCE_LOCAL)
+                total = how.calc_price(_gp_usage(usage))["total_price"]
+                return Cost(total, CURRENCY, SOURCE_LOCAL, table)
             provider_id = PRICE_PROVIDER_IDS.get(provider) if provider else None
             total = calc_price(_gp_usage(usage), model, provider_id=provider_id).total_price
-            return Cost(total, CURRENCY, SOURCE_LOCAL)
+            return Cost(total, CURRENCY, SOURCE_LOCAL, table)
         except (ValueError, LookupError, ArithmeticError) as exc:
             warn_once(
                 f"price:fail:{model}"[:200],
@@ -169,19 +206,21 @@ class Pricer:
             )  # fmt: skip
             return None
 
-    def _how(self, model: str, provider: str | None) -> object | None:
-        """How to price ``model``: rates, a tiered ModelPrice, _CONDITIONAL, or None."""
+    def _how(self, model: str, provider: str | None) -> tuple[object | None, str]:
+        """How to price ``model`` (rates, a tiered ModelPrice, _CONDITIONAL, or None), and
+        the name of the price table that says so."""
         if self._overrides:
             name = model.lower()
             hit = self._overrides.get(f"{provider.lower()}:{name}") if provider else None
             hit = hit or self._overrides.get(name)
             if hit is not None:
-                return hit
+                return hit, self._table or "override"
         snapshot = data_snapshot.get_snapshot()
         if snapshot is not self._snapshot:  # genai-prices auto-updated its data
             with self._lock:
                 self._known.clear()
                 self._snapshot = snapshot
+                self._snapshot_table = _snapshot_table(snapshot)
         key = (provider, model)
         how = self._known.get(key, _MISS)
         if how is _MISS:
@@ -190,7 +229,7 @@ class Pricer:
                 self._known[key] = how
                 while len(self._known) > _MAX_CACHED_MODELS:
                     self._known.popitem(last=False)
-        return how
+        return how, self._snapshot_table
 
     @staticmethod
     def _resolve(snapshot: Any, model: str, provider: str | None) -> object | None:

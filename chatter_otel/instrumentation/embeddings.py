@@ -31,6 +31,7 @@ from chatter_otel._safety import internal_error
 from chatter_otel.attributes import (
     GEN_AI_USAGE_COST_AMOUNT,
     GEN_AI_USAGE_COST_CURRENCY,
+    GEN_AI_USAGE_COST_PRICE_TABLE,
     GEN_AI_USAGE_COST_SOURCE,
 )
 from chatter_otel.instrumentation import records as r
@@ -137,6 +138,8 @@ class _EmbeddingsCall:
                     span.set_attribute(GEN_AI_USAGE_COST_AMOUNT, float(cost.amount))
                     span.set_attribute(GEN_AI_USAGE_COST_CURRENCY, cost.currency)
                     span.set_attribute(GEN_AI_USAGE_COST_SOURCE, cost.source)
+                    if cost.table:
+                        span.set_attribute(GEN_AI_USAGE_COST_PRICE_TABLE, cost.table)
         ctx = span.get_span_context()
         return r.EmbeddingsRecord(
             format(ctx.span_id, "016x"), format(ctx.trace_id, "032x"), None, self._ids,

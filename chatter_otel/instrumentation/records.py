@@ -134,6 +134,7 @@ class LLMCallRecord(_Common):
     streaming: bool
     time_to_first_chunk_s: float | None
     chunk_gaps_s: tuple[float, ...] = ()  # between a stream's chunks after the first
+    cost_table: str | None = None  # the price table a computed cost came from
 
     @property
     def model(self) -> str | None:

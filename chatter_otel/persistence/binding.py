@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.instrumentation.runs import current_workflow, last_run
 from chatter_otel.persistence.schema import (
-    LEDGER,
     RUNS,
     MessageMapping,
     add_statement,
@@ -51,6 +50,8 @@ class BindingHooks:
     if TYPE_CHECKING:
 
         def submit(self, kind: str, record: dict[str, Any]) -> None: ...
+
+        def _ledger_fit(self, row: dict[str, Any]) -> dict[str, Any]: ...
 
     def install(self, session_class: Any = Session) -> None:
         """Hook the app's sessions (all of SQLAlchemy's by default; AsyncSession included)."""
@@ -128,8 +129,9 @@ class BindingHooks:
         try:
             with suppress_instrumentation():  # the package's own writes are never traced
                 # each call row names the message it answers
-                rows = [fit(LEDGER, {**ledger_row(c), "message_id": c.ids.message_id
-                                     or binding["message_id"]}) for c in run.calls]  # fmt: skip
+                named = binding["message_id"]
+                rows = [self._ledger_fit({**ledger_row(c), "message_id": c.ids.message_id
+                                          or named}) for c in run.calls]  # fmt: skip
                 row = fit(RUNS, run_row(record, applied_at=time.time()))
                 row["message_id"] = binding["message_id"]
                 conv = binding["conversation_id"]

@@ -47,6 +47,7 @@ LEDGER = Table(
     Column("cost", Numeric(20, 10)),
     Column("currency", String(8)),
     Column("cost_source", String(16)),
+    Column("price_table", String(96)),  # added after 0.1.0: UsagePersistence adds it if absent
     Column("finish_reason", String(64)),
     Column("started_at", Float),
     Column("duration_ms", Float),
@@ -169,6 +170,7 @@ def ledger_row(rec: LLMCallRecord) -> dict[str, Any]:
         "cache_creation_tokens": rec.cache_creation_tokens,
         "reasoning_tokens": rec.reasoning_tokens, "cost": rec.cost,
         "currency": rec.cost_currency, "cost_source": rec.cost_source,
+        "price_table": rec.cost_table,
         "finish_reason": rec.finish_reasons[0] if rec.finish_reasons else None,
         "started_at": rec.start_ns / 1e9, "duration_ms": (rec.end_ns - rec.start_ns) / 1e6,
         "status": "error" if rec.failed else "ok",

@@ -60,16 +60,46 @@ class LedgerWriter:
     _message_columns: frozenset[str]
     _conversations_ok: bool
     _schema_checked: float
+    _ledger_skip: frozenset[str] = frozenset()  # columns an app-managed table lacks
+
+    def _ledger_fit(self, row: dict[str, Any]) -> dict[str, Any]:
+        fitted = fit(LEDGER, row)
+        for name in self._ledger_skip:
+            fitted.pop(name, None)
+        return fitted
 
     async def _ensure_tables(self, engine: Any) -> None:
         if not self._ready:
-            if self.create_tables:
-                async with engine.begin() as conn:
+            async with engine.begin() as conn:
+                if self.create_tables:
                     await conn.run_sync(metadata.create_all)
+                await conn.run_sync(self._add_new_columns)
             self._ready = True
         if not self._conversations_ok:  # known before the app's first message, when it can be
             async with engine.connect() as conn:
                 await self._know_app_schema(conn)
+
+    def _add_new_columns(self, conn: Any) -> None:
+        """A ledger table made by an older release lacks the columns added since: added here
+        (nullable: old rows keep NULL), or, where the app manages the schema
+        (``create_tables=False``), left out of our writes with one line naming the statement."""
+        insp = inspect(conn)
+        if not insp.has_table(LEDGER.name):
+            return
+        have = {c["name"] for c in insp.get_columns(LEDGER.name)}
+        missing = [c for c in LEDGER.columns if c.name not in have]
+        for col in missing:
+            ddl = (f"ALTER TABLE {LEDGER.name} ADD COLUMN {col.name} "
+                   f"{col.type.compile(dialect=conn.dialect)}")  # fmt: skip
+            if self.create_tables:
+                conn.exec_driver_sql(ddl)
+                _log.info("chatter-otel: usage ledger table upgraded: %s", ddl)
+            else:
+                warn_once(f"ledger:column:{col.name}", "chatter-otel: the usage ledger table "
+                          "has no column %s; it is left out of the rows until you run: %s",
+                          col.name, ddl)  # fmt: skip
+        if not self.create_tables:
+            self._ledger_skip = frozenset(c.name for c in missing)
 
     async def _know_app_schema(self, conn: Any, *, now: bool = False) -> None:
         """Look at the app's tables; again (at most once a second, or ``now``) while one is
@@ -168,7 +198,7 @@ class LedgerWriter:
     async def _apply_rows(self, conn: Any, rows: list[SpoolRow]) -> None:
         """All ledger rows in one executemany, all run rows in another, then the claims (the
         order in which they were made) and their conversation totals, in one transaction."""
-        llm = [fit(LEDGER, r) for _, kind, r in rows if kind == "llm"]
+        llm = [self._ledger_fit(r) for _, kind, r in rows if kind == "llm"]
         runs = [fit(RUNS, r) for _, kind, r in rows if kind == "run"]
         binds = [r for _, kind, r in rows if kind == "bind"]
         if llm:
