@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, TypedDict
 
+import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
@@ -193,3 +194,56 @@ def test_no_pause_no_link(spans: Any) -> None:
     s = spans.one("invoke_workflow hitl")
     assert s.links == ()
     assert [e.name for e in s.events] == ["gen_ai.agent.paused"]
+
+
+@pytest.mark.parametrize("where", ["interrupt_before", "interrupt_after"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_static_breakpoint_is_a_pause_and_going_on_links_to_it(
+    spans: Any, where: str, mode: str
+) -> None:
+    """``interrupt_before``/``interrupt_after`` pause a graph with no exception anywhere:
+    LangGraph's ``on_interrupt`` says so. The paused run is marked and records the pause; the
+    run that goes on (input ``None``) links to it, as a ``Command(resume=...)`` does."""
+
+    def first(state: Count) -> Count:
+        return {"n": 1}
+
+    def second(state: Count) -> Count:
+        return {"n": state["n"] + 1}
+
+    g = StateGraph(Count)
+    g.add_node("first", first)
+    g.add_node("second", second)
+    g.add_edge(START, "first")
+    g.add_edge("first", "second")
+    g.add_edge("second", END)
+    graph = g.compile(name="review", checkpointer=InMemorySaver(), **{where: ["second"]})
+    cfg: Any = {"configurable": {"thread_id": f"static-{where}-{mode}"}}
+    if mode == "sync":
+        graph.invoke({"n": 0}, cfg)
+        paused_run = last_run()
+        checkpoint = _paused_at(graph, cfg)
+        assert graph.invoke(None, cfg)["n"] == 2
+    else:
+
+        async def main() -> tuple[Any, str]:
+            await graph.ainvoke({"n": 0}, cfg)
+            run = last_run()
+            at = (await graph.aget_state(cfg)).config["configurable"]["checkpoint_id"]
+            await graph.ainvoke(None, cfg)
+            return run, at
+
+        paused_run, checkpoint = asyncio.run(main())
+    assert paused_run is not None and paused_run.status == "interrupted"
+    paused, resumed = spans.named("invoke_workflow review")
+    thread = cfg["configurable"]["thread_id"]
+    expected = {"langgraph.thread.id": thread, "langgraph.checkpoint.id": checkpoint}
+    assert paused.attributes["chatter.interrupted"] is True
+    assert paused.status.status_code is StatusCode.UNSET
+    assert _event(paused, "gen_ai.agent.paused") == expected
+    (link,) = resumed.links
+    assert link.context.span_id == paused.context.span_id
+    assert dict(link.attributes or {}) == expected
+    assert _event(resumed, "gen_ai.agent.resumed") == expected
+    assert "chatter.interrupted" not in resumed.attributes
+    assert last_run().status == "ok"  # type: ignore[union-attr]

@@ -107,6 +107,16 @@ class OtelCallbackHandler(BaseCallbackHandler):
         if inv is not None and inv.checkpoint_id is None:
             inv.checkpoint_id = checkpoint_of(config.get("configurable"))
 
+    @guarded
+    def graph_paused(self, run_id: UUID, checkpoint_id: str | None) -> None:
+        """A static breakpoint paused the graph run ``run_id`` at ``checkpoint_id``: it and
+        every workflow around it end paused, as after an ``interrupt()``."""
+        inv: Invocation | None = self._runs.get(run_id)
+        while inv is not None:
+            if isinstance(inv, WorkflowInvocation):
+                inv.note_interrupt(checkpoint_id, ())
+            inv = inv.parent
+
     def _evict(self, run_id: UUID, inv: Invocation) -> None:
         if inv.run_id != run_id:  # an alias entry; its owner is evicted on its own
             return

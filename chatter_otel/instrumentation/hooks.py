@@ -8,8 +8,10 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from langchain_core.callbacks import BaseCallbackManager
 from langchain_core.tracers.context import register_configure_hook
 from langgraph._internal._runnable import RunnableCallable
+from langgraph.callbacks import GraphCallbackHandler
 from langgraph.errors import GraphInterrupt
 from langgraph.pregel.main import Pregel
 from opentelemetry import context
@@ -77,11 +79,32 @@ def _register_hook_once() -> None:
         _hook_registered = True
 
 
+class _GraphLifecycle(GraphCallbackHandler):
+    """LangGraph's own lifecycle callback: a static breakpoint (``interrupt_before`` /
+    ``interrupt_after``) pauses a run without raising into any callback LangChain has, so
+    ``on_interrupt`` is how it is known. (An ``interrupt()`` is seen where it is raised.)"""
+
+    run_inline = True  # no executor hop for LangChain's own events, which it ignores anyway
+    ignore_llm = ignore_chain = ignore_agent = ignore_retriever = ignore_chat_model = True
+    ignore_retry = ignore_custom_event = True
+
+    def __init__(self, handler: OtelCallbackHandler) -> None:
+        super().__init__()
+        self._handler = handler
+
+    def on_interrupt(self, event: Any) -> None:
+        if event.status in ("interrupt_before", "interrupt_after") and event.run_id is not None:
+            self._handler.graph_paused(event.run_id, event.checkpoint_id)
+
+
 class _AnnounceGraph:
-    """Before ``Pregel.stream``/``astream``: give the run an id and announce it as a graph run."""
+    """Before ``Pregel.stream``/``astream``: give the run an id and announce it as a graph run
+    (and hand LangGraph our lifecycle handler, beside the app's callbacks, for the pauses of
+    static breakpoints)."""
 
     def __init__(self, handler: OtelCallbackHandler) -> None:
         self._handler = handler
+        self._lifecycle = _GraphLifecycle(handler)
 
     def __call__(self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         handler = self._handler
@@ -104,11 +127,27 @@ class _AnnounceGraph:
         self._handler.expect_graph(
             run_id, str(name), ids_from_config(config), new_slot(), built_by_factory(graph)
         )
+        config["callbacks"] = self._with_lifecycle(config.get("callbacks"))
         if len(args) > 1:
             args = (args[0], config, *args[2:])
         else:
             kwargs = {**kwargs, "config": config}
         return args, kwargs
+
+    def _with_lifecycle(self, callbacks: Any) -> Any:
+        """The app's callbacks (a list or a manager, never changed in place) plus ours."""
+        mine = self._lifecycle
+        if callbacks is None:
+            return [mine]
+        if isinstance(callbacks, list):
+            return callbacks if mine in callbacks else [*callbacks, mine]
+        if isinstance(callbacks, BaseCallbackManager):
+            if mine in callbacks.handlers:
+                return callbacks
+            manager = callbacks.copy()
+            manager.add_handler(mine, inherit=False)  # the graph's own run only
+            return manager
+        return callbacks  # a shape LangChain may accept that we do not know: left alone
 
 
 class _NodeContext:

@@ -14,8 +14,9 @@ backend can join the two even when the resume runs in another process, where no 
 (this registry is per process). Bounded: ``max_runs`` threads, least recently paused dropped
 first, and entries older than ``max_run_age_s`` ignored.
 
-Static breakpoints (``interrupt_before``/``interrupt_after``) end a run without any callback
-saying so, so they record no pause. A run started with ``None`` (go on from the checkpoint) on a
+Static breakpoints (``interrupt_before``/``interrupt_after``) raise into no LangChain callback;
+LangGraph's ``GraphCallbackHandler.on_interrupt`` reports them (``hooks._GraphLifecycle``) and
+they pause the run the same way. A run started with ``None`` (go on from the checkpoint) on a
 thread this process saw pause is linked like a ``Command(resume=...)``.
 """
 
