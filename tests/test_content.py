@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import pytest
 from langchain_core.messages import HumanMessage
 
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LocalChatModel
-
-if TYPE_CHECKING:
-    import pytest
 
 Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
 CONTENT_KEYS = (
@@ -112,3 +110,80 @@ def test_raising_redactor_drops_content_never_leaks_it(instrument: Any) -> None:
         for key in CONTENT_KEYS:
             if key in s.attributes:
                 assert s.attributes[key] == '"[content dropped: redaction failed]"'
+
+
+def _logs(instrument: Any, **options: Any) -> tuple[Any, Any]:
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
+
+    exporter = InMemoryLogRecordExporter()
+    provider = LoggerProvider()
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    return instrument(logger_provider=provider, **options), exporter
+
+
+def _details(exporter: Any) -> list[Any]:
+    return [d.log_record for d in exporter.get_finished_logs()
+            if d.log_record.event_name == "gen_ai.client.inference.operation.details"]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["EVENT_ONLY", "SPAN_AND_EVENT"])
+def test_content_as_events_the_util_genai_way(
+    instrument: Any, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """EVENT_ONLY: no content on any span, and one ``gen_ai.client.inference.operation.details``
+    event per LLM call, in its span's context, with the call's attributes and its messages as
+    structures; SPAN_AND_EVENT: both."""
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", mode)
+    spans, logs = _logs(instrument)
+    build_chat_graph().invoke(Q)
+    chats = sorted(spans.named("chat chatter-local-1"), key=lambda s: s.start_time)
+    events = _details(logs)
+    assert len(events) == len(chats) == 2
+    events.sort(key=lambda e: e.observed_timestamp or 0)
+    for span, event in zip(chats, events, strict=True):
+        assert event.trace_id == span.context.trace_id
+        assert event.span_id == span.context.span_id
+        a = dict(event.attributes or {})
+        assert a["gen_ai.operation.name"] == "chat"
+        assert a["gen_ai.provider.name"] == span.attributes["gen_ai.provider.name"]
+        assert a["gen_ai.request.model"] == "chatter-local-1"
+        assert a["gen_ai.usage.input_tokens"] == span.attributes["gen_ai.usage.input_tokens"]
+    first = dict(events[0].attributes or {})
+    assert first["gen_ai.input.messages"][0]["role"] == "user"
+    assert first["gen_ai.output.messages"][0]["parts"][0]["name"] == "get_weather"
+    on_spans = any(k in s.attributes for s in spans.all for k in CONTENT_KEYS)
+    assert on_spans is (mode == "SPAN_AND_EVENT")
+
+
+def test_content_events_are_redacted_and_off_unless_asked(
+    instrument: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def redact(kind: str, value: Any) -> Any:
+        return "[redacted]"
+
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "event_only")
+    spans, logs = _logs(instrument, redact=redact)
+    LocalChatModel().invoke("my card is 4111 1111 1111 1111")
+    (event,) = _details(logs)
+    a = dict(event.attributes or {})
+    assert a["gen_ai.input.messages"] == "[redacted]" == a["gen_ai.output.messages"]
+    assert "4111" not in json.dumps(a, default=str)
+    assert "gen_ai.input.messages" not in spans.one("chat chatter-local-1").attributes
+
+
+def test_no_events_by_default(instrument: Any) -> None:
+    _, logs = _logs(instrument)
+    LocalChatModel().invoke("hi")
+    assert _details(logs) == []
+
+
+def test_emit_event_false_turns_events_off(
+    instrument: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "EVENT_ONLY")
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_EMIT_EVENT", "false")
+    spans, logs = _logs(instrument)
+    LocalChatModel().invoke("hi")
+    assert _details(logs) == []
+    assert "gen_ai.input.messages" not in spans.one("chat chatter-local-1").attributes

@@ -60,9 +60,11 @@ class OtelCallbackHandler(BaseCallbackHandler):
     ignore_retry = True
     ignore_custom_event = True
 
-    def __init__(self, tracer: Tracer, settings: Settings, pricer: Pricer) -> None:
+    def __init__(self, tracer: Tracer, settings: Settings, pricer: Pricer, *,
+                 events: Any = None) -> None:  # fmt: skip
         super().__init__()
         self.tracer = tracer
+        self.events = events  # a Logs API logger for content events, when they are on
         self.settings = settings
         self.pricer = pricer
         self.enabled = True
@@ -256,7 +258,7 @@ class OtelCallbackHandler(BaseCallbackHandler):
         inv = LLMInvocation(
             run_id, ids, parent, workflow, self.tracer, operation=operation, provider=provider,
             model=model, streaming=bool(params.get("stream") or params.get("streaming")),
-            metadata=md, settings=self.settings, inputs=inputs,
+            metadata=md, settings=self.settings, inputs=inputs, events=self.events,
         )  # fmt: skip
         self._runs.put(run_id, inv)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from array import array
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import trace
 from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_INPUT_MESSAGES,
     GEN_AI_OPERATION_NAME,
@@ -32,6 +34,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GEN_AI_USAGE_REASONING_OUTPUT_TOKENS,
     GenAiOperationNameValues,
 )
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 from opentelemetry.trace import SpanKind
 
 from chatter_otel._safety import internal_error, warn_once
@@ -48,6 +51,7 @@ from chatter_otel.instrumentation import records as r
 from chatter_otel.instrumentation.invocations import Invocation
 from chatter_otel.instrumentation.usage import ResponseInfo, TokenUsage, extract_response
 
+INFERENCE_DETAILS_EVENT = "gen_ai.client.inference.operation.details"
 # Chunk gaps kept per streamed call for the time-per-chunk metric (8 bytes each): a longer
 # stream's later gaps are not recorded (its duration and first chunk still are).
 MAX_CHUNK_GAPS = 16_384
@@ -66,8 +70,8 @@ _MAX_DESC_LEN = 256
 
 
 class LLMInvocation(Invocation):
-    __slots__ = ("chunk_gaps", "first_chunk_ns", "last_chunk_ns", "operation", "provider",
-                 "request_model", "streaming")  # fmt: skip
+    __slots__ = ("chunk_gaps", "event_inputs", "events", "first_chunk_ns", "last_chunk_ns",
+                 "operation", "provider", "request_model", "streaming")  # fmt: skip
 
     def __init__(
         self,
@@ -84,8 +88,11 @@ class LLMInvocation(Invocation):
         metadata: Mapping[str, Any],
         settings: Settings,
         inputs: list[Any],
+        events: Any = None,
     ) -> None:
         super().__init__(run_id, ids, parent, workflow, settings)
+        self.events = events  # the Logs API logger content events go to, when they are on
+        self.event_inputs: str | None = None
         self.operation, self.provider, self.request_model = operation, provider, model
         self.streaming = streaming
         self.first_chunk_ns: int | None = None
@@ -114,14 +121,18 @@ class LLMInvocation(Invocation):
             attrs[GEN_AI_REQUEST_TEMPERATURE] = float(temperature)
         if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
             attrs[GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
-        if settings.capture_content and inputs:
+        if (settings.capture_content or settings.event_content) and inputs:
             batch = inputs[0]
             value = (
                 [_content.message_json(m) for m in batch]
                 if isinstance(batch, list)
                 else [{"role": "user", "parts": [{"type": "text", "content": str(batch)}]}]
             )
-            attrs[GEN_AI_INPUT_MESSAGES] = _content.render(settings, "input", value)
+            rendered = _content.render(settings, "input", value)
+            if settings.capture_content:
+                attrs[GEN_AI_INPUT_MESSAGES] = rendered
+            if settings.event_content:
+                self.event_inputs = rendered
         return attrs
 
     def chunk(self) -> None:
@@ -166,6 +177,8 @@ class LLMInvocation(Invocation):
                 _say_stream_usage_missing(record.model)
             if self.span.is_recording():
                 self._end_attributes(record, info, response, settings)
+            if self.events is not None:
+                _content_event(self, record, info, response, settings)
         except Exception:
             internal_error("LLMInvocation.stop")
         finally:
@@ -216,6 +229,34 @@ class LLMInvocation(Invocation):
                     )
             except Exception:
                 internal_error("LLMInvocation.content")
+
+
+def _content_event(inv: LLMInvocation, rec: r.LLMCallRecord, info: ResponseInfo,
+                   response: Any, settings: Settings) -> None:  # fmt: skip
+    """``gen_ai.client.inference.operation.details``, as opentelemetry-util-genai emits it: the
+    call's attributes and (where content goes to events) its messages, truncated and redacted
+    as on spans, structured rather than a JSON string; in the call span's context."""
+    from opentelemetry._logs import LogRecord
+
+    attrs: dict[str, Any] = {GEN_AI_OPERATION_NAME: rec.operation}
+    for key, value in ((GEN_AI_PROVIDER_NAME, rec.provider),
+                       (GEN_AI_REQUEST_MODEL, rec.request_model),
+                       (GEN_AI_RESPONSE_MODEL, info.model), (GEN_AI_RESPONSE_ID, info.response_id),
+                       (GEN_AI_USAGE_INPUT_TOKENS, rec.input_tokens),
+                       (GEN_AI_USAGE_OUTPUT_TOKENS, rec.output_tokens),
+                       (ERROR_TYPE, rec.error_type)):  # fmt: skip
+        if value is not None:
+            attrs[key] = value
+    if info.finish_reasons:
+        attrs[GEN_AI_RESPONSE_FINISH_REASONS] = list(info.finish_reasons)
+    if settings.event_content:
+        if inv.event_inputs is not None:
+            attrs[GEN_AI_INPUT_MESSAGES] = json.loads(inv.event_inputs)
+        out = _output_messages(response) if response is not None else None
+        if out:
+            attrs[GEN_AI_OUTPUT_MESSAGES] = json.loads(_content.render(settings, "output", out))
+    inv.events.emit(LogRecord(event_name=INFERENCE_DETAILS_EVENT, attributes=attrs,
+                              context=trace.set_span_in_context(inv.span)))  # fmt: skip
 
 
 def _say_stream_usage_missing(model: str | None) -> None:

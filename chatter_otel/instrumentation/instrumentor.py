@@ -41,10 +41,11 @@ __all__ = ["LangGraphInstrumentor"]
 class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     """Instrument LangGraph and LangChain with OpenTelemetry GenAI spans.
 
-    ``LangGraphInstrumentor().instrument(tracer_provider=..., capture_content=..., prices=...,
-    redact=..., max_content_length=..., max_runs=..., max_run_age_s=..., stream_usage=...,
-    semconv_opt_in=...)``; each option falls back to its environment variable (see README),
-    then to the default. Idempotent.
+    ``LangGraphInstrumentor().instrument(tracer_provider=..., logger_provider=...,
+    capture_content=..., prices=..., redact=..., max_content_length=..., max_runs=...,
+    max_run_age_s=..., stream_usage=..., semconv_opt_in=...)``; each option falls back to its
+    environment variable (see the configuration reference), then to the default. Idempotent.
+    ``logger_provider``: where content events go (the global one when not given).
     """
 
     _handler: OtelCallbackHandler | None = None
@@ -79,7 +80,13 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         from chatter_otel.instrumentation import hooks
         from chatter_otel.instrumentation.callbacks import OtelCallbackHandler
 
-        handler = OtelCallbackHandler(tracer, settings, Pricer(settings.prices))
+        events = None
+        if settings.emit_events:  # util-genai's content events, on the Logs API
+            from opentelemetry._logs import get_logger
+
+            events = get_logger("chatter_otel", __version__, kwargs.get("logger_provider"),
+                                schema_url=SCHEMA_URL)  # fmt: skip
+        handler = OtelCallbackHandler(tracer, settings, Pricer(settings.prices), events=events)
         throttle_hostile_header_logs()
         warm_up()
         self._stream_usage = hooks.install(handler, stream_usage=settings.stream_usage)

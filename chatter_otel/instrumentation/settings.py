@@ -24,10 +24,34 @@ ENV_MAX_RUNS = "CHATTER_OTEL_MAX_RUNS"
 ENV_MAX_RUN_AGE = "CHATTER_OTEL_MAX_RUN_AGE_SECONDS"
 ENV_PRICES_FILE = "CHATTER_OTEL_PRICES_FILE"
 
-# The GenAI utilities accept these spellings for the capture switch; anything naming spans turns
-# content on for spans, because spans are where this package records it.
-_TRUE = frozenset({"true", "1", "yes", "on", "span_only", "span_and_event"})
-_FALSE = frozenset({"false", "0", "no", "off", "no_content", "event_only", ""})
+ENV_EMIT_EVENT = "OTEL_INSTRUMENTATION_GENAI_EMIT_EVENT"
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+# OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT as opentelemetry-util-genai reads it (its
+# modes), plus the boolean spellings: (content on spans, content in events).
+_CONTENT_MODES = {
+    "span_only": (True, False), "event_only": (False, True), "span_and_event": (True, True),
+    "no_content": (False, False), **dict.fromkeys(_TRUE, (True, False)),
+    **dict.fromkeys(_FALSE, (False, False)),
+}  # fmt: skip
+
+
+def resolve_content(kwarg: bool | str | None) -> tuple[bool, bool]:
+    """Where message content goes: (on spans, in ``gen_ai.client.inference.operation.details``
+    events). ``capture_content=`` (a bool, or a mode name) > the environment > neither."""
+    raw: object = kwarg if kwarg is not None else os.environ.get(ENV_CAPTURE_CONTENT)
+    if raw is None:
+        return False, False
+    if isinstance(raw, bool):
+        return raw, False
+    mode = _CONTENT_MODES.get(str(raw).strip().lower())
+    if mode is None:
+        _warn(ENV_CAPTURE_CONTENT, raw, "NO_CONTENT", "expected SPAN_ONLY, EVENT_ONLY, "
+              "SPAN_AND_EVENT, NO_CONTENT, true or false")  # fmt: skip
+        return False, False
+    return mode
+
 
 Redactor = Callable[[str, Any], Any]
 """``redact(kind, value) -> value``: ``kind`` is ``input``, ``output``, ``tool.arguments`` or
@@ -69,12 +93,12 @@ def resolve_int(name: str, kwarg: int | None, default: int, *, minimum: int = 1)
 
 
 def exception_text_captured(
-    capture_content: bool | None = None, capture_exception_text: bool | None = None
+    capture_content: bool | str | None = None, capture_exception_text: bool | None = None
 ) -> bool:
     """Whether exception messages may leave the process: ``capture_exception_text`` (kwarg >
     ``CHATTER_OTEL_CAPTURE_EXCEPTION_TEXT``), defaulting to content capture."""
-    content = resolve_bool(ENV_CAPTURE_CONTENT, capture_content, False)
-    return resolve_bool(ENV_CAPTURE_EXCEPTION_TEXT, capture_exception_text, content)
+    on_spans, in_events = resolve_content(capture_content)
+    return resolve_bool(ENV_CAPTURE_EXCEPTION_TEXT, capture_exception_text, on_spans or in_events)
 
 
 def _load_prices_file(path: str) -> dict[str, Any]:
@@ -94,7 +118,12 @@ def _load_prices_file(path: str) -> dict[str, Any]:
 class Settings:
     """What the instrumentation needs to know, resolved once at ``instrument()``."""
 
-    capture_content: bool = False
+    capture_content: bool = False  # message content on spans
+    # Message content in gen_ai.client.inference.operation.details events (the Logs API), and
+    # whether those events are emitted at all (OTEL_INSTRUMENTATION_GENAI_EMIT_EVENT, else
+    # when content goes to events), as opentelemetry-util-genai decides both.
+    event_content: bool = False
+    emit_events: bool = False
     # The text of the app's exceptions (message, stack trace) on spans and events: it can hold
     # prompt or argument text, so it follows capture_content unless set on its own.
     capture_exception_text: bool = False
@@ -113,7 +142,7 @@ class Settings:
     def resolve(
         cls,
         *,
-        capture_content: bool | None = None,
+        capture_content: bool | str | None = None,
         capture_exception_text: bool | None = None,
         max_content_length: int | None = None,
         redact: Redactor | None = None,
@@ -129,8 +158,11 @@ class Settings:
         if prices is None:
             path = os.environ.get(ENV_PRICES_FILE)
             prices = _load_prices_file(path) if path else {}
+        on_spans, in_events = resolve_content(capture_content)
         return cls(
-            capture_content=resolve_bool(ENV_CAPTURE_CONTENT, capture_content, False),
+            capture_content=on_spans,
+            event_content=in_events,
+            emit_events=resolve_bool(ENV_EMIT_EVENT, None, in_events),
             capture_exception_text=exception_text_captured(capture_content, capture_exception_text),
             max_content_length=resolve_int(
                 ENV_MAX_CONTENT_LENGTH, max_content_length, 16_384, minimum=64
