@@ -16,11 +16,12 @@ if TYPE_CHECKING:
     from chatter_otel.instrumentation.instrumentor import LangGraphInstrumentor
     from chatter_otel.instrumentation.runs import RunIds, RunUsage, WorkflowRun, last_run
     from chatter_otel.instrumentation.workflow import track_workflow
-    from chatter_otel.options import EventOptions, MonitoringOptions
+    from chatter_otel.options import BudgetOptions, EventOptions, MonitoringOptions
     from chatter_otel.setup import configure
     from chatter_otel.telemetry import Telemetry
 
 __all__ = [
+    "BudgetOptions",
     "EventOptions",
     "LangGraphInstrumentor",
     "LocalTraceStore",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 _WHERE = {
+    "BudgetOptions": "chatter_otel.options",
     "EventOptions": "chatter_otel.options",
     "MonitoringOptions": "chatter_otel.options",
     "LocalTraceStore": "chatter_otel.export.store",

@@ -11,6 +11,11 @@ from typing import Final
 
 __all__ = [
     "APP_MISMATCH_METRIC",
+    "BUDGET_EXCEEDED",
+    "BUDGET_EXCEEDED_METRIC",
+    "CHATTER_BUDGET_LIMIT",
+    "CHATTER_BUDGET_THRESHOLD",
+    "CHATTER_BUDGET_VALUE",
     "CHATTER_CANCELLED",
     "CHATTER_CORRELATION_ID",
     "CHATTER_INTERRUPTED",
@@ -153,6 +158,21 @@ INVOKE_AGENT_DURATION_METRIC: Final = "gen_ai.invoke_agent.duration"
 
 EXECUTE_TOOL_DURATION_METRIC: Final = "gen_ai.execute_tool.duration"
 """Histogram of tool call durations (s), as ``opentelemetry-util-genai`` names it."""
+
+BUDGET_EXCEEDED: Final = "chatter.budget.exceeded"
+"""Span event on the LLM call whose usage crossed a ``BudgetOptions`` limit."""
+
+BUDGET_EXCEEDED_METRIC: Final = "chatter.budget.exceeded"
+"""Counter of runs and conversations that crossed a budget limit, by ``chatter.budget.limit``."""
+
+CHATTER_BUDGET_LIMIT: Final = "chatter.budget.limit"
+"""Which limit: ``run_tokens``, ``run_cost``, ``conversation_tokens``, ``conversation_cost``."""
+
+CHATTER_BUDGET_VALUE: Final = "chatter.budget.value"
+"""What the run or conversation had spent when it crossed the limit."""
+
+CHATTER_BUDGET_THRESHOLD: Final = "chatter.budget.threshold"
+"""The limit it crossed."""
 
 APP_MISMATCH_METRIC: Final = "chatter.usage.app_mismatch"
 """Counter of runs whose usage the app reported itself with numbers other than the measured

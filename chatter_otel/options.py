@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["EventOptions", "MonitoringOptions"]
+__all__ = ["BudgetOptions", "EventOptions", "MonitoringOptions"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +47,24 @@ class EventOptions:
     bus: Any = True
     forward_to: Callable[[Any], Any] | None = None
     converter: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """``configure(budgets=BudgetOptions(...))`` (or ``instrument(budgets=...)``): opt-in
+    limits on what runs spend. ``run_tokens``/``run_cost``: one run of the app's (its outermost
+    workflow, nested graphs included); ``conversation_tokens``/``conversation_cost``: one
+    ``gen_ai.conversation.id``, counted in this process since it started (the 10,000 most
+    recently active conversations; the usage ledger is the durable record). Costs in USD.
+
+    Crossing a limit adds a ``chatter.budget.exceeded`` event to the LLM call that crossed it
+    and counts ``chatter.budget.exceeded`` (by ``chatter.budget.limit``), once per run and
+    limit. ``raise_error``: an exception class of the app's; given, the run's next node does
+    not start: it raises ``raise_error(message)`` instead (the one case where the package
+    raises into the app, because the app asked)."""
+
+    run_tokens: int | None = None
+    run_cost: float | None = None
+    conversation_tokens: int | None = None
+    conversation_cost: float | None = None
+    raise_error: type[BaseException] | None = None

@@ -170,7 +170,8 @@ def configure(
         if owns and set_global:
             trace.set_tracer_provider(tracer_provider)
         instrumentor = LangGraphInstrumentor()
-        instrumentor.instrument(tracer_provider=tracer_provider, **instrument_options)
+        instrumentor.instrument(tracer_provider=tracer_provider,
+                                **{"meter_provider": meters, **instrument_options})  # fmt: skip
         tel = Telemetry(
             tracer_provider, owns_provider=owns, exporter_name=name, trace_store=store,
             instrumentor=instrumentor,

@@ -198,6 +198,7 @@ def test_inconsistent_batch_settings_warn_and_fall_back(
 
 def test_public_surface() -> None:
     assert set(chatter_otel.__all__) == {
+        "BudgetOptions",
         "EventOptions",
         "LangGraphInstrumentor",
         "LocalTraceStore",

@@ -51,10 +51,10 @@ def test_the_configuration_reference_names_every_option() -> None:
                 *inspect.signature(Settings.resolve).parameters]  # fmt: skip
     from dataclasses import fields
 
-    from chatter_otel import EventOptions, MonitoringOptions
+    from chatter_otel import BudgetOptions, EventOptions, MonitoringOptions
 
-    keywords += [f"{cls.__name__}.{f.name}" for cls in (MonitoringOptions, EventOptions)
-                 for f in fields(cls)]  # fmt: skip
+    keywords += [f"{cls.__name__}.{f.name}" for cls in (MonitoringOptions, EventOptions,
+                 BudgetOptions) for f in fields(cls)]  # fmt: skip
     missing = [k for k in keywords if f"`{k}`" not in doc]
     assert not missing, f"docs/configuration.md lacks {missing}"
     for env in re.findall(

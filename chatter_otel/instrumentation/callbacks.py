@@ -19,7 +19,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 
-from chatter_otel._safety import guarded, warn_once
+from chatter_otel._safety import guarded, internal_error, warn_once
 from chatter_otel.instrumentation.calls import LLMInvocation, ToolInvocation
 from chatter_otel.instrumentation.chain_starts import Announced, ChainStarts
 from chatter_otel.instrumentation.ids import ambient_ids, ids_from_config
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from opentelemetry.context import Context
     from opentelemetry.trace import Tracer
 
+    from chatter_otel.instrumentation.budgets import BudgetTracker
     from chatter_otel.instrumentation.cost import Pricer
     from chatter_otel.instrumentation.settings import Settings
 
@@ -61,10 +62,11 @@ class OtelCallbackHandler(BaseCallbackHandler):
     ignore_custom_event = True
 
     def __init__(self, tracer: Tracer, settings: Settings, pricer: Pricer, *,
-                 events: Any = None) -> None:  # fmt: skip
+                 events: Any = None, budget: BudgetTracker | None = None) -> None:  # fmt: skip
         super().__init__()
         self.tracer = tracer
         self.events = events  # a Logs API logger for content events, when they are on
+        self.budget = budget  # the app's limits (BudgetOptions), when it set any
         self.settings = settings
         self.pricer = pricer
         self.enabled = True
@@ -109,6 +111,22 @@ class OtelCallbackHandler(BaseCallbackHandler):
         if inv is not None and inv.checkpoint_id is None:
             inv.checkpoint_id = checkpoint_of(config.get("configurable"))
 
+    def budget_error(self, config: Mapping[str, Any] | None) -> BaseException | None:
+        """The app's exception for a node about to start in a run over its budget, when the
+        app asked for one (``BudgetOptions.raise_error``); None otherwise."""
+        if self.budget is None or self.budget.options.raise_error is None or not config:
+            return None
+        try:
+            inv = self._runs.get(getattr(config.get("callbacks"), "parent_run_id", None))
+            run = inv.workflow if inv is not None else None
+            if run is not None:
+                self.budget.raise_for(run.root_id, run.ids.conversation_id)
+        except self.budget.options.raise_error as exc:
+            return exc
+        except Exception:
+            internal_error("budget_error")
+        return None
+
     @guarded
     def graph_paused(self, run_id: UUID, checkpoint_id: str | None) -> None:
         """A static breakpoint paused the graph run ``run_id`` at ``checkpoint_id``: it and
@@ -142,6 +160,8 @@ class OtelCallbackHandler(BaseCallbackHandler):
             inv.stop(error)
             if inv.pause is not None:
                 self.pauses.paused(inv.pause)
+            if self.budget is not None and inv.outer is None:
+                self.budget.ended(inv.run.root_id)
         elif isinstance(inv, NodeInvocation):
             inv.stop(error)
         elif isinstance(inv, RetrievalInvocation):
@@ -259,6 +279,7 @@ class OtelCallbackHandler(BaseCallbackHandler):
             run_id, ids, parent, workflow, self.tracer, operation=operation, provider=provider,
             model=model, streaming=bool(params.get("stream") or params.get("streaming")),
             metadata=md, settings=self.settings, inputs=inputs, events=self.events,
+            budget=self.budget,
         )  # fmt: skip
         self._runs.put(run_id, inv)
 

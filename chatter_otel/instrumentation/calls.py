@@ -70,8 +70,9 @@ _MAX_DESC_LEN = 256
 
 
 class LLMInvocation(Invocation):
-    __slots__ = ("chunk_gaps", "event_inputs", "events", "first_chunk_ns", "last_chunk_ns",
-                 "operation", "provider", "request_model", "streaming")  # fmt: skip
+    __slots__ = ("budget", "chunk_gaps", "event_inputs", "events", "first_chunk_ns",
+                 "last_chunk_ns", "operation", "provider", "request_model",
+                 "streaming")  # fmt: skip
 
     def __init__(
         self,
@@ -89,8 +90,10 @@ class LLMInvocation(Invocation):
         settings: Settings,
         inputs: list[Any],
         events: Any = None,
+        budget: Any = None,
     ) -> None:
         super().__init__(run_id, ids, parent, workflow, settings)
+        self.budget = budget  # the app's limits, when it set any (instrumentation/budgets.py)
         self.events = events  # the Logs API logger content events go to, when they are on
         self.event_inputs: str | None = None
         self.operation, self.provider, self.request_model = operation, provider, model
@@ -179,6 +182,9 @@ class LLMInvocation(Invocation):
                 self._end_attributes(record, info, response, settings)
             if self.events is not None:
                 _content_event(self, record, info, response, settings)
+            if self.budget is not None:
+                root = self.workflow.root_id if self.workflow is not None else None
+                self.budget.spent(record, root, self.span)
         except Exception:
             internal_error("LLMInvocation.stop")
         finally:

@@ -150,6 +150,22 @@ class _AnnounceGraph:
         return callbacks  # a shape LangChain may accept that we do not know: left alone
 
 
+class _BudgetGate:
+    """Around LangGraph's ``run_with_retry``/``arun_with_retry``: a node's task does not start in
+    a run over its budget when the app asked for its exception (``BudgetOptions.raise_error``):
+    it raises that instead, as the node itself would have (the one raise into the app)."""
+
+    def __init__(self, handler: OtelCallbackHandler) -> None:
+        self._handler = handler
+
+    def __call__(self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        task = args[0] if args else kwargs.get("task")
+        over = self._handler.budget_error(getattr(task, "config", None))
+        if over is not None:
+            raise over
+        return wrapped(*args, **kwargs)
+
+
 class _NodeContext:
     """Around ``RunnableCallable.invoke``: the node span is current while the node runs; an
     interrupt raised in it notes the checkpoint its task ran from (what a resume links to)."""
@@ -224,10 +240,19 @@ def install(handler: OtelCallbackHandler, *, stream_usage: bool) -> bool:
     wrap_function_wrapper(Pregel, "astream", _AnnounceGraph(handler))
     wrap_function_wrapper(RunnableCallable, "invoke", _NodeContext(handler))
     wrap_function_wrapper(RunnableCallable, "ainvoke", _NodeContextAsync(handler))
+    if handler.budget is not None and handler.budget.options.raise_error is not None:
+        # the async one returns a coroutine: raising before creating it raises at its await
+        for name in ("run_with_retry", "arun_with_retry"):
+            wrap_function_wrapper("langgraph.pregel._runner", name, _BudgetGate(handler))
     return stream_usage and _ask_for_stream_usage()
 
 
 def remove(*, stream_usage: bool) -> None:
+    import langgraph.pregel._runner as runner
+
+    for name in ("run_with_retry", "arun_with_retry"):
+        if hasattr(getattr(runner, name), "__wrapped__"):
+            unwrap(runner, name)
     unwrap(Pregel, "stream")
     unwrap(Pregel, "astream")
     unwrap(RunnableCallable, "invoke")

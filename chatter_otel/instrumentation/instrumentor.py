@@ -45,7 +45,8 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     capture_content=..., prices=..., redact=..., max_content_length=..., max_runs=...,
     max_run_age_s=..., stream_usage=..., semconv_opt_in=...)``; each option falls back to its
     environment variable (see the configuration reference), then to the default. Idempotent.
-    ``logger_provider``: where content events go (the global one when not given).
+    ``logger_provider``: where content events go (the global one when not given);
+    ``budgets``: a ``BudgetOptions`` (``meter_provider``: where its counter goes).
     """
 
     _handler: OtelCallbackHandler | None = None
@@ -86,7 +87,11 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
             events = get_logger("chatter_otel", __version__, kwargs.get("logger_provider"),
                                 schema_url=SCHEMA_URL)  # fmt: skip
-        handler = OtelCallbackHandler(tracer, settings, Pricer(settings.prices), events=events)
+        from chatter_otel.instrumentation.budgets import tracker
+
+        budget = tracker(kwargs.get("budgets"), settings.max_runs, kwargs.get("meter_provider"))
+        handler = OtelCallbackHandler(tracer, settings, Pricer(settings.prices), events=events,
+                                      budget=budget)  # fmt: skip
         throttle_hostile_header_logs()
         warm_up()
         self._stream_usage = hooks.install(handler, stream_usage=settings.stream_usage)
