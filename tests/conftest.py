@@ -418,3 +418,20 @@ def rotel_forwarding(grpc_port: int, http_port: int, to: str, log_dir: Any) -> I
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def store(tmp_path: Any) -> Iterator[Any]:
+    """A local trace store, and the instrumentor writing every span of ours into it."""
+    from chatter_otel import LocalTraceStore
+    from chatter_otel.export.store import LocalStoreExporter
+    from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+
+    local = LocalTraceStore(tmp_path / "t.db")
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(LocalStoreExporter(local)))
+    inst = LangGraphInstrumentor()
+    inst.instrument(tracer_provider=provider, prices=LOCAL_MODEL_PRICES)
+    yield local
+    inst.uninstrument()
+    provider.shutdown()

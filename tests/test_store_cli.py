@@ -9,27 +9,11 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import HumanMessage
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from chatter_otel import LangGraphInstrumentor, LocalTraceStore, track_workflow
-from chatter_otel.export.store import LocalStoreExporter
+from chatter_otel import LocalTraceStore, track_workflow
 from chatter_otel.reference.demo import build_chat_graph
-from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.traces.cli import main
 from chatter_otel.traces.spans import SpanRecord
-
-
-@pytest.fixture
-def store(tmp_path: Any) -> Any:
-    store = LocalTraceStore(tmp_path / "t.db")
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(LocalStoreExporter(store)))
-    inst = LangGraphInstrumentor()
-    inst.instrument(tracer_provider=provider, prices=LOCAL_MODEL_PRICES)
-    yield store
-    inst.uninstrument()
-    provider.shutdown()
 
 
 def _turn(conversation: str, correlation: str, message: str, fail: bool = False) -> Any:

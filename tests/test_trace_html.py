@@ -14,14 +14,10 @@ from langchain_core.messages import HumanMessage
 from langgraph.graph import START, MessagesState, StateGraph
 from langgraph.types import Command
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from chatter_otel import LangGraphInstrumentor, LocalTraceStore, last_run, track_workflow
-from chatter_otel.export.store import LocalStoreExporter
+from chatter_otel import LocalTraceStore, last_run, track_workflow
 from chatter_otel.reference.agent_demo import build_approval_graph
 from chatter_otel.reference.demo import build_chat_graph
-from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.traces.cli import main
 
 if TYPE_CHECKING:
@@ -32,18 +28,6 @@ HOSTILE = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]  # fmt: skip
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[LocalTraceStore]:
-    store = LocalTraceStore(tmp_path / "t.db")
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(LocalStoreExporter(store)))
-    inst = LangGraphInstrumentor()
-    inst.instrument(tracer_provider=provider, prices=LOCAL_MODEL_PRICES)
-    yield store
-    inst.uninstrument()
-    provider.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                     40.96, 81.92]  # fmt: skip
 # opentelemetry-util-genai's: runs last seconds to hours, agents up to minutes.
-WORKFLOW_BUCKETS = [1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200]
+WORKFLOW_BUCKETS = [1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0]
 AGENT_BUCKETS = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 51.2, 102.4, 204.8, 409.6]
 _INPUT = GenAiTokenTypeValues.INPUT.value
 _OUTPUT = GenAiTokenTypeValues.COMPLETION.value  # "output"
@@ -76,38 +76,33 @@ class GenAIMetrics:
             description="Number of input and output tokens used.",
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
         )  # fmt: skip
-        self._duration = meter.create_histogram(
-            GEN_AI_CLIENT_OPERATION_DURATION, unit="s", description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )  # fmt: skip
-        self._ttfc = meter.create_histogram(
-            GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK, unit="s",
-            description="Time to receive the first chunk of a streamed response.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )  # fmt: skip
-        self._chunk = meter.create_histogram(
-            GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK, unit="s",
-            description="Time between a streamed response's chunks, after the first.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )  # fmt: skip
+
+        def seconds(name: str, description: str, buckets: list[float]) -> Any:
+            return meter.create_histogram(name, unit="s", description=description,
+                                          explicit_bucket_boundaries_advisory=buckets)  # fmt: skip
+
+        self._duration = seconds(GEN_AI_CLIENT_OPERATION_DURATION, "GenAI operation duration.",
+                                 DURATION_BUCKETS)  # fmt: skip
+        self._ttfc = seconds(GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK,
+                             "Time to receive the first chunk of a streamed response.",
+                             DURATION_BUCKETS)  # fmt: skip
+        self._chunk = seconds(GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK,
+                              "Time between a streamed response's chunks, after the first.",
+                              DURATION_BUCKETS)  # fmt: skip
         self._cost = meter.create_counter(
             COST_METRIC, unit="USD", description="Cost of GenAI calls, where it could be priced."
         )
-        self._workflow = meter.create_histogram(
-            INVOKE_WORKFLOW_DURATION_METRIC, unit="s",
-            description="Measures the duration of a workflow execution.",
-            explicit_bucket_boundaries_advisory=WORKFLOW_BUCKETS,
-        )  # fmt: skip
-        self._agent = meter.create_histogram(
-            INVOKE_AGENT_DURATION_METRIC, unit="s",
-            description="Measures the duration of an in-process agent invocation.",
-            explicit_bucket_boundaries_advisory=AGENT_BUCKETS,
-        )  # fmt: skip
-        self._tool = meter.create_histogram(
-            EXECUTE_TOOL_DURATION_METRIC, unit="s",
-            description="Measures the duration of a tool execution.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )  # fmt: skip
+        self._workflow = seconds(INVOKE_WORKFLOW_DURATION_METRIC,
+                                 "Measures the duration of a workflow execution.",
+                                 WORKFLOW_BUCKETS)  # fmt: skip
+        self._agent = seconds(INVOKE_AGENT_DURATION_METRIC,
+                              "Measures the duration of an in-process agent invocation.",
+                              AGENT_BUCKETS)  # fmt: skip
+        self._tool = seconds(
+            EXECUTE_TOOL_DURATION_METRIC,
+            "Measures the duration of a tool execution.",
+            DURATION_BUCKETS,
+        )
 
     def record_run(self, rec: WorkflowRecord | ToolCallRecord, error: str | None) -> None:
         """A workflow, an agent's run or a tool call, as util-genai records them."""

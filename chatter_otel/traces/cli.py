@@ -349,6 +349,11 @@ def _add_lookups(sub: Any, store_help: str) -> None:
             help="jaeger/tempo: refuse a larger response (default 32)",
         )
 
+    def add_search(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+        p.add_argument("--service", help="jaeger: the app's service.name (its search needs it)")
+        add_source(p)
+
     tr = sub.add_parser("trace", help="show one trace as a tree")
     tr.add_argument("trace_id", help="32 hex digits, base64 of 16 bytes, or (local) a prefix")
     html_help = "write the trace as one self-contained page (a waterfall) to FILE"
@@ -360,9 +365,7 @@ def _add_lookups(sub: Any, store_help: str) -> None:
     fd.add_argument("--correlation-id", help="the X-Correlation-ID of the request")
     fd.add_argument("--conversation-id", help="gen_ai.conversation.id")
     fd.add_argument("--message-id", help="chatter.message.id")
-    fd.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
-    fd.add_argument("--service", help="jaeger: the app's service.name (Jaeger search needs it)")
-    add_source(fd)
+    add_search(fd)
     fd.set_defaults(func=_find)
 
     ls = sub.add_parser("ls", help="recent runs, newest first")
@@ -371,9 +374,7 @@ def _add_lookups(sub: Any, store_help: str) -> None:
     ls.add_argument("--since", type=_seconds, default=None, help="only runs of the last 30m, 2h...")
     ls.add_argument("--model", help="only runs that called this model")
     ls.add_argument("--conversation", help="only runs of this gen_ai.conversation.id")
-    ls.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
-    ls.add_argument("--service", help="jaeger: the app's service.name (Jaeger search needs it)")
-    add_source(ls)
+    add_search(ls)
     ls.set_defaults(func=_ls)
 
     tl = sub.add_parser("tail", help="runs as they end in the local store (Ctrl-C ends it)")
