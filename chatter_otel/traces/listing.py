@@ -62,9 +62,15 @@ def table(found: Sequence[TraceSummary], out: Console, *, full_ids: bool) -> Tab
     grid = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
     for i, header in enumerate(fixed_headers):
         grid.add_column(header, no_wrap=True, justify="right" if 2 <= i <= 4 else "left")
-    for header in flexible:
-        grid.add_column(header, overflow="ellipsis", no_wrap=True,
-                        max_width=max(room // len(flexible), 4))  # fmt: skip
+    # ``ls``: the correlation id (what a person searches by next) is cut last; the model gives
+    # way first, down to 8 columns
+    widths = [room]
+    if not full_ids:
+        longest = max(len("correlation id"), *(len(n[1]) for n in names))
+        corr = min(longest, max(room - 9, 8))
+        widths = [max(room - corr - 1, 8), corr]
+    for header, width in zip(flexible, widths, strict=True):
+        grid.add_column(header, overflow="ellipsis", no_wrap=True, max_width=max(width, 4))
     for t, row, more in zip(found, rows, names, strict=True):
         grid.add_row(*row, *more, style="red" if t.status == "ERROR" else None)
     return grid
