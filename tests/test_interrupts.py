@@ -247,3 +247,23 @@ def test_a_static_breakpoint_is_a_pause_and_going_on_links_to_it(
     assert _event(resumed, "gen_ai.agent.resumed") == expected
     assert "chatter.interrupted" not in resumed.attributes
     assert last_run().status == "ok"  # type: ignore[union-attr]
+
+
+def test_a_breakpoint_given_at_the_call_is_a_pause_too(spans: Any) -> None:
+    def first(state: Count) -> Count:
+        return {"n": 1}
+
+    g = StateGraph(Count)
+    g.add_node("first", first)
+    g.add_node("second", first)
+    g.add_edge(START, "first")
+    g.add_edge("first", "second")
+    g.add_edge("second", END)
+    graph = g.compile(name="called", checkpointer=InMemorySaver())  # no breakpoint compiled in
+    cfg: Any = {"configurable": {"thread_id": "static-call"}}
+    graph.invoke({"n": 0}, cfg, interrupt_before=["second"])
+    assert last_run().status == "interrupted"  # type: ignore[union-attr]
+    graph.invoke(None, cfg)
+    paused, resumed = spans.named("invoke_workflow called")
+    assert paused.attributes["chatter.interrupted"] is True
+    assert resumed.links[0].context.span_id == paused.context.span_id

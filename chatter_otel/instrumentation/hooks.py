@@ -79,6 +79,16 @@ def _register_hook_once() -> None:
         _hook_registered = True
 
 
+def _has_breakpoints(graph: Any, kwargs: Any) -> bool:
+    """Static breakpoints on the compiled graph or on this call (``interrupt_before=...``)."""
+    return bool(
+        getattr(graph, "interrupt_before_nodes", None)
+        or getattr(graph, "interrupt_after_nodes", None)
+        or kwargs.get("interrupt_before")
+        or kwargs.get("interrupt_after")
+    )
+
+
 class _GraphLifecycle(GraphCallbackHandler):
     """LangGraph's own lifecycle callback: a static breakpoint (``interrupt_before`` /
     ``interrupt_after``) pauses a run without raising into any callback LangChain has, so
@@ -127,7 +137,8 @@ class _AnnounceGraph:
         self._handler.expect_graph(
             run_id, str(name), ids_from_config(config), new_slot(), built_by_factory(graph)
         )
-        config["callbacks"] = self._with_lifecycle(config.get("callbacks"))
+        if _has_breakpoints(graph, kwargs):  # only then: a handler more costs every event
+            config["callbacks"] = self._with_lifecycle(config.get("callbacks"))
         if len(args) > 1:
             args = (args[0], config, *args[2:])
         else:
