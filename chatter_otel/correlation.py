@@ -207,9 +207,8 @@ class CorrelationMiddleware:
         self.context_var = context_var
         register_app_sources(getter, context_var.get if context_var is not None else None)
 
-    def _resolve(self, scope: Scope) -> str:
+    def _resolve(self, scope: Scope, own: str | None) -> str:
         # The app's own id first, when one is set already (its middleware outside ours).
-        own = _from_app() if _app_sources else None
         if own is not None:
             return own
         raw = next((v for k, v in scope.get("headers") or () if k.lower() == _HEADER_KEY), None)
@@ -234,15 +233,14 @@ class CorrelationMiddleware:
         if scope.get("type") not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        cid = self._resolve(scope)
-        if _app_sources and not any(
-            k.lower() == _HEADER_KEY for k, _ in scope.get("headers") or ()
-        ):
+        own = _from_app() if _app_sources else None
+        cid = self._resolve(scope, own)
+        headers = scope.get("headers") or ()
+        if _app_sources and own is None and not any(k.lower() == _HEADER_KEY for k, _ in headers):
             # The app keeps its own id and the request brought none: hand it ours as the
             # request's header, the way a gateway does, so its middleware adopts it rather than
             # making a second one after spans (a body read, say) already carried ours.
-            scope = {**scope, "headers": [*(scope.get("headers") or ()),
-                                          (_HEADER_KEY, cid.encode("latin-1"))]}  # fmt: skip
+            scope = {**scope, "headers": [*headers, (_HEADER_KEY, cid.encode("latin-1"))]}
         holder = [cid, cid]
         note_app_loop()  # the app's loop, for an async emit the events are forwarded to
         span = trace.get_current_span()  # the server span of the ASGI instrumentation, if any

@@ -196,14 +196,8 @@ def test_no_pause_no_link(spans: Any) -> None:
     assert [e.name for e in s.events] == ["gen_ai.agent.paused"]
 
 
-@pytest.mark.parametrize("where", ["interrupt_before", "interrupt_after"])
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_static_breakpoint_is_a_pause_and_going_on_links_to_it(
-    spans: Any, where: str, mode: str
-) -> None:
-    """``interrupt_before``/``interrupt_after`` pause a graph with no exception anywhere:
-    LangGraph's ``on_interrupt`` says so. The paused run is marked and records the pause; the
-    run that goes on (input ``None``) links to it, as a ``Command(resume=...)`` does."""
+def _two_steps(name: str, **breakpoints: Any) -> Any:
+    """first (n = 1) then second (n + 1), checkpointed; ``breakpoints`` compiled in."""
 
     def first(state: Count) -> Count:
         return {"n": 1}
@@ -217,7 +211,19 @@ def test_a_static_breakpoint_is_a_pause_and_going_on_links_to_it(
     g.add_edge(START, "first")
     g.add_edge("first", "second")
     g.add_edge("second", END)
-    graph = g.compile(name="review", checkpointer=InMemorySaver(), **{where: ["second"]})
+    return g.compile(name=name, checkpointer=InMemorySaver(), **breakpoints)
+
+
+@pytest.mark.parametrize("where", ["interrupt_before", "interrupt_after"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_static_breakpoint_is_a_pause_and_going_on_links_to_it(
+    spans: Any, where: str, mode: str
+) -> None:
+    """``interrupt_before``/``interrupt_after`` pause a graph with no exception anywhere:
+    LangGraph's ``on_interrupt`` says so. The paused run is marked and records the pause; the
+    run that goes on (input ``None``) links to it, as a ``Command(resume=...)`` does."""
+
+    graph = _two_steps("review", **{where: ["second"]})
     cfg: Any = {"configurable": {"thread_id": f"static-{where}-{mode}"}}
     if mode == "sync":
         graph.invoke({"n": 0}, cfg)
@@ -250,16 +256,7 @@ def test_a_static_breakpoint_is_a_pause_and_going_on_links_to_it(
 
 
 def test_a_breakpoint_given_at_the_call_is_a_pause_too(spans: Any) -> None:
-    def first(state: Count) -> Count:
-        return {"n": 1}
-
-    g = StateGraph(Count)
-    g.add_node("first", first)
-    g.add_node("second", first)
-    g.add_edge(START, "first")
-    g.add_edge("first", "second")
-    g.add_edge("second", END)
-    graph = g.compile(name="called", checkpointer=InMemorySaver())  # no breakpoint compiled in
+    graph = _two_steps("called")  # no breakpoint compiled in
     cfg: Any = {"configurable": {"thread_id": "static-call"}}
     graph.invoke({"n": 0}, cfg, interrupt_before=["second"])
     assert last_run().status == "interrupted"  # type: ignore[union-attr]

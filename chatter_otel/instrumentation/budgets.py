@@ -68,6 +68,8 @@ class BudgetTracker:
         with self._lock:
             if root_id is not None:
                 run = self._get(self._runs, root_id, self._max_runs)
+                for gone in [r for r in self._over if r not in self._runs]:
+                    del self._over[gone]  # a run the cap let go of: bounded like the runs
                 run.tokens += tokens
                 run.cost += cost
                 crossed += self._check(run, "run", o.run_tokens, o.run_cost)
