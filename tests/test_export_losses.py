@@ -86,14 +86,16 @@ def test_a_collector_outage_loses_exactly_what_is_counted(
             chats(5)
             produced, got, lost = settle()
             assert (got, lost) == (produced, {})  # nothing lost while the collector is up
-        # the collector is down: 60 chats of 7 spans into a queue of 200
-        chats(60)
+        # the collector is down: 150 chats of 7 spans into a queue of 200, drained at ~64 spans
+        # a second (each failing batch retries until its 1 s timeout): the queue overflows
+        # unless the chats take over 13 s, however loaded the machine
+        chats(150)
         time.sleep(3)  # failed exports after their retries
         assert "spans are being lost by the otlp exporter" in caplog.text
         with rotel_forwarding(grpc_port, http_port, otlp_grpc.endpoint, tmp_path):
             chats(5)
             produced, got, lost = settle()
-        assert produced == 70 * 7  # a chat run is 7 spans
+        assert produced == 160 * 7  # a chat run is 7 spans
         assert lost.get("queue_full", 0) > 0 and lost.get("export_failed", 0) > 0
         assert got + sum(lost.values()) == produced  # lost = counted, exactly
         assert "the otlp exporter delivers again after" in caplog.text
