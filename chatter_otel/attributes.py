@@ -23,6 +23,8 @@ __all__ = [
     "CHATTER_MESSAGE_ID",
     "CHATTER_RETRIEVAL_DOCUMENTS",
     "CHATTER_TOOL_CALLS",
+    "CHATTER_USAGE_ESTIMATED",
+    "CHATTER_USAGE_ESTIMATOR",
     "CHATTER_USAGE_FIELD",
     "CHATTER_USAGE_MISSING",
     "CHATTER_USAGE_SOURCE",
@@ -62,6 +64,13 @@ CHATTER_WORKFLOW_ID: Final = "chatter.workflow.id"
 
 CHATTER_USAGE_MISSING: Final = "chatter.usage.missing"
 """``True`` on a ``chat`` span whose provider reported no token usage; no zeros are invented."""
+
+CHATTER_USAGE_ESTIMATED: Final = "chatter.usage.estimated"
+"""``True`` on a ``chat`` span whose token counts are an opt-in estimate (``estimate_usage``),
+not the provider's; on a workflow span when any of its calls' counts is."""
+
+CHATTER_USAGE_ESTIMATOR: Final = "chatter.usage.estimator"
+"""How an estimate counted: ``tiktoken:o200k_base``, ``chars/4`` or ``custom``."""
 
 CHATTER_USAGE_TOTAL_TOKENS: Final = "chatter.usage.total_tokens"
 """Total tokens of a call or a run, by the one rule of docs/decisions.md ("Totals"): the

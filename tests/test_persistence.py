@@ -881,14 +881,16 @@ async def test_the_app_s_transaction_carries_one_statement_of_ours(
 async def test_a_ledger_table_of_an_older_release_is_upgraded(
     database: str, tmp_path: Any, create_tables: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Every ledger row names the price table its cost came from. A ledger table made before
-    that column existed gets it (or, where the app manages the schema, is written without it
-    and one line says which statement adds it): no row is lost either way."""
+    """Every ledger row names the price table its cost came from and whether its usage was
+    estimated. A ledger table made before those columns existed gets them (or, where the app
+    manages the schema, is written without them and one line says which statement adds each):
+    no row is lost either way."""
+    added = ("price_table", "usage_estimated")
     from sqlalchemy import Column, MetaData, Table, inspect
 
     old = MetaData()
     Table(LEDGER.name, old, *(Column(c.name, c.type, primary_key=c.primary_key)
-                              for c in LEDGER.columns if c.name != "price_table"))  # fmt: skip
+                              for c in LEDGER.columns if c.name not in added))  # fmt: skip
     host = Host(database)
     await host.setup()
     async with host.engine.begin() as conn:
@@ -903,7 +905,7 @@ async def test_a_ledger_table_of_an_older_release_is_upgraded(
         async with host2.engine.connect() as conn:
             ledger = list(
                 await conn.execute(
-                    select(*(c for c in LEDGER.columns if create_tables or c.name != "price_table"))
+                    select(*(c for c in LEDGER.columns if create_tables or c.name not in added))
                 )
             )
         assert len(ledger) == 2 and sum(r.total_tokens for r in ledger) > 0
@@ -912,13 +914,15 @@ async def test_a_ledger_table_of_an_older_release_is_upgraded(
                 lambda c: {col["name"] for col in inspect(c).get_columns(LEDGER.name)}
             )
         if create_tables:
-            assert "price_table" in columns
+            assert set(added) <= columns
+            assert {r.usage_estimated for r in ledger} == {False}  # measured by the provider
             assert {r.price_table for r in ledger} == {
                 next(iter({r.price_table for r in ledger}))
             } and ledger[0].price_table.startswith(
                 "override "
             )  # the reference model is priced by the app's table
         else:
-            assert "price_table" not in columns
-            assert "ALTER TABLE chatter_usage_ledger ADD COLUMN price_table" in caplog.text
+            assert not set(added) & columns
+            for name in added:
+                assert f"ALTER TABLE chatter_usage_ledger ADD COLUMN {name}" in caplog.text
         assert p.stats["dropped"] == 0 and p.stats["quarantined"] == 0

@@ -39,6 +39,8 @@ from opentelemetry.trace import SpanKind
 
 from chatter_otel._safety import internal_error, warn_once
 from chatter_otel.attributes import (
+    CHATTER_USAGE_ESTIMATED,
+    CHATTER_USAGE_ESTIMATOR,
     CHATTER_USAGE_MISSING,
     CHATTER_USAGE_TOTAL_TOKENS,
     GEN_AI_USAGE_COST_AMOUNT,
@@ -48,6 +50,7 @@ from chatter_otel.attributes import (
 )
 from chatter_otel.instrumentation import content as _content
 from chatter_otel.instrumentation import records as r
+from chatter_otel.instrumentation.estimate import estimate
 from chatter_otel.instrumentation.invocations import Invocation
 from chatter_otel.instrumentation.usage import ResponseInfo, TokenUsage, extract_response
 
@@ -70,7 +73,7 @@ _MAX_DESC_LEN = 256
 
 
 class LLMInvocation(Invocation):
-    __slots__ = ("budget", "chunk_gaps", "event_inputs", "events", "first_chunk_ns",
+    __slots__ = ("budget", "chunk_gaps", "event_inputs", "events", "first_chunk_ns", "inputs",
                  "last_chunk_ns", "operation", "provider", "request_model",
                  "streaming")  # fmt: skip
 
@@ -98,6 +101,9 @@ class LLMInvocation(Invocation):
         self.event_inputs: str | None = None
         self.operation, self.provider, self.request_model = operation, provider, model
         self.streaming = streaming
+        # Kept only to estimate usage the provider does not report (opt-in); the app holds
+        # these messages for the call anyway.
+        self.inputs = inputs if settings.estimator is not None else None
         self.first_chunk_ns: int | None = None
         self.last_chunk_ns = 0
         self.chunk_gaps: array[float] | None = None  # between chunks after the first, seconds
@@ -157,6 +163,12 @@ class LLMInvocation(Invocation):
         record = None
         try:
             info = _extract(response)
+            estimator = settings.estimator
+            estimated = False
+            if estimator is not None and error is None and not info.usage.reported:
+                guess = _estimate(estimator, self.inputs, response)
+                if guess is not None:
+                    info.usage, estimated = guess, True
             cost = _price(pricer, info, self)
             status, etype, message = self._safe_outcome(error)
             u = info.usage
@@ -174,9 +186,10 @@ class LLMInvocation(Invocation):
                 cost.amount if cost else None, cost.currency if cost else None,
                 cost.source if cost else None, info.finish_reasons, self.streaming, ttfc,
                 tuple(self.chunk_gaps) if self.chunk_gaps is not None else (),
-                cost.table if cost else None,
+                cost.table if cost else None, estimated,
+                estimator.name if estimated and estimator is not None else None,
             )  # fmt: skip
-            if self.streaming and error is None and not u.reported:
+            if self.streaming and error is None and not u.reported and not estimated:
                 _say_stream_usage_missing(record.model)
             if self.span.is_recording():
                 self._end_attributes(record, info, response, settings)
@@ -215,7 +228,10 @@ class LLMInvocation(Invocation):
             ):
                 if value is not None:
                     attrs[key] = value
-            if not rec.usage_reported:
+            if rec.usage_estimated:
+                attrs[CHATTER_USAGE_ESTIMATED] = True
+                attrs[CHATTER_USAGE_ESTIMATOR] = rec.estimator
+            elif not rec.usage_reported:
                 attrs[CHATTER_USAGE_MISSING] = True
             if rec.cost is not None:
                 attrs[GEN_AI_USAGE_COST_AMOUNT] = float(rec.cost)
@@ -282,6 +298,14 @@ def _extract(response: Any) -> ResponseInfo:
     except Exception:
         internal_error("extract_response")
         return ResponseInfo(usage=TokenUsage())
+
+
+def _estimate(estimator: Any, inputs: list[Any] | None, response: Any) -> TokenUsage | None:
+    try:
+        return estimate(estimator, inputs, response)
+    except Exception:
+        internal_error("estimate")
+        return None
 
 
 def _price(pricer: Pricer, info: ResponseInfo, inv: LLMInvocation) -> Cost | None:

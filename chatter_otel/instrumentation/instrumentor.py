@@ -43,8 +43,9 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     ``LangGraphInstrumentor().instrument(tracer_provider=..., logger_provider=...,
     capture_content=..., prices=..., redact=..., max_content_length=..., max_runs=...,
-    max_run_age_s=..., stream_usage=..., semconv_opt_in=...)``; each option falls back to its
-    environment variable (see the configuration reference), then to the default. Idempotent.
+    max_run_age_s=..., stream_usage=..., estimate_usage=..., semconv_opt_in=...)``; each option
+    falls back to its environment variable (see the configuration reference), then to the
+    default. Idempotent.
     ``logger_provider``: where content events go (the global one when not given);
     ``budgets``: a ``BudgetOptions`` (``meter_provider``: where its counter goes).
     """
@@ -69,6 +70,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             max_run_age_s=kwargs.get("max_run_age_s"),
             prices=kwargs.get("prices"),
             stream_usage=kwargs.get("stream_usage"),
+            estimate_usage=kwargs.get("estimate_usage"),
             semconv_opt_in=kwargs.get("semconv_opt_in"),
         )
         # Recorded whatever the sampler says (at least RECORD_ONLY): the processors see every

@@ -135,6 +135,10 @@ class LLMCallRecord(_Common):
     time_to_first_chunk_s: float | None
     chunk_gaps_s: tuple[float, ...] = ()  # between a stream's chunks after the first
     cost_table: str | None = None  # the price table a computed cost came from
+    # The counts are an opt-in estimate (instrumentation/estimate.py), not the provider's; its
+    # counter's name. ``usage_reported`` stays False: the provider reported nothing.
+    usage_estimated: bool = False
+    estimator: str | None = None
 
     @property
     def model(self) -> str | None:

@@ -22,6 +22,7 @@ from chatter_otel.attributes import (
     CHATTER_LLM_CALLS,
     CHATTER_MESSAGE_ID,
     CHATTER_TOOL_CALLS,
+    CHATTER_USAGE_ESTIMATED,
     CHATTER_USAGE_TOTAL_TOKENS,
     GEN_AI_USAGE_COST_AMOUNT,
     GEN_AI_USAGE_COST_CURRENCY,
@@ -101,6 +102,7 @@ class RunUsage:
     llm_calls: int = 0
     tool_calls: int = 0
     usage_missing_calls: int = 0
+    usage_estimated_calls: int = 0  # calls whose counts are an opt-in estimate
 
 
 def _add(a: int | None, b: int | None) -> int | None:
@@ -163,7 +165,8 @@ class WorkflowRun:
             cost_currency=call.cost_currency, cost_source=call.cost_source,
             provider=call.provider, model=call.model,
             finish_reason=reasons[-1] if reasons else None, llm_calls=1,
-            usage_missing_calls=0 if call.usage_reported else 1,
+            usage_missing_calls=0 if call.usage_reported or call.usage_estimated else 1,
+            usage_estimated_calls=1 if call.usage_estimated else 0,
         )  # fmt: skip
         with self._lock:
             if len(self.calls) < MAX_CALLS_KEPT:
@@ -186,6 +189,7 @@ class WorkflowRun:
         u.llm_calls += c.llm_calls
         u.tool_calls += c.tool_calls
         u.usage_missing_calls += c.usage_missing_calls
+        u.usage_estimated_calls += c.usage_estimated_calls
         u.prompt_tokens = _add(u.prompt_tokens, c.prompt_tokens)
         u.completion_tokens = _add(u.completion_tokens, c.completion_tokens)
         u.total_tokens = _add(u.total_tokens, c.total_tokens)
@@ -222,6 +226,8 @@ class WorkflowRun:
             attrs[GEN_AI_USAGE_COST_AMOUNT] = float(u.cost)
             attrs[GEN_AI_USAGE_COST_CURRENCY] = u.cost_currency
             attrs[GEN_AI_USAGE_COST_SOURCE] = u.cost_source
+        if u.usage_estimated_calls:
+            attrs[CHATTER_USAGE_ESTIMATED] = True
         return attrs
 
     def bind_span(self, span: Span) -> None:

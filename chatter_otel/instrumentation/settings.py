@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatter_otel.instrumentation.estimate import Estimator, resolve_estimator
 from chatter_otel.instrumentation.semconv_modes import DEFAULT, SemconvMode, resolve_mode
 
 _log = logging.getLogger("chatter_otel")
@@ -20,6 +21,7 @@ ENV_CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 ENV_MAX_CONTENT_LENGTH = "CHATTER_OTEL_MAX_CONTENT_LENGTH"
 ENV_CAPTURE_EXCEPTION_TEXT = "CHATTER_OTEL_CAPTURE_EXCEPTION_TEXT"
 ENV_STREAM_USAGE = "CHATTER_OTEL_STREAM_USAGE"
+ENV_ESTIMATE_USAGE = "CHATTER_OTEL_ESTIMATE_USAGE"
 ENV_MAX_RUNS = "CHATTER_OTEL_MAX_RUNS"
 ENV_MAX_RUN_AGE = "CHATTER_OTEL_MAX_RUN_AGE_SECONDS"
 ENV_PRICES_FILE = "CHATTER_OTEL_PRICES_FILE"
@@ -135,6 +137,8 @@ class Settings:
     # Ask OpenAI-compatible chat models (langchain-openai) for usage on streamed calls, where
     # the app left ``stream_usage`` unset: without it a streamed call reports no tokens.
     stream_usage: bool = False
+    # Counts tokens of calls that report none (instrumentation/estimate.py); None: never.
+    estimator: Estimator | None = None
     # Which GenAI convention names spans carry (OTEL_SEMCONV_STABILITY_OPT_IN; semconv_modes).
     semconv: SemconvMode = field(default_factory=lambda: SemconvMode(DEFAULT))
 
@@ -150,6 +154,7 @@ class Settings:
         max_run_age_s: int | None = None,
         prices: Mapping[str, Any] | None = None,
         stream_usage: bool | None = None,
+        estimate_usage: bool | Callable[[str], int] | None = None,
         semconv_opt_in: str | None = None,
     ) -> Settings:
         if redact is not None and not callable(redact):
@@ -172,5 +177,10 @@ class Settings:
             max_run_age_s=resolve_int(ENV_MAX_RUN_AGE, max_run_age_s, 3_600),
             prices=dict(prices),
             stream_usage=resolve_bool(ENV_STREAM_USAGE, stream_usage, False),
+            estimator=resolve_estimator(
+                estimate_usage
+                if estimate_usage is not None
+                else resolve_bool(ENV_ESTIMATE_USAGE, None, False)
+            ),
             semconv=resolve_mode(semconv_opt_in),
         )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
     MetaData,
@@ -48,6 +49,7 @@ LEDGER = Table(
     Column("currency", String(8)),
     Column("cost_source", String(16)),
     Column("price_table", String(96)),  # added after 0.1.0: UsagePersistence adds it if absent
+    Column("usage_estimated", Boolean),  # added after 0.1.0, as price_table; NULL on old rows
     Column("finish_reason", String(64)),
     Column("started_at", Float),
     Column("duration_ms", Float),
@@ -171,6 +173,7 @@ def ledger_row(rec: LLMCallRecord) -> dict[str, Any]:
         "reasoning_tokens": rec.reasoning_tokens, "cost": rec.cost,
         "currency": rec.cost_currency, "cost_source": rec.cost_source,
         "price_table": rec.cost_table,
+        "usage_estimated": rec.usage_estimated,
         "finish_reason": rec.finish_reasons[0] if rec.finish_reasons else None,
         "started_at": rec.start_ns / 1e9, "duration_ms": (rec.end_ns - rec.start_ns) / 1e6,
         "status": "error" if rec.failed else "ok",

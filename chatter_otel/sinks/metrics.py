@@ -36,6 +36,7 @@ from opentelemetry.semconv._incubating.metrics.gen_ai_metrics import (
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
 
 from chatter_otel.attributes import (
+    CHATTER_USAGE_ESTIMATED,
     COST_METRIC,
     EXECUTE_TOOL_DURATION_METRIC,
     INVOKE_AGENT_DURATION_METRIC,
@@ -131,6 +132,8 @@ class GenAIMetrics:
         if error:
             attrs[ERROR_TYPE] = error
         self._duration.record(rec.duration_s, attrs)
+        if getattr(rec, "usage_estimated", False):  # never summed silently with measured ones
+            attrs = {**attrs, CHATTER_USAGE_ESTIMATED: True}
         if rec.input_tokens is not None:
             self._tokens.record(rec.input_tokens, {**attrs, GEN_AI_TOKEN_TYPE: _INPUT})
         if rec.output_tokens is not None:

@@ -57,6 +57,7 @@ class LLMMetrics:
     duration_ms: float
     cost_estimate: float | None
     correlation_id: str
+    usage_estimated: bool = False  # the token counts are an opt-in estimate (estimate_usage)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class WorkflowMetrics:
 class _Totals:
     calls: int = 0
     calls_without_usage: int = 0  # their tokens are unknown, not 0
+    calls_estimated: int = 0  # their tokens are an opt-in estimate (estimate_usage)
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
@@ -187,6 +189,8 @@ class MonitoringService:
                 t.calls += 1
                 if metrics.input_tokens is None and metrics.output_tokens is None:
                     t.calls_without_usage += 1
+                if metrics.usage_estimated:
+                    t.calls_estimated += 1
                 t.input_tokens += metrics.input_tokens or 0
                 t.output_tokens += metrics.output_tokens or 0
                 t.cost += metrics.cost_estimate or 0.0
@@ -271,6 +275,7 @@ class MonitoringSpanProcessor(RecordSpanProcessor):
             duration_ms=(record.end_ns - record.start_ns) / 1e6,
             cost_estimate=float(record.cost) if record.cost is not None else None,
             correlation_id=record.ids.correlation_id or "",
+            usage_estimated=record.usage_estimated,
         )  # fmt: skip
 
     def _start(self, ours: str, user: str, conversation: str, correlation: str, cfg: Any) -> None:
@@ -324,7 +329,9 @@ class AppTypes:
     Tokens a provider did not report are ``None`` wherever the class admits it (its field
     annotated ``int | None``, or ours); a class whose token fields are plain ``int`` gets ``0``
     (it could not be built otherwise), its ``usage_missing`` field, if it has one, set ``True``,
-    and one log line saying how to see those calls as missing."""
+    and one log line saying how to see those calls as missing. Estimated counts
+    (``estimate_usage``) go as numbers, with ``usage_estimated=True`` for a class that has that
+    field."""
 
     def __init__(self, cls: Any, timestamps: str, *, own: bool) -> None:
         if timestamps not in ("datetime", "epoch"):
@@ -343,6 +350,9 @@ class AppTypes:
         )
 
     def llm_metrics(self, **values: Any) -> Any:
+        # An estimate (estimate_usage) is flagged to a class with a field for it.
+        if values.pop("usage_estimated", False) and "usage_estimated" in (self.accepts or ()):
+            values["usage_estimated"] = True
         if self.epoch:
             values["timestamp"] = values["timestamp"].timestamp()
         if not self.own and values.get("cost_estimate") is None:
