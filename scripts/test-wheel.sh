@@ -30,6 +30,14 @@ for set in newest lowest; do
   (cd "$work" && "$venv/bin/python" -m pytest -q -p no:cacheprovider "${files[@]}")
 done
 
+# util-genai's framework-over-provider protocol on its newest release (the dev venv pins
+# 1.1b0, the newest openai-v2 2.4b0 imports), with a real ChatOpenAI.
+venv="$root/.venv-newest"
+"$venv/bin/python" -m pip install -q -c <(grep -v '^opentelemetry-util-genai==' "$root/constraints.txt") \
+  "opentelemetry-util-genai >= 1.2b0" langchain-openai
+echo "wheel, newest set, util-genai $("$venv/bin/python" -c 'from importlib.metadata import version; print(version("opentelemetry-util-genai"))') beside ours:"
+(cd "$work" && "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/genai_protocol_check.py)
+
 venv="$root/.venv-lowest"
 "$venv/bin/python" -m pip install -q -c "$root/constraints-lowest.txt" "$wheel[reference]"
 echo "wheel, lowest set, the ledger on SQLAlchemy $("$venv/bin/python" -c 'import sqlalchemy; print(sqlalchemy.__version__)'):"

@@ -30,6 +30,7 @@ from chatter_otel.instrumentation.invocations import (
     WorkflowInvocation,
 )
 from chatter_otel.instrumentation.pauses import Pauses, checkpoint_of
+from chatter_otel.instrumentation.provider_calls import stream_scope
 from chatter_otel.instrumentation.providers import provider_name
 from chatter_otel.instrumentation.registry import Registry
 from chatter_otel.instrumentation.retrieval import RetrievalInvocation, data_source
@@ -282,6 +283,14 @@ class OtelCallbackHandler(BaseCallbackHandler):
             budget=self.budget,
         )  # fmt: skip
         self._runs.put(run_id, inv)
+        scope = stream_scope()
+        if scope is not None:  # model.stream()/astream(): its provider call follows, in this step
+            scope.started(inv)
+
+    def llm_invocation(self, run_id: UUID | None) -> LLMInvocation | None:
+        """The open LLM call of ``run_id`` (its provider call is about to run)."""
+        inv = self._runs.get(run_id)
+        return inv if isinstance(inv, LLMInvocation) else None
 
     @staticmethod
     def _ambient(metadata: Mapping[str, Any]) -> RunIds:

@@ -35,6 +35,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, SERVER_PORT
 from opentelemetry.trace import SpanKind
 
 from chatter_otel._safety import internal_error, warn_once
@@ -74,7 +75,7 @@ _MAX_DESC_LEN = 256
 
 class LLMInvocation(Invocation):
     __slots__ = ("budget", "chunk_gaps", "event_inputs", "events", "first_chunk_ns", "inputs",
-                 "last_chunk_ns", "operation", "provider", "request_model",
+                 "last_chunk_ns", "operation", "provider", "provider_data", "request_model",
                  "streaming")  # fmt: skip
 
     def __init__(
@@ -104,6 +105,8 @@ class LLMInvocation(Invocation):
         # Kept only to estimate usage the provider does not report (opt-in); the app holds
         # these messages for the call anyway.
         self.inputs = inputs if settings.estimator is not None else None
+        # What a util-genai provider instrumentation saw of the call (provider_calls.py).
+        self.provider_data: Any = None
         self.first_chunk_ns: int | None = None
         self.last_chunk_ns = 0
         self.chunk_gaps: array[float] | None = None  # between chunks after the first, seconds
@@ -218,6 +221,11 @@ class LLMInvocation(Invocation):
                 attrs[GEN_AI_RESPONSE_FINISH_REASONS] = info.finish_reasons
             if rec.time_to_first_chunk_s is not None:
                 attrs[GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK] = rec.time_to_first_chunk_s
+            seen = self.provider_data
+            if seen is not None and isinstance(seen.server_address, str):
+                attrs[SERVER_ADDRESS] = seen.server_address
+                if isinstance(seen.server_port, int):
+                    attrs[SERVER_PORT] = seen.server_port
             for key, value in (
                 (GEN_AI_USAGE_INPUT_TOKENS, rec.input_tokens),
                 (GEN_AI_USAGE_OUTPUT_TOKENS, rec.output_tokens),

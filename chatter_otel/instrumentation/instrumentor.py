@@ -1,6 +1,6 @@
 """``LangGraphInstrumentor``: LangGraph and LangChain runs become GenAI spans, no app change.
 
-Three hooks, each undone by ``uninstrument()``:
+Four hooks, each undone by ``uninstrument()``:
 
 * LangChain's own ``register_configure_hook``: every callback manager LangChain configures gets
   our inline handler, so every run (chains, chat models, tools) is seen, however the app builds
@@ -12,6 +12,9 @@ Three hooks, each undone by ``uninstrument()``:
 * ``RunnableCallable.invoke`` / ``ainvoke`` (where a node's function runs): the node's span is
   made current for the call, attached and detached in that one frame, so spans the app's own code
   starts inside a node are children of the node span.
+* ``BaseChatModel._generate_with_cache`` / ``_agenerate_with_cache`` / ``stream`` / ``astream``:
+  the chat span is current while the model calls its provider, marked so that a provider
+  instrumentation beside ours records the call only once (``provider_calls``).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 "chatter_otel", __version__, kwargs.get("tracer_provider"), schema_url=SCHEMA_URL
             )
         )
-        from chatter_otel.instrumentation import hooks
+        from chatter_otel.instrumentation import hooks, provider_calls
         from chatter_otel.instrumentation.callbacks import OtelCallbackHandler
 
         events = None
@@ -97,6 +100,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         throttle_hostile_header_logs()
         warm_up()
         self._stream_usage = hooks.install(handler, stream_usage=settings.stream_usage)
+        provider_calls.install()
         self._unwrap_embeddings = wrap_openai_embeddings(tracer, handler.pricer)
         self._handler = handler
         set_active_handler(handler)
@@ -112,9 +116,10 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _unwrap_embeddings: Any = None
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        from chatter_otel.instrumentation import hooks
+        from chatter_otel.instrumentation import hooks, provider_calls
 
         hooks.remove(stream_usage=self._stream_usage)
+        provider_calls.remove()
         self._stream_usage = False
         if self._unwrap_embeddings is not None:
             self._unwrap_embeddings()

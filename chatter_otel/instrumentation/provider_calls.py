@@ -1,0 +1,212 @@
+"""While a chat model calls its provider, our chat span is current and marked as an inference
+in progress, so a provider instrumentation beside ours does not count the call again.
+
+A provider instrumentation (``opentelemetry-instrumentation-openai-v2`` or any other built on
+``opentelemetry-util-genai``; OpenLLMetry's ``opentelemetry-instrumentation-openai``) would
+otherwise record each call a second time: a second chat span beside ours, and its tokens again
+in ``gen_ai.client.token.usage``. Both ecosystems have a protocol for a framework above a
+provider, and we follow both:
+
+* util-genai: the framework's inference puts an ``InferenceData`` under
+  ``CLIENT_INFERENCE_CONTEXT_KEY``; a provider invocation that finds one records no span,
+  metric or event, and publishes what it saw (server address and port) into it, which our
+  chat span then carries (``server.address``, ``server.port``).
+* OpenLLMetry: a provider call under ``suppress_language_model_instrumentation`` is skipped.
+
+With our span current, the HTTP client's span of the call nests under it, and a provider
+instrumentation that knows neither protocol nests its span under ours (its metrics still count
+the call: see the spans and metrics reference).
+
+Where: ``BaseChatModel._generate_with_cache`` / ``_agenerate_with_cache`` (``invoke``,
+``ainvoke``, ``batch`` and graph streaming, which streams inside them) get the call's run
+manager, so the span is the call's own. ``BaseChatModel.stream`` / ``astream`` start the call
+inside their first step: the first chat start in that step marks the step's scope, and every
+later step re-enters it. Between chunks the app's own context is back, so spans the app starts
+while it consumes a stream are not ours. (LangChain 1.8's v3 ``stream_events`` and plain-text
+LLMs are not covered: a provider span there stays beside ours.)
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context, trace
+
+from chatter_otel.instrumentation.active import active_handler
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator
+
+    from opentelemetry.context import Context
+
+    from chatter_otel.instrumentation.calls import LLMInvocation
+
+__all__ = ["install", "remove"]
+
+# OpenLLMetry's key (opentelemetry.semconv_ai.SUPPRESS_LANGUAGE_MODEL_INSTRUMENTATION_KEY).
+SUPPRESS_LLM_KEY = "suppress_language_model_instrumentation"
+
+
+# (context key, data class): util-genai is there wherever a provider instrumentation built
+# on it is; without it, nothing reads the key.
+# (util-genai before 1.2 has neither name, and no provider instrumentation on it looks.)
+def _inference_marker() -> tuple[str, Callable[[], Any]] | None:
+    try:
+        from opentelemetry.util.genai import invocation
+    except ImportError:
+        return None
+    key = getattr(invocation, "CLIENT_INFERENCE_CONTEXT_KEY", None)
+    data = getattr(invocation, "InferenceData", None)
+    return (key, data) if isinstance(key, str) and callable(data) else None
+
+
+_INFERENCE = _inference_marker()
+
+
+def provider_context(inv: LLMInvocation) -> Context:
+    """The context a provider call of ``inv`` runs in (built once per call)."""
+    ctx = context.set_value(SUPPRESS_LLM_KEY, True, trace.set_span_in_context(inv.span))
+    if _INFERENCE is not None:
+        key, data = _INFERENCE
+        inv.provider_data = data()
+        ctx = context.set_value(key, inv.provider_data, ctx)
+    return ctx
+
+
+class _Scope:
+    """One ``stream``/``astream`` call: its chat call's context, once the call has started."""
+
+    __slots__ = ("ctx", "token")
+
+    def __init__(self) -> None:
+        self.ctx: Context | None = None
+        self.token: object = None
+
+    def started(self, inv: LLMInvocation) -> None:
+        """The stream's chat call started, inside the current step: enter its context now."""
+        if self.ctx is None:
+            self.ctx = provider_context(inv)
+            self.token = context.attach(self.ctx)
+
+    def enter(self) -> Any:
+        self.token = context.attach(self.ctx) if self.ctx is not None else None
+        return _scope.set(self)
+
+    def leave(self, mark: Any) -> None:
+        # Same frame as enter (a step of the wrapper below), so the detach is always valid.
+        if self.token is not None:
+            context.detach(self.token)  # type: ignore[arg-type]
+            self.token = None
+        _scope.reset(mark)
+
+
+_scope: ContextVar[_Scope | None] = ContextVar("chatter_otel_stream_scope", default=None)
+
+
+def stream_scope() -> _Scope | None:
+    """The ``stream``/``astream`` step running now, if any (read by the chat start)."""
+    return _scope.get()
+
+
+def _call_context(kwargs: dict[str, Any], args: tuple[Any, ...]) -> Context | None:
+    handler = active_handler()
+    manager = kwargs.get("run_manager") or (args[2] if len(args) > 2 else None)
+    if handler is None or manager is None:
+        return None
+    inv = handler.llm_invocation(getattr(manager, "run_id", None))
+    return provider_context(inv) if inv is not None else None
+
+
+def _generate(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    ctx = _call_context(kwargs, args)
+    if ctx is None:
+        return wrapped(*args, **kwargs)
+    token = context.attach(ctx)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        context.detach(token)
+
+
+async def _agenerate(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    ctx = _call_context(kwargs, args)
+    if ctx is None:
+        return await wrapped(*args, **kwargs)
+    token = context.attach(ctx)
+    try:
+        return await wrapped(*args, **kwargs)
+    finally:
+        context.detach(token)
+
+
+def _stream(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    return _steps(wrapped(*args, **kwargs))
+
+
+def _astream(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+    return _asteps(wrapped(*args, **kwargs))
+
+
+def _steps(inner: Iterator[Any]) -> Iterator[Any]:
+    scope = _Scope()
+    try:
+        while True:
+            mark = scope.enter()
+            try:
+                item = next(inner)
+            except StopIteration:
+                return
+            finally:
+                scope.leave(mark)
+            yield item
+    finally:  # closed early (the app stopped reading): the model's own cleanup in its scope
+        mark = scope.enter()
+        try:
+            close = getattr(inner, "close", None)
+            if close is not None:
+                close()
+        finally:
+            scope.leave(mark)
+
+
+async def _asteps(inner: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    scope = _Scope()
+    try:
+        while True:
+            mark = scope.enter()
+            try:
+                item = await anext(inner)
+            except StopAsyncIteration:
+                return
+            finally:
+                scope.leave(mark)
+            yield item
+    finally:
+        mark = scope.enter()
+        try:
+            aclose = getattr(inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            scope.leave(mark)
+
+
+_WRAPPED = (("_generate_with_cache", _generate), ("_agenerate_with_cache", _agenerate),
+            ("stream", _stream), ("astream", _astream))  # fmt: skip
+
+
+def install() -> None:
+    from langchain_core.language_models.chat_models import BaseChatModel
+    from wrapt import wrap_function_wrapper
+
+    for name, wrapper in _WRAPPED:
+        wrap_function_wrapper(BaseChatModel, name, wrapper)
+
+
+def remove() -> None:
+    from langchain_core.language_models.chat_models import BaseChatModel
+    from opentelemetry.instrumentation.utils import unwrap
+
+    for name, _ in _WRAPPED:
+        unwrap(BaseChatModel, name)
