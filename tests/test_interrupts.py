@@ -126,19 +126,26 @@ def test_interrupt_in_a_subgraph_pauses_the_outer_run(spans: Any) -> None:
 
 
 def test_resume_of_a_pause_this_process_never_saw(instrument: Any) -> None:
-    """Paused in one process (here: an earlier instrumentation), resumed in another: no link,
-    but the resume event and the thread and checkpoint attributes join the two in a backend."""
+    """Paused in one process (here: an earlier instrumentation, whose pause registry is gone),
+    resumed in another: linked through the checkpoint the paused run wrote (the two-process
+    version is tests/test_cross_process_pauses.py)."""
     graph = _graph()
     cfg = {"configurable": {"thread_id": "hitl-4"}}
     spans = instrument()
     graph.invoke({"n": 0}, cfg)
+    paused = spans.one("invoke_workflow hitl")
     from chatter_otel import LangGraphInstrumentor
 
     LangGraphInstrumentor().uninstrument()
     spans = instrument()
     graph.invoke(Command(resume="1"), cfg)
     resumed = spans.one("invoke_workflow hitl")
-    assert resumed.links == ()
+    (link,) = resumed.links
+    assert link.context.span_id == paused.context.span_id
+    assert link.context.trace_id == paused.context.trace_id
+    checkpoint = paused.attributes["langgraph.checkpoint.id"]
+    assert dict(link.attributes or {}) == {"langgraph.thread.id": "hitl-4",
+                                           "langgraph.checkpoint.id": checkpoint}  # fmt: skip
     assert _event(resumed, "gen_ai.agent.resumed") == {"langgraph.thread.id": "hitl-4"}
 
 
@@ -151,9 +158,12 @@ def test_pauses_are_bounded_and_keyed_by_thread_and_checkpoint(instrument: Any) 
     for i in range(20):
         graph.invoke({"n": 0}, {"configurable": {"thread_id": f"t-{i}"}})
     assert len(handler.pauses) == 16
+    assert len(handler.threads) == 0  # the runs open by thread: none once they ended
     spans.clear()
     graph.invoke(Command(resume="1"), {"configurable": {"thread_id": "t-0"}})  # dropped first
-    assert spans.one("invoke_workflow hitl").links == ()
+    # no longer in the registry: linked through its checkpoint instead, once it is loaded
+    (link,) = spans.one("invoke_workflow hitl").links
+    assert dict(link.attributes or {})["langgraph.thread.id"] == "t-0"
     spans.clear()
     graph.invoke(Command(resume="1"), {"configurable": {"thread_id": "t-19"}})
     assert len(spans.one("invoke_workflow hitl").links) == 1

@@ -22,6 +22,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
 from chatter_otel._safety import guarded, internal_error, warn_once
 from chatter_otel.instrumentation.calls import LLMInvocation, ToolInvocation
 from chatter_otel.instrumentation.chain_starts import Announced, ChainStarts
+from chatter_otel.instrumentation.checkpoint_links import RunningThreads
 from chatter_otel.instrumentation.ids import ambient_ids, ids_from_config
 from chatter_otel.instrumentation.invocations import (
     Invocation,
@@ -77,7 +78,8 @@ class OtelCallbackHandler(BaseCallbackHandler):
         # Graph runs announced by the Pregel.stream/astream wrapper, by run id.
         self._graphs: OrderedDict[UUID, Announced] = OrderedDict()
         self.pauses = Pauses(settings.max_runs, settings.max_run_age_s)
-        self._starts = ChainStarts(tracer, settings, self.pauses)
+        self.threads = RunningThreads(settings.max_runs)  # the app's graph runs, by thread
+        self._starts = ChainStarts(tracer, settings, self.pauses, self.threads)
 
     # -- announced by the instrumentor ---------------------------------------------------------
 
@@ -159,6 +161,8 @@ class OtelCallbackHandler(BaseCallbackHandler):
             inv.stop(output, error, self.settings)
         elif isinstance(inv, WorkflowInvocation):
             inv.stop(error)
+            if inv.thread_id is not None:
+                self.threads.ended(inv)
             if inv.pause is not None:
                 self.pauses.paused(inv.pause)
             if self.budget is not None and inv.outer is None:

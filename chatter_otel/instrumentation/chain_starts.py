@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from opentelemetry.trace import Tracer
 
+    from chatter_otel.instrumentation.checkpoint_links import RunningThreads
     from chatter_otel.instrumentation.settings import Settings
 
 __all__ = ["Announced", "ChainStarts"]
@@ -43,10 +44,12 @@ def _step(metadata: Mapping[str, Any]) -> int | None:
 
 
 class ChainStarts:
-    __slots__ = ("pauses", "settings", "tracer")
+    __slots__ = ("pauses", "settings", "threads", "tracer")
 
-    def __init__(self, tracer: Tracer, settings: Settings, pauses: Pauses) -> None:
+    def __init__(self, tracer: Tracer, settings: Settings, pauses: Pauses,
+                 threads: RunningThreads) -> None:  # fmt: skip
         self.tracer, self.settings, self.pauses = tracer, settings, pauses
+        self.threads = threads
 
     def graph(  # noqa: PLR0917 - one call site
         self, run_id: UUID, graph: Announced, node_name: str | None, parent: Invocation | None,
@@ -59,6 +62,7 @@ class ChainStarts:
             node = self._plain_node(run_id, node_name, parent, metadata)
         under = node or parent
         thread = resumes = None
+        awaits = False
         if under is not None:
             outer = under.workflow
             ids = ids.merged_over(under.ids)
@@ -68,12 +72,18 @@ class ChainStarts:
             thread = thread_of(metadata)
             if thread is not None:
                 resumes = self._resumes(thread, inputs, metadata)
+                # paused where this process did not see it: the checkpoint says where
+                awaits = (resumes is None and inputs is None) or (
+                    resumes is not None and not resumes.context.is_valid
+                )
         agent = agent_for_graph(name, prebuilt, metadata, under.agent if under else None)
         inv = WorkflowInvocation(
             run_id, name, ids, self.tracer, self.settings, parent=under, outer=outer, node=node,
-            agent=agent, thread_id=thread, resumes=resumes,
+            agent=agent, thread_id=thread, resumes=resumes, awaits_link=awaits,
         )  # fmt: skip
         inv.slot = slot
+        if thread is not None:
+            self.threads.started(thread, inv)
         return inv
 
     def _resumes(

@@ -83,7 +83,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 "chatter_otel", __version__, kwargs.get("tracer_provider"), schema_url=SCHEMA_URL
             )
         )
-        from chatter_otel.instrumentation import hooks, provider_calls
+        from chatter_otel.instrumentation import checkpoint_links, hooks, provider_calls
         from chatter_otel.instrumentation.callbacks import OtelCallbackHandler
 
         events = None
@@ -101,6 +101,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         warm_up()
         self._stream_usage = hooks.install(handler, stream_usage=settings.stream_usage)
         provider_calls.install()
+        checkpoint_links.install()
         self._unwrap_embeddings = wrap_openai_embeddings(tracer, handler.pricer)
         self._handler = handler
         set_active_handler(handler)
@@ -116,10 +117,11 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
     _unwrap_embeddings: Any = None
 
     def _uninstrument(self, **kwargs: Any) -> None:
-        from chatter_otel.instrumentation import hooks, provider_calls
+        from chatter_otel.instrumentation import checkpoint_links, hooks, provider_calls
 
         hooks.remove(stream_usage=self._stream_usage)
         provider_calls.remove()
+        checkpoint_links.remove()
         self._stream_usage = False
         if self._unwrap_embeddings is not None:
             self._unwrap_embeddings()

@@ -29,8 +29,10 @@ from chatter_otel.attributes import (
     CHATTER_CANCELLED,
     CHATTER_INTERRUPTED,
     CHATTER_WORKFLOW_ID,
+    LANGGRAPH_CHECKPOINT_ID,
     LANGGRAPH_NODE_NAME,
     LANGGRAPH_STEP,
+    LANGGRAPH_THREAD_ID,
     ORPHANED_ERROR_TYPE,
 )
 from chatter_otel.instrumentation import records as r
@@ -40,7 +42,7 @@ from chatter_otel.instrumentation.runs import RunIds, WorkflowRun
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.trace import Span, SpanContext, Tracer
 
     from chatter_otel.instrumentation.agents import Agent
     from chatter_otel.instrumentation.runs import RunSlot
@@ -241,7 +243,8 @@ class WorkflowInvocation(Invocation):
     if any, when it ends."""
 
     __slots__ = (
-        "graph", "interrupted", "is_agent", "node", "outer", "pause", "run", "slot", "thread_id",
+        "_resumed", "_stamp", "awaits_link", "graph", "interrupted", "is_agent", "node",
+        "outer", "pause", "run", "slot", "thread_id",
     )  # fmt: skip
 
     def __init__(
@@ -261,6 +264,7 @@ class WorkflowInvocation(Invocation):
         extra: dict[str, Any] | None = None,
         thread_id: str | None = None,
         resumes: Pause | None = None,
+        awaits_link: bool = False,
     ) -> None:
         run = WorkflowRun(name=agent.name if agent is not None else name, ids=ids)
         super().__init__(run_id, ids, parent, run, settings)
@@ -274,6 +278,11 @@ class WorkflowInvocation(Invocation):
         # (checkpoint id, interrupt ids) once something inside it was interrupted
         self.interrupted: tuple[str | None, tuple[str, ...]] | None = None
         self.pause: Pause | None = None  # what its end recorded, for the resume to link to
+        # A resume whose pause this process did not see: linked from its checkpoint, if any
+        # (checkpoint_links.py).
+        self.awaits_link = awaits_link
+        self._resumed = resumes is not None  # the resumed event and attributes are on it
+        self._stamp: str | None = None
         attrs: dict[str, Any]
         if agent is not None:
             self.agent = agent
@@ -299,6 +308,30 @@ class WorkflowInvocation(Invocation):
         run.root_id = outer.root_id if outer is not None else run.workflow_id
         if outer is None and run.workflow_id:
             self.span.set_attribute(CHATTER_WORKFLOW_ID, run.workflow_id)
+
+    @property
+    def stamp(self) -> str:
+        """This run's span as a traceparent, for the checkpoints it writes (made once)."""
+        if self._stamp is None:
+            from chatter_otel.instrumentation.checkpoint_links import traceparent
+
+            self._stamp = traceparent(self.span.get_span_context())
+        return self._stamp
+
+    def link_pause(self, paused: SpanContext, checkpoint_id: str | None) -> None:
+        """Link to the run that paused in another process (read from the checkpoint this
+        run continues from), with the attributes and event an in-process resume gets."""
+        self.awaits_link = False
+        try:
+            attrs: dict[str, Any] = {LANGGRAPH_THREAD_ID: self.thread_id}
+            if checkpoint_id is not None:
+                attrs[LANGGRAPH_CHECKPOINT_ID] = checkpoint_id
+            self.span.add_link(paused, attrs)
+            self.span.set_attributes(attrs)
+            if not self._resumed:
+                self.span.add_event(RESUMED_EVENT, attrs)
+        except Exception:
+            internal_error("WorkflowInvocation.link_pause")
 
     def note_interrupt(self, checkpoint_id: str | None, ids: tuple[str, ...]) -> None:
         prev = self.interrupted

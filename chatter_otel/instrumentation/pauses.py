@@ -9,10 +9,11 @@ To stitch the two:
 * the resuming run's workflow span starts with a span link to the paused span (samplers see it)
   and a ``gen_ai.agent.resumed`` event.
 
-Both events, and both spans, carry ``langgraph.thread.id`` and ``langgraph.checkpoint.id``, so a
-backend can join the two even when the resume runs in another process, where no link can be made
-(this registry is per process). Bounded: ``max_runs`` threads, least recently paused dropped
-first, and entries older than ``max_run_age_s`` ignored.
+Both events, and both spans, carry ``langgraph.thread.id`` and ``langgraph.checkpoint.id``.
+This registry is per process; a resume in another process (or after the registry let go of
+the pause) is linked through the checkpoint instead (``checkpoint_links``). Bounded:
+``max_runs`` threads, least recently paused dropped first, and entries older than
+``max_run_age_s`` ignored.
 
 Static breakpoints (``interrupt_before``/``interrupt_after``) raise into no LangChain callback;
 LangGraph's ``GraphCallbackHandler.on_interrupt`` reports them (``hooks._GraphLifecycle``) and
