@@ -20,10 +20,10 @@ from langchain_core.messages import HumanMessage
 from langgraph.types import Command
 
 from chatter_otel import configure, last_run, track_workflow
-from chatter_otel.reference.agent_demo import build_approval_graph
+from chatter_otel.reference.agent_demo import build_approval_graph, build_weather_agent
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
-from chatter_otel.sinks.metrics import DURATION_BUCKETS, WORKFLOW_BUCKETS
+from chatter_otel.sinks.metrics import AGENT_BUCKETS, DURATION_BUCKETS, WORKFLOW_BUCKETS
 from tests.conftest import start_grpc_receiver
 from tests.stack import (
     INPROCESS_JOB,
@@ -165,6 +165,12 @@ def _chats(tel: Any, tag: str, *, ok: int, streamed: int, failed: int, llm_down:
         ):
             down.invoke("hello")
         runs[run.correlation_id] = run
+    # an agent as the app's outermost run (invoke_agent, with its own duration metric)
+    build_weather_agent().invoke({"messages": [("user", "Weather in Lima?")]}, {"metadata": {
+        "conversation_id": "conv-agent", "correlation_id": f"{tag}-agent"}})  # fmt: skip
+    agent_run = last_run()
+    assert agent_run is not None and agent_run.correlation_id == f"{tag}-agent"
+    runs[agent_run.correlation_id] = agent_run
     approval = build_approval_graph()
     cfg: Any = {"configurable": {"thread_id": "stack-thread"}}  # one conversation, both phases
     approval.invoke({"question": "Refund?"}, cfg)
@@ -349,7 +355,7 @@ def _value(result: list[dict[str, Any]]) -> float:
 def _totals(traces: list[list[SpanRecord]]) -> dict[str, Any]:
     chats = _spans(traces, "chat")
     per_conv: dict[str, float] = defaultdict(float)
-    for r in _spans(traces, "invoke_workflow"):
+    for r in [*_spans(traces, "invoke_workflow"), *_spans(traces, "invoke_agent")]:
         a = r.attributes
         if a.get("chatter.workflow.id") and "gen_ai.usage.cost.amount" in a:
             per_conv[str(a["gen_ai.conversation.id"])] += float(a["gen_ai.usage.cost.amount"])
@@ -505,6 +511,8 @@ def test_every_dashboard_query_gives_the_right_number(
         "Run duration (p50/p95/p99)": (sorted(
             r.duration_ms / 1000 for r in _spans(measured, "invoke_workflow")),
             WORKFLOW_BUCKETS),
+        "Agent run duration (p50/p95/p99)": (sorted(
+            r.duration_ms / 1000 for r in _spans(measured, "invoke_agent")), AGENT_BUCKETS),
         "Tool call duration (p95) by tool": (sorted(
             r.duration_ms / 1000 for r in _spans(measured, "execute_tool")), DURATION_BUCKETS),
     }  # fmt: skip
@@ -556,7 +564,7 @@ def test_every_dashboard_query_gives_the_right_number(
                     assert value * 0.999 <= got[key] <= value * most + 1e-12, (
                         title, key, got[key], value, most)  # fmt: skip
             checked += 1
-    assert checked == 18
+    assert checked == 21
     # and the measured round is what those windows saw, give or take the warm-up's tail
     seen_in = _increase_seen(stack, f"{TOKENS}{{{JOB},{INPUT}}}", "x", "5m")[""][0]
     assert m["in"] <= seen_in <= m["in"] + _totals(workload["warm"])["in"]

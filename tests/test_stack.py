@@ -272,6 +272,8 @@ def _app_metrics() -> dict[str, set[str]]:
         common = ("0" * 16, "0" * 32, None, EMPTY_IDS, 0, 10**9, "OK", None, None)
         metrics.record_run(WorkflowRecord(*common, "chat", True, 1, 2, 3, None, None, None, None,
                                           1, 1), None)  # fmt: skip
+        metrics.record_run(WorkflowRecord(*common, "support", True, 1, 2, 3, None, None, None,
+                                          None, 1, 1, agent=True), None)  # fmt: skip
         metrics.record_run(ToolCallRecord(*common, "get_weather", None), "TimeoutError")
         out: dict[str, set[str]] = {}
         for family in REGISTRY.collect():
