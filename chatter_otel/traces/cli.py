@@ -1,7 +1,7 @@
 """``chatter-otel``: run the demo, and look up traces during an incident.
 
     chatter-otel demo                              run the reference workflow, record its trace
-    chatter-otel serve [--host H] [--port P]       run the reference chat app (FastAPI)
+    chatter-otel serve [--port P] [--workers N]    run the reference chat app (FastAPI)
     chatter-otel trace TRACE_ID [--json]           one trace as a tree
     chatter-otel find --correlation-id ID [--json] traces of a request (or --conversation-id,
                                                    --message-id), newest first
@@ -144,10 +144,24 @@ def _serve(args: argparse.Namespace) -> int:
         from chatter_otel.reference.app import create_app
     except ImportError as exc:
         raise _Fail(
-            f"serve needs the app extra: pip install 'chatter-otel[app]' ({exc})", 2
+            f"serve needs the reference extra: pip install 'chatter-otel[reference]' ({exc})", 2
         ) from None
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    if args.workers == 1:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    else:  # each worker process builds its own app (and its own configure()) from the factory
+        uvicorn.run("chatter_otel.reference.app:create_app", factory=True, host=args.host,
+                    port=args.port, workers=args.workers, log_level="info")  # fmt: skip
     return 0
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes from 1 to 64")
+    return n
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -308,6 +322,11 @@ def _parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the reference chat app (FastAPI) on embedded defaults")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sv.add_argument("--port", type=int, default=8000, help="port to listen on")
+    sv.add_argument(
+        "--workers", type=_workers, default=1, metavar="N",
+        help="app worker processes (uvicorn's), each with its own telemetry; set "
+        "CHATTER_REDIS_URL so /events shows every worker's runs",
+    )  # fmt: skip
     sv.set_defaults(func=_serve)
     _add_lookups(sub, store_help)
     return parser
