@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
@@ -88,6 +89,11 @@ def _resource(service_name: str | None, service_version: str | None, env: str | 
     resource = Resource.create(attrs)
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": _DEFAULT_SERVICE}))
+    if "service.instance.id" not in resource.attributes:
+        # One per process, as the conventions ask: the app's workers push cumulative metrics
+        # under the same service name, and a collector's Prometheus exporter keys their series
+        # by it (the scrape's `instance`); without it the workers overwrite each other's totals.
+        resource = resource.merge(Resource({"service.instance.id": str(uuid.uuid4())}))
     return resource
 
 

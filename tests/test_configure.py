@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -100,10 +101,13 @@ def test_otlp_export_over_a_real_network_hop(
         assert resource["service.name"] == "chat-api"
         assert resource["service.version"] == "1.2.3"
         assert resource["deployment.environment.name"] == "staging"
+        # one per process: several workers' metrics stay apart at a collector
+        assert str(uuid.UUID(resource["service.instance.id"])) == resource["service.instance.id"]
         assert span.trace_id.hex() == run.trace_id
         attrs = {a.key: a.value for a in span.attributes}
         assert attrs["chatter.correlation.id"].string_value == "corr-otlp"
         assert attrs["gen_ai.conversation.id"].string_value == "conv-otlp"
+    assert len({resource["service.instance.id"] for resource, _ in got}) == 1
     chats = [s for _, s in got if s.name == "chat chatter-local-1"]
     assert len(chats) == 2
     tokens = {a.key: a.value.int_value for c in chats for a in c.attributes}

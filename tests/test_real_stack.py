@@ -336,6 +336,24 @@ def test_the_resumed_run_links_to_the_paused_one_in_jaeger(
     ]
 
 
+def test_jaeger_keeps_the_traces_across_a_restart(stack: Stack, workload: dict[str, Any]) -> None:
+    """Badger on disk: every trace Jaeger had is there after a restart, span for span."""
+    sampled = _sampled(stack, workload)
+    kept = [workload["runs"][c].trace_id for c, yes in sampled.items() if yes]
+    def spans(trace_id: str) -> int:
+        found = _jaeger_trace(stack, trace_id) or []
+        return sum(len(ss["spans"]) for rs in found for ss in rs["scopeSpans"])
+
+    before = {t: spans(t) for t in kept}
+    assert kept and all(before.values())
+    (jaeger,) = [p for p in stack.procs if p.name == "jaeger"]
+    jaeger.stop()
+    jaeger.start()
+    wait_until(lambda: (stack.check_alive(), http_get(f"{stack.jaeger}/api/services"))[1],
+               "jaeger's query API after the restart")  # fmt: skip
+    assert {t: spans(t) for t in kept} == before
+
+
 # -- metrics: Prometheus, from the app's own metrics and the collector's derived ones ----------
 
 

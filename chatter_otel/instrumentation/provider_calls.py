@@ -28,6 +28,7 @@ LLMs are not covered: a provider span there stays beside ours.)
 
 from __future__ import annotations
 
+import sys
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -50,25 +51,35 @@ SUPPRESS_LLM_KEY = "suppress_language_model_instrumentation"
 
 # (context key, data class): util-genai is there wherever a provider instrumentation built
 # on it is; without it, nothing reads the key.
-# (util-genai before 1.2 has neither name, and no provider instrumentation on it looks.)
+# Looked up, never imported: a provider instrumentation built on util-genai has imported it
+# (importing it here would cost configure() 70 ms for apps that have none). util-genai before
+# 1.2 has neither name, and no provider instrumentation on it looks.
+_GENAI_MODULES = (
+    "opentelemetry.util.genai.invocation",
+    "opentelemetry.util.genai._inference_invocation",
+)
+_found: tuple[str, Callable[[], Any]] | None = None
+
+
 def _inference_marker() -> tuple[str, Callable[[], Any]] | None:
-    try:
-        from opentelemetry.util.genai import invocation
-    except ImportError:
-        return None
-    key = getattr(invocation, "CLIENT_INFERENCE_CONTEXT_KEY", None)
-    data = getattr(invocation, "InferenceData", None)
-    return (key, data) if isinstance(key, str) and callable(data) else None
-
-
-_INFERENCE = _inference_marker()
+    global _found  # noqa: PLW0603 - found once per process, like the module it reads
+    if _found is None:
+        for name in _GENAI_MODULES:
+            module = sys.modules.get(name)
+            key = getattr(module, "CLIENT_INFERENCE_CONTEXT_KEY", None)
+            data = getattr(module, "InferenceData", None)
+            if isinstance(key, str) and callable(data):
+                _found = (key, data)
+                break
+    return _found
 
 
 def provider_context(inv: LLMInvocation) -> Context:
     """The context a provider call of ``inv`` runs in (built once per call)."""
     ctx = context.set_value(SUPPRESS_LLM_KEY, True, trace.set_span_in_context(inv.span))
-    if _INFERENCE is not None:
-        key, data = _INFERENCE
+    marker = _inference_marker()
+    if marker is not None:
+        key, data = marker
         inv.provider_data = data()
         ctx = context.set_value(key, inv.provider_data, ctx)
     return ctx

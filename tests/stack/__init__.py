@@ -74,8 +74,8 @@ class Proc:
 
     def start(self) -> None:
         env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(
-            self.args, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(  # appended: a restart keeps the earlier run's log
+            self.args, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
             cwd=self.log.parent,
         )  # fmt: skip
 
@@ -151,6 +151,7 @@ def _start_stack(
     jaeger = Proc("jaeger", [bins["JAEGER"], "--config", str(HERE / "jaeger.yaml")], {
         "JAEGER_QUERY_PORT": str(p["jq"]), "JAEGER_QUERY_GRPC_PORT": str(p["jqg"]),
         "JAEGER_OTLP_PORT": str(p["jotlp"]), "OTEL_TRACES_EXPORTER": "none",
+        "JAEGER_BADGER_DIR": str(tmp / "jaeger-data"),
         "OTEL_SDK_DISABLED": "true",
     }, tmp / "jaeger.log")  # fmt: skip
     collector = Proc("collector", [bins["OTELCOL"], "--config",
