@@ -216,23 +216,30 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
 # -- the shipped config, the built collector ---------------------------------------------------
 
 
-def test_the_shipped_config_validates_on_the_built_collector() -> None:
+# The shipped configs as the collector is started with each: one host; an agent; a gateway
+# (the one-host config with gateway.yaml merged over it).
+CONFIGS = [["otel-collector.yaml"], ["agent.yaml"], ["otel-collector.yaml", "gateway.yaml"]]
+
+
+def test_the_shipped_configs_validate_on_the_built_collector() -> None:
     otelcol = binaries()["OTELCOL"]
-    config = str(ROOT / "collector/otel-collector.yaml")
-    proc = subprocess.run([otelcol, "validate", "--config", config], capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "deprecated" not in proc.stderr
+    for files in CONFIGS:
+        args = [a for f in files for a in ("--config", str(ROOT / "collector" / f))]
+        proc = subprocess.run([otelcol, "validate", *args], capture_output=True, text=True,
+                              timeout=60, check=False)  # fmt: skip
+        assert proc.returncode == 0, (files, proc.stderr)
+        assert "deprecated" not in proc.stderr, files
     built = yaml.safe_load(subprocess.run([otelcol, "components"], capture_output=True, text=True,
                                           timeout=60, check=True).stdout)  # fmt: skip
     manifest = yaml.safe_load((ROOT / "collector/builder-config.yaml").read_text())
-    otel = yaml.safe_load((ROOT / "collector/otel-collector.yaml").read_text())
+    configs = [yaml.safe_load((ROOT / "collector" / f).read_text()) for f in
+               ("otel-collector.yaml", "agent.yaml", "gateway.yaml")]  # fmt: skip
     assert built["buildinfo"]["version"] == manifest["dist"]["version"]
     for kind in ("receivers", "processors", "exporters", "connectors", "extensions"):
         modules = {f"{c['module']}" for c in built[kind]}
         assert modules == {c["gomod"] for c in manifest[kind]}, kind
-        # exactly the components the config uses: nothing missing, nothing extra
-        used = {name.split("/", 1)[0] for name in otel.get(kind) or {}}
+        # exactly the components the configs use: nothing missing, nothing extra
+        used = {name.split("/", 1)[0] for cfg in configs for name in cfg.get(kind) or {}}
         assert {c["name"] for c in built[kind]} == used, kind
 
 
@@ -340,6 +347,7 @@ def test_jaeger_keeps_the_traces_across_a_restart(stack: Stack, workload: dict[s
     """Badger on disk: every trace Jaeger had is there after a restart, span for span."""
     sampled = _sampled(stack, workload)
     kept = [workload["runs"][c].trace_id for c, yes in sampled.items() if yes]
+
     def spans(trace_id: str) -> int:
         found = _jaeger_trace(stack, trace_id) or []
         return sum(len(ss["spans"]) for rs in found for ss in rs["scopeSpans"])

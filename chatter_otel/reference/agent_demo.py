@@ -44,8 +44,10 @@ class Draft(TypedDict, total=False):
     approved: bool
 
 
-def build_approval_graph() -> Any:
-    """draft (an LLM call) -> review (``interrupt``: a human approves) -> send."""
+def build_approval_graph(checkpointer: Any = None) -> Any:
+    """draft (an LLM call) -> review (``interrupt``: a human approves) -> send. ``checkpointer``:
+    where the pause is kept (in memory when not given; one every worker shares, such as a
+    ``PostgresSaver``, to resume on another worker)."""
     model = LocalChatModel()
 
     def draft(state: Draft) -> Draft:
@@ -65,7 +67,7 @@ def build_approval_graph() -> Any:
     g.add_edge("draft", "review")
     g.add_edge("review", "send")
     g.add_edge("send", END)
-    return g.compile(name="approval", checkpointer=InMemorySaver())
+    return g.compile(name="approval", checkpointer=checkpointer or InMemorySaver())
 
 
 @dataclass
