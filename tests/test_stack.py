@@ -66,7 +66,43 @@ def test_compose_is_valid_compose_spec() -> None:
     parsed.validate()
     assert set(parsed.service_names()) == {
         "otel-collector", "jaeger", "tempo", "prometheus", "grafana", "postgres", "redis", "app",
+        "otel-agent", "gateway-1", "gateway-2", "gateway-3",
     }  # fmt: skip
+
+
+def test_the_scaled_profile_wires_agents_to_gateways(compose: dict) -> None:
+    """``--profile scaled``: the agent routes to exactly the gateways compose runs, each on the
+    one-host config with gateway.yaml over it, its queue on a volume of its own; Prometheus
+    scrapes every gateway; Jaeger keeps its traces on a volume."""
+    services = compose["services"]
+    scaled = {n for n, s in services.items() if "scaled" in s.get("profiles", [])}
+    gateways = sorted(n for n in scaled if n.startswith("gateway-"))
+    assert scaled == {"otel-agent", *gateways} and len(gateways) == 3
+    routed = yaml.safe_load(services["otel-agent"]["environment"]["GATEWAYS"])
+    agent = _yaml(COLLECTOR / "agent.yaml")
+    grpc = agent["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    receiver_port = _hostport(_with_defaults(grpc))[1]
+    assert routed == [f"{g}:{receiver_port}" for g in gateways]
+    queues = set()
+    for g in gateways:
+        svc = services[g]
+        assert svc["command"] == ["--config=/etc/otelcol-contrib/config.yaml",
+                                  "--config=/etc/otelcol-contrib/gateway.yaml"]  # fmt: skip
+        mounts = {v.split(":")[0]: v.split(":")[1] for v in svc["volumes"]}
+        assert mounts["./collector/otel-collector.yaml"] == "/etc/otelcol-contrib/config.yaml"
+        assert mounts["./collector/gateway.yaml"] == "/etc/otelcol-contrib/gateway.yaml"
+        queue = next(v for v in svc["volumes"] if v.endswith(":/var/lib/otelcol/gateway"))
+        queues.add(queue.split(":")[0])
+        assert svc["environment"]["GATEWAY_NAME"] == g
+    assert len(queues) == 3  # a queue of its own each
+    prom = _yaml(COLLECTOR / "prometheus.yml")
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"]
+               for t in sc["targets"]}  # fmt: skip
+    assert {f"{g}:8889" for g in gateways} <= targets
+    assert any(v.endswith(":/var/lib/jaeger") for v in services["jaeger"]["volumes"])
+    jaeger = _yaml(COLLECTOR / "jaeger.yaml")
+    (store,) = jaeger["extensions"]["jaeger_storage"]["backends"].values()
+    assert store["badger"]["directories"]["keys"].startswith("/var/lib/jaeger/")
 
 
 def test_collector_image_matches_the_builder_manifest(compose: dict, manifest: dict) -> None:
@@ -95,12 +131,14 @@ _SUFFIX = {"receivers": "receiver", "processors": "processor", "exporters": "exp
 
 
 def test_the_manifest_builds_exactly_the_components_used(otel: dict, manifest: dict) -> None:
-    """Checked here by name (a module provides the type its name says); tests/test_real_stack.py
-    checks it on the built binary (`otelcol components`)."""
+    """Checked here by name (a module provides the type its name says), over the one-host,
+    agent and gateway configs; tests/test_real_stack.py checks it on the built binary
+    (`otelcol components`)."""
+    configs = [otel, _yaml(COLLECTOR / "agent.yaml"), _yaml(COLLECTOR / "gateway.yaml")]
     for kind, suffix in _SUFFIX.items():
         modules = {c["gomod"].split()[0].rsplit("/", 1)[-1].removesuffix(suffix)
                    for c in manifest[kind]}  # fmt: skip
-        used = {_type(n).replace("_", "") for n in otel.get(kind) or {}}
+        used = {_type(n).replace("_", "") for cfg in configs for n in cfg.get(kind) or {}}
         provided = {t for t in used if any(t == m or t.startswith(m) for m in modules)}
         assert provided == used, f"{kind}: {used - provided} not built"
         assert all(any(t == m or t.startswith(m) for t in used) for m in modules), (
