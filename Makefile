@@ -77,6 +77,7 @@ bench-run:
 	$(BIN)/python -m benchmarks.bench_soak
 	$(BIN)/python -m benchmarks.bench_ls
 	$(BIN)/python -m benchmarks.bench_html
+	bash scripts/stack-bin.sh && $(BIN)/python -m benchmarks.bench_gateway
 	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
 	$(BIN)/python -m benchmarks.bench_before_after
 
