@@ -80,6 +80,7 @@ bench-run:
 	bash scripts/stack-bin.sh && $(BIN)/python -m benchmarks.bench_gateway
 	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
 	$(BIN)/python -m benchmarks.bench_before_after
+	$(BIN)/python -m benchmarks.bench_peers
 
 clean:
 	bash scripts/services.sh stop

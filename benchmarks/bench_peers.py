@@ -1,0 +1,165 @@
+"""Against the peers, in instructions per run: chatter-otel, OpenLLMetry, the official util-genai
+based LangChain instrumentation, OpenInference and a no-op LangChain callback handler.
+
+One workload for all (the reference run: a LangGraph graph, 2 LLM calls and 1 tool call on the
+local model), one harness, one process run: each configuration in its own process under
+``valgrind --tool=callgrind`` (instruction counts are repeatable on this noisy machine, wall time
+is not), twice, with ``--short`` and ``--short + --runs`` runs; the difference divided by
+``--runs`` is the instructions per run, imports and start-up cancelled out. Content capture off
+everywhere; spans through a ``BatchSpanProcessor`` to an exporter that drops them; every trace
+sampled unless the row says unsampled.
+
+The peers live in a venv of the benchmark's own (``build/bench-peers``, made on first use with
+the project's pinned LangChain and LangGraph): the official instrumentation needs a newer
+``opentelemetry-util-genai`` than the development venv pins for openai-v2.
+
+    python -m benchmarks.bench_peers [--runs N] [--jobs J] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / "build" / "bench-peers"
+PEERS = ["opentelemetry-instrumentation-langchain==0.62.4",  # OpenLLMetry
+         "opentelemetry-instrumentation-genai-langchain==1.3b0",  # the official one (util-genai)
+         "openinference-instrumentation-langchain==0.1.80"]  # fmt: skip
+
+WORKLOAD = r"""
+import asyncio, os, sys
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import HumanMessage
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+from chatter_otel.reference.demo import build_chat_graph
+from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+
+class Drop(SpanExporter):
+    def export(self, spans):
+        return SpanExportResult.SUCCESS
+
+class Noop(BaseCallbackHandler):
+    run_inline = True
+
+who, call, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+provider = TracerProvider(sampler=ALWAYS_OFF if who.endswith("unsampled") else ALWAYS_ON)
+provider.add_span_processor(BatchSpanProcessor(Drop(), max_queue_size=65536))
+config = {}
+if who.startswith("chatter-otel"):
+    from chatter_otel import LangGraphInstrumentor
+    LangGraphInstrumentor().instrument(tracer_provider=provider, prices=LOCAL_MODEL_PRICES)
+elif who == "openllmetry":
+    os.environ["TRACELOOP_TRACE_CONTENT"] = "false"
+    from opentelemetry.instrumentation.langchain import LangchainInstrumentor
+    LangchainInstrumentor().instrument(tracer_provider=provider)
+elif who == "official":
+    from opentelemetry.instrumentation.genai.langchain import LangChainInstrumentor
+    LangChainInstrumentor().instrument(tracer_provider=provider)
+elif who == "openinference":
+    from openinference.instrumentation import TraceConfig
+    from openinference.instrumentation.langchain import LangChainInstrumentor
+    hide = TraceConfig(hide_inputs=True, hide_outputs=True, hide_input_messages=True,
+                       hide_output_messages=True)
+    LangChainInstrumentor().instrument(tracer_provider=provider, config=hide)
+elif who == "noop-handler":
+    config = {"callbacks": [Noop()]}
+graph = build_chat_graph()
+question = {"messages": [HumanMessage("What is the weather in Paris?")]}
+
+async def arun(n):
+    for _ in range(n):
+        await graph.ainvoke(question, config)
+
+def run(n):
+    if call == "ainvoke":
+        asyncio.run(arun(n))
+    else:
+        for _ in range(n):
+            graph.invoke(question, config)
+
+run(3)  # warm-up: first-call caches, genai-prices' snapshot
+run(runs)
+"""
+
+WHO = ["bare", "noop-handler", "chatter-otel", "chatter-otel-unsampled", "openllmetry",
+       "official", "openinference"]  # fmt: skip
+
+
+def venv() -> Path:
+    """The benchmark's venv: the project's pinned LangChain/LangGraph, chatter-otel from this
+    checkout, the peers. Made once (about a minute)."""
+    python = VENV / "bin" / "python"
+    marker = VENV / ".peers"
+    # chatter-otel editable: the benchmark measures this checkout as it is now
+    packages = ["-e", f"{ROOT}[instruments]", "langchain", "langchain-openai", *PEERS]
+    if marker.exists() and marker.read_text() == "\n".join(packages):
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+    constraints = [line for line in (ROOT / "constraints.txt").read_text().splitlines()
+                   if not line.startswith("opentelemetry-util-genai==")]  # fmt: skip
+    pins = VENV / "constraints.txt"
+    pins.write_text("\n".join(constraints) + "\n")
+    pip = [str(python), "-m", "pip", "install", "-q", "-c", str(pins)]
+    subprocess.run([*pip, *packages], check=True)
+    marker.write_text("\n".join(packages))
+    return python
+
+
+def instructions(python: Path, who: str, call: str, runs: int) -> int:
+    env = {**os.environ, "PYTHONHASHSEED": "0",
+           "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "false"}  # fmt: skip
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+         str(python), "-c", WORKLOAD, who, call, str(runs)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"{who} {call}: {proc.stderr[-3000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--short", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    python = venv()
+    jobs = [(who, call, n) for call in ("invoke", "ainvoke") for who in WHO
+            for n in (args.short, args.short + args.runs)]  # fmt: skip
+    # one valgrind per core: the counts do not depend on what else runs
+    with ThreadPoolExecutor(args.jobs) as pool:
+        counts = dict(zip(jobs, pool.map(lambda j: instructions(python, *j), jobs), strict=True))
+    out: dict[str, dict[str, float]] = {}
+    for call in ("invoke", "ainvoke"):
+        res = {who: (counts[who, call, args.short + args.runs] - counts[who, call, args.short])
+                    / args.runs for who in WHO}  # fmt: skip
+        out[call] = res
+        bare = res["bare"]
+        added = {w: v - bare for w, v in res.items()}
+        print(f"{call}: instructions per run (callgrind, {args.runs} runs)")
+        print(f"{'':<24} {'per run':>12} {'added':>12} {'/ OpenLLMetry':>14} {'/ no-op':>8}")
+        for who, value in res.items():
+            if who == "bare":
+                print(f"{who:<24} {value:>12,.0f}")
+                continue
+            print(f"{who:<24} {value:>12,.0f} {added[who]:>12,.0f} "
+                  f"{added[who] / added['openllmetry']:>14.2f} "
+                  f"{added[who] / added['noop-handler']:>8.2f}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({**out, "runs": args.runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
