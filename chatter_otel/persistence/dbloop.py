@@ -216,13 +216,16 @@ class DatabaseLoop:
                 return written
             rows: list[SpoolRow] = [(0, kind, record) for kind, record in batch]
             try:
-                try:
-                    async with engine.begin() as conn:
-                        await self._apply_rows(conn, rows)
-                except Exception:
-                    written += await self._isolate_held(engine, rows)
-                    continue
-            except BaseException:
+                async with engine.begin() as conn:
+                    await self._apply_rows(conn, rows)
+            except Exception:
+                # One at a time. On an outage _isolate_held puts back what it did not get to
+                # and raises; that raise is not caught by the clause below (a sibling), so the
+                # batch goes back once, never twice (twice duplicated it: 37 records held and
+                # counted as 74).
+                written += await self._isolate_held(engine, rows)
+                continue
+            except BaseException:  # cancelled mid-batch: the batch goes back, in order
                 with self._counter.lock:
                     self._held.extendleft(reversed(batch))
                 raise
