@@ -252,14 +252,6 @@ async def test_what_cannot_be_kept_is_counted_and_said_exactly(tmp_path: Any, ca
             for i in range(37):
                 p.submit("llm", _llm_record(f"{i + 1:016x}", model="m" * 500))
             await asyncio.to_thread(p._intake.flush, 10)
-            # the database thread tries the held records (and fails) before the stop: a failed
-            # try once put them back twice (74 held, 74 said dropped)
-            for _ in range(200):
-                if "cannot write to the database" in caplog.text:
-                    break
-                await asyncio.sleep(0.05)
-            assert "37 record(s) waiting" in caplog.text
-            assert p.stats["held"] == 37
         finally:
             p.close()
             proxy.close()
