@@ -93,6 +93,8 @@ def _root_thread(loop: Any) -> Any:
 
 
 def _stamp(wrapped: Callable[..., Any], loop: Any, args: Any, kwargs: Any) -> Any:
+    if not loop.checkpointer:  # nothing is written: every step of a graph without one
+        return wrapped(*args, **kwargs)
     metadata = args[0] if args else kwargs.get("metadata")
     handler = active_handler()
     # A fresh dict is a new checkpoint's (the exit call passes the current one back).
@@ -109,7 +111,7 @@ def _stamp(wrapped: Callable[..., Any], loop: Any, args: Any, kwargs: Any) -> An
 
 def _loaded(loop: Any) -> None:
     handler = active_handler()
-    if handler is None:
+    if handler is None or not loop.checkpointer or not handler.threads:
         return
     inv = handler.threads.get(_root_thread(loop))
     if inv is None or not inv.awaits_link:
