@@ -81,6 +81,7 @@ bench-run:
 	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
 	$(BIN)/python -m benchmarks.bench_before_after
 	$(BIN)/python -m benchmarks.bench_peers
+	$(BIN)/python -m benchmarks.bench_request --parts
 
 clean:
 	bash scripts/services.sh stop

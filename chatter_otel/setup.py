@@ -267,7 +267,12 @@ def _instrument_app(
     if get_global_response_propagator() is None:  # type: ignore[no-untyped-call]
         set_global_response_propagator(TraceResponsePropagator())  # type: ignore[no-untyped-call]
     if not getattr(app, "_is_instrumented_by_opentelemetry", False):
-        FastAPIInstrumentor.instrument_app(app, tracer_provider=tel.tracer_provider)
+        # Without the ASGI `http send`/`http receive` sub-spans: one per ASGI message (three
+        # for a JSON answer, one per chunk of a streamed one), each costing what a server span
+        # does and saying nothing the server span does not. An app that wants them
+        # instruments itself first (FastAPIInstrumentor), and this is skipped.
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tel.tracer_provider,
+                                           exclude_spans=["receive", "send"])  # fmt: skip
         tel._undo.append(lambda: FastAPIInstrumentor.uninstrument_app(app))
     # Right inside the server span and outside Starlette's error middleware: the id is on the
     # server span, and a 500 gets the correlation id and `traceresponse` like any response.

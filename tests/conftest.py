@@ -67,6 +67,24 @@ class Spans:
         self.exporter.clear()
 
 
+def token_points(reader: Any, scope: str | None = None) -> Iterator[Any]:
+    """The data points of ``gen_ai.client.token.usage`` a metric reader holds, of ``scope``
+    (an instrumentation scope's name) or of every scope."""
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            if scope is not None and sm.scope.name != scope:
+                continue
+            for metric in sm.metrics:
+                if metric.name == "gen_ai.client.token.usage":
+                    yield from metric.data.data_points
+
+
+def token_sum(reader: Any, scope: str | None = None) -> int:
+    """``gen_ai.client.token.usage`` summed over ``scope`` (else every scope)."""
+    return sum(int(p.sum) for p in token_points(reader, scope))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "internal_errors: the test injects faults into the instrumentation on purpose"

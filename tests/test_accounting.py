@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.sampling import (
 from chatter_otel import configure, last_run
 from chatter_otel.persistence import LEDGER, RUNS, UsagePersistence
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
+from tests.conftest import token_sum
 from tests.test_persistence import Host, database
 
 __all__ = ["database"]  # the fixture, parametrized over SQLite and PostgreSQL
@@ -44,17 +45,6 @@ class ListBus:
 
     def publish(self, event: Any) -> None:
         self.events.append(event)
-
-
-def _token_sum(reader: InMemoryMetricReader) -> int:
-    data = reader.get_metrics_data()
-    total = 0
-    for rm in data.resource_metrics if data else ():
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                if metric.name == "gen_ai.client.token.usage":
-                    total += sum(int(p.sum) for p in metric.data.data_points)
-    return total
 
 
 @pytest.mark.parametrize(
@@ -115,7 +105,7 @@ async def test_every_run_is_accounted_whatever_the_sampler(
             trace_ids
         )
         # metrics: the true token sum
-        assert _token_sum(reader) == TOKENS_PER_CHAT * CHATS
+        assert token_sum(reader) == TOKENS_PER_CHAT * CHATS
         # export: only the sampled traces, each whole
         exported = exporter.get_finished_spans()
         assert all(s.context.trace_flags.sampled for s in exported)

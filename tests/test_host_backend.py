@@ -22,14 +22,18 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+from fastapi.testclient import TestClient
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from langgraph.graph import START, MessagesState, StateGraph
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from starlette.middleware.base import BaseHTTPMiddleware
 
 import chatter_otel
@@ -387,6 +391,9 @@ def test_one_id_from_the_first_byte_of_a_request(
     async def chat(request: Request) -> dict[str, Any]:
         return {"seen": (await request.json())["message"], "rid": request_id.get()}
 
+    # The app wants the ASGI sub-spans (configure() leaves them out): it instruments itself
+    # first, and configure() keeps that instrumentation.
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
     tel = chatter_otel.configure(app=app, tracer_provider=provider, set_global=False,
                                  correlation_context_var=request_id)  # fmt: skip
     base, server, thread = _serve(app)
@@ -414,6 +421,38 @@ def test_one_id_from_the_first_byte_of_a_request(
         server.should_exit = True
         thread.join(10)
         tel.shutdown()
+
+
+def test_configure_leaves_out_the_asgi_send_and_receive_spans() -> None:
+    """configure(app=...) gives each request its server span without the ASGI ``http send``/
+    ``http receive`` sub-spans: one per ASGI message, so a streamed answer made one per chunk."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> Any:
+        return await request.json()
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[str]:
+            for i in range(5):
+                yield f"data: {i}\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    tel = chatter_otel.configure(app=app, tracer_provider=provider, set_global=False)
+    try:
+        with TestClient(app) as client:
+            assert client.post("/echo", json={"a": 1}).json() == {"a": 1}
+            assert client.get("/stream").text.count("data:") == 5
+    finally:
+        tel.shutdown()
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["GET /stream", "POST /echo"]
+    assert all(s.kind is SpanKind.SERVER for s in spans)
 
 
 def test_a_correlation_id_in_the_graph_config_reaches_the_log_lines(

@@ -364,6 +364,7 @@ async def test_own_sql_is_not_traced_as_app_work(tmp_path: Any) -> None:
     p = UsagePersistence(url, spool_path=tmp_path / "spool.db")
     tel = configure(tracer_provider=provider, persistence=p, prices=LOCAL_MODEL_PRICES)
     try:
+        assert p.writes_in_transaction  # the app's tables were there before configure()
         cid = await host.new_conversation()
         await host.chat(cid, "weather in Rome")
         await _flush(p)
@@ -371,6 +372,8 @@ async def test_own_sql_is_not_traced_as_app_work(tmp_path: Any) -> None:
         statements = " ".join(s.attributes["db.statement"] for s in sql)
         assert "INSERT INTO messages" in statements  # the app's own queries are traced
         assert "chatter_usage" not in statements  # ours never are
+        assert "SAVEPOINT" not in statements  # nor the savepoint around them
+        assert p.stats["in_transaction"] == 1  # they ran on the app's connection
         ledger = await host.rows(LEDGER)
         assert (
             (await host.conversation(cid)).total_tokens == sum(r.total_tokens for r in ledger) > 0
@@ -841,40 +844,47 @@ async def test_the_app_s_transaction_carries_one_statement_of_ours(
 ) -> None:
     """On PostgreSQL the run's call rows, its claim and its conversation's totals are one
     statement (in a savepoint) on the app's connection; SQLite, with no data-modifying CTEs and
-    no network, takes three. The numbers are the same either way."""
+    no network, takes three. The numbers are the same either way. From the second chat on,
+    SQLAlchemy serves ours from its compiled cache (a multi-row VALUES cannot be cached: it
+    was compiled again on every chat)."""
     from sqlalchemy import event
+    from sqlalchemy.engine.default import CACHE_HIT
 
     async with _hosted(database, tmp_path) as (host, p):
-        cid = await host.new_conversation()
-        out = await host.graph.ainvoke({"messages": [HumanMessage("weather in Lima")]},
-                                       {"configurable": {"thread_id": cid}})  # fmt: skip
-        ours: list[str] = []
+        for turn in range(2):
+            cid = await host.new_conversation()
+            out = await host.graph.ainvoke({"messages": [HumanMessage("weather in Lima")]},
+                                           {"configurable": {"thread_id": cid}})  # fmt: skip
+            ours: list[tuple[str, Any]] = []
 
-        def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            # ours name our tables, or quote the app's (its own ORM statements do not)
-            if "chatter_usage" in statement or 'UPDATE "conversations"' in statement:
-                ours.append(statement)
+            def seen(conn: Any, cursor: Any, statement: str, params: Any, context: Any,
+                     many: bool) -> None:  # fmt: skip
+                # ours name our tables, or quote the app's (its own ORM statements do not)
+                if "chatter_usage" in statement or 'UPDATE "conversations"' in statement:
+                    ours.append((statement, context.cache_hit))  # noqa: B023 - this turn's
 
-        event.listen(host.engine.sync_engine, "before_cursor_execute", seen)
-        try:
-            mid = await host.save_assistant(cid, str(out["messages"][-1].content))
-        finally:
-            event.remove(host.engine.sync_engine, "before_cursor_execute", seen)
-        assert p.stats["in_transaction"] == 1
-        if host.engine.dialect.name == "postgresql":
-            (statement,) = ours
-            assert statement.lstrip().startswith("WITH") and "chatter_calls" in statement
-        else:
-            assert len(ours) == 3
-        await _flush(p)
-        ledger = await host.rows(LEDGER)
-        (msg,) = await host.messages(cid)
-        assert msg.id == mid and msg.total_tokens == sum(r.total_tokens for r in ledger) > 0
-        conv = await host.conversation(cid)
-        assert conv.total_tokens == msg.total_tokens and conv.total_cost == msg.cost
-        assert {r.message_id for r in ledger} == {mid}
-        (run,) = await host.rows(RUNS)
-        assert run.applied_at is not None and run.message_id == mid
+            event.listen(host.engine.sync_engine, "before_cursor_execute", seen)
+            try:
+                mid = await host.save_assistant(cid, str(out["messages"][-1].content))
+            finally:
+                event.remove(host.engine.sync_engine, "before_cursor_execute", seen)
+            assert p.stats["in_transaction"] == turn + 1
+            if host.engine.dialect.name == "postgresql":
+                ((statement, _),) = ours
+                assert statement.lstrip().startswith("WITH") and "chatter_call_1" in statement
+            else:
+                assert len(ours) == 3
+            if turn == 1:
+                assert [hit for _, hit in ours] == [CACHE_HIT] * len(ours)
+            await _flush(p)
+            ledger = [r for r in await host.rows(LEDGER) if r.message_id == mid]
+            (msg,) = await host.messages(cid)
+            assert msg.id == mid and msg.total_tokens == sum(r.total_tokens for r in ledger) > 0
+            conv = await host.conversation(cid)
+            assert conv.total_tokens == msg.total_tokens and conv.total_cost == msg.cost
+            assert len(ledger) == 2  # the graph's two chat calls
+            run = next(r for r in await host.rows(RUNS) if r.message_id == mid)
+            assert run.applied_at is not None
 
 
 @pytest.mark.parametrize("create_tables", [True, False], ids=["upgraded", "app-managed"])

@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from chatter_otel import configure
 from chatter_otel.persistence import LEDGER, UsagePersistence
 from chatter_otel.reference.demo import build_chat_graph
+from tests.conftest import token_sum
 from tests.test_persistence import Host, database
 
 if TYPE_CHECKING:
@@ -74,17 +75,7 @@ class Setup:
                 if s.instrumentation_scope.name == HTTPX]  # fmt: skip
 
     def token_sum(self, scope: str | None = None) -> int:
-        """``gen_ai.client.token.usage`` summed over ``scope`` (else every scope)."""
-        data = self.reader.get_metrics_data()
-        total = 0
-        for rm in data.resource_metrics if data else ():
-            for sm in rm.scope_metrics:
-                if scope is not None and sm.scope.name != scope:
-                    continue
-                for metric in sm.metrics:
-                    if metric.name == "gen_ai.client.token.usage":
-                        total += sum(int(p.sum) for p in metric.data.data_points)  # type: ignore[union-attr]
-        return total
+        return token_sum(self.reader, scope)
 
 
 @pytest.fixture(params=["openai-v2", "openllmetry"])

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from chatter_otel import configure, track_workflow
 from chatter_otel.persistence import LEDGER, UsagePersistence
 from chatter_otel.reference.demo import build_chat_graph
+from tests.conftest import token_points
 from tests.test_persistence import Host, database
 
 __all__ = ["database"]  # the fixture, parametrized over SQLite and PostgreSQL
@@ -205,15 +206,10 @@ async def test_the_ledger_metrics_and_monitoring_flag_estimates(
         assert (rows[1].input_tokens, rows[1].output_tokens) == (inp, out)
         assert float(rows[1].cost) == pytest.approx(_price(inp, out), rel=1e-9)
         points: dict[tuple[str, bool], int] = {}
-        data = reader.get_metrics_data()
-        for rm in data.resource_metrics if data else ():
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    if metric.name == "gen_ai.client.token.usage":
-                        for p in metric.data.data_points:
-                            key = (p.attributes["gen_ai.token.type"],
-                                   bool(p.attributes.get("chatter.usage.estimated")))  # fmt: skip
-                            points[key] = points.get(key, 0) + int(p.sum)
+        for p in token_points(reader):
+            key = (p.attributes["gen_ai.token.type"],
+                   bool(p.attributes.get("chatter.usage.estimated")))  # fmt: skip
+            points[key] = points.get(key, 0) + int(p.sum)
         assert points == {
             ("input", False): rows[0].input_tokens, ("output", False): rows[0].output_tokens,
             ("input", True): inp, ("output", True): out,

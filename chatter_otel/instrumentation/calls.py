@@ -110,12 +110,12 @@ class LLMInvocation(Invocation):
         self.first_chunk_ns: int | None = None
         self.last_chunk_ns = 0
         self.chunk_gaps: array[float] | None = None  # between chunks after the first, seconds
-        self._open(tracer, f"{operation} {model}" if model else operation, SpanKind.CLIENT, {})
-        try:
-            if self.span.is_recording():
-                self.span.set_attributes(self._start_attributes(metadata, settings, inputs))
+        try:  # given at the start (one call into the SDK; samplers and on_start see them)
+            attrs = self._start_attributes(metadata, settings, inputs)
         except Exception:
             internal_error("LLMInvocation.start")
+            attrs = {}
+        self._open(tracer, f"{operation} {model}" if model else operation, SpanKind.CLIENT, attrs)
 
     def _start_attributes(
         self, md: Mapping[str, Any], settings: Settings, inputs: list[Any]
@@ -360,11 +360,9 @@ class ToolInvocation(Invocation):
     ) -> None:
         super().__init__(run_id, ids, parent, workflow, settings)
         self.name, self.call_id = name, call_id
-        self._open(tracer, f"execute_tool {name}", SpanKind.INTERNAL, {})
-        if not self.span.is_recording():
-            return
-        try:
-            attrs: dict[str, Any] = {
+        attrs: dict[str, Any] = {}
+        try:  # given at the start: one call into the SDK
+            attrs = {
                 GEN_AI_OPERATION_NAME: _OP_TOOL,
                 GEN_AI_TOOL_NAME: name,
                 GEN_AI_TOOL_TYPE: "function",
@@ -379,9 +377,9 @@ class ToolInvocation(Invocation):
                 attrs[GEN_AI_TOOL_CALL_ARGUMENTS] = _content.render(
                     settings, "tool.arguments", arguments
                 )
-            self.span.set_attributes(attrs)
         except Exception:
             internal_error("ToolInvocation.start")
+        self._open(tracer, f"execute_tool {name}", SpanKind.INTERNAL, attrs)
 
     def stop(self, output: Any, error: BaseException | None, settings: Settings) -> None:
         end_ns = time.time_ns()

@@ -33,13 +33,12 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context, trace
+from opentelemetry.context import Context
 
 from chatter_otel.instrumentation.active import active_handler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
-
-    from opentelemetry.context import Context
 
     from chatter_otel.instrumentation.calls import LLMInvocation
 
@@ -75,14 +74,15 @@ def _inference_marker() -> tuple[str, Callable[[], Any]] | None:
 
 
 def provider_context(inv: LLMInvocation) -> Context:
-    """The context a provider call of ``inv`` runs in (built once per call)."""
-    ctx = context.set_value(SUPPRESS_LLM_KEY, True, trace.set_span_in_context(inv.span))
+    """The context a provider call of ``inv`` runs in (built once per call: one copy for the
+    span, one for the markers)."""
+    values: dict[str, Any] = {**trace.set_span_in_context(inv.span), SUPPRESS_LLM_KEY: True}
     marker = _inference_marker()
     if marker is not None:
         key, data = marker
         inv.provider_data = data()
-        ctx = context.set_value(key, inv.provider_data, ctx)
-    return ctx
+        values[key] = inv.provider_data
+    return Context(values)
 
 
 class _Scope:

@@ -65,20 +65,18 @@ class RetrievalInvocation(Invocation):
     ) -> None:  # fmt: skip
         super().__init__(run_id, ids, parent, workflow, settings)
         self.source = source
-        self._open(tracer, f"retrieval {source}", SpanKind.INTERNAL, {})
-        if not self.span.is_recording():
-            return
-        try:
-            attrs: dict[str, Any] = {
+        attrs: dict[str, Any] = {}
+        try:  # given at the start: one call into the SDK
+            attrs = {
                 GEN_AI_OPERATION_NAME: _OP, GEN_AI_DATA_SOURCE_ID: source, **ids.attributes(),
                 **self.agent_attributes(),
             }  # fmt: skip
             if settings.capture_content and isinstance(query, str):
                 attrs[GEN_AI_RETRIEVAL_QUERY_TEXT] = _content.render(settings, "retrieval.query",
                                                                      query)  # fmt: skip
-            self.span.set_attributes(attrs)
         except Exception:
             internal_error("RetrievalInvocation.start")
+        self._open(tracer, f"retrieval {source}", SpanKind.INTERNAL, attrs)
 
     def stop(self, documents: Any, error: BaseException | None) -> None:
         end_ns = time.time_ns()

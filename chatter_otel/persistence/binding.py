@@ -67,7 +67,6 @@ class BindingHooks:
         self._installed.clear()
 
     @guarded
-    @guarded
     def _before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
         m = self.mapping
         candidates = [
@@ -125,40 +124,42 @@ class BindingHooks:
         if not (self._ready and self._conversations_ok) or record is None or not record.outermost:
             return False
         conn = session.connection()
-        savepoint = conn.begin_nested()  # a refusal of ours never aborts the app's transaction
-        try:
-            with suppress_instrumentation():  # the package's own writes are never traced
-                # each call row names the message it answers
-                named = binding["message_id"]
-                rows = [self._ledger_fit({**ledger_row(c), "message_id": c.ids.message_id
-                                          or named}) for c in run.calls]  # fmt: skip
-                row = fit(RUNS, run_row(record, applied_at=time.time()))
-                row["message_id"] = binding["message_id"]
-                conv = binding["conversation_id"]
-                conv = str(conv) if conv is not None else None
-                tokens, cost = binding["total_tokens"] or 0, binding["cost"] or Decimal(0)
-                if conn.dialect.name == "postgresql":  # one statement, one round trip
-                    conn.execute(
-                        one_statement_write(
-                            self.mapping, rows, row, conv=conv, tokens=tokens, cost=cost
-                        )
-                    )
-                else:  # SQLite has no data-modifying CTEs (and no network to cross)
-                    if rows:
-                        conn.execute(ledger_upsert(conn), rows)
-                    claimed = conn.execute(claim_upsert(conn), row).rowcount == 1
-                    if claimed and conv is not None and (tokens or cost):
-                        conn.execute(add_statement(self.mapping),
-                                     {"tokens": tokens, "cost": cost, "conv": conv})  # fmt: skip
-            savepoint.commit()
-        except Exception as exc:
-            savepoint.rollback()
-            warn_once("ledger:in-transaction", "chatter-otel: cannot write the run's usage in the "
-                      "app's transaction (%s: %.300s); the ledger's worker writes it after the "
-                      "commit", type(exc).__name__, exc)  # fmt: skip
-            return False
+        # The package's own writes are never traced: the savepoint and its release neither.
+        with suppress_instrumentation():
+            savepoint = conn.begin_nested()  # a refusal of ours never aborts the app's
+            try:
+                self._write_run(conn, binding, run, record)
+                savepoint.commit()
+            except Exception as exc:
+                savepoint.rollback()
+                warn_once("ledger:in-transaction", "chatter-otel: cannot write the run's usage "
+                          "in the app's transaction (%s: %.300s); the ledger's worker writes it "
+                          "after the commit", type(exc).__name__, exc)  # fmt: skip
+                return False
         self.stats["in_transaction"] += 1
         return True
+
+    def _write_run(self, conn: Any, binding: dict[str, Any], run: WorkflowRun,
+                   record: Any) -> None:  # fmt: skip
+        named = binding["message_id"]  # each call row names the message it answers
+        rows = [self._ledger_fit({**ledger_row(c), "message_id": c.ids.message_id or named})
+                for c in run.calls]  # fmt: skip
+        row = fit(RUNS, run_row(record, applied_at=time.time()))
+        row["message_id"] = named
+        conv = binding["conversation_id"]
+        conv = str(conv) if conv is not None else None
+        tokens, cost = binding["total_tokens"] or 0, binding["cost"] or Decimal(0)
+        if conn.dialect.name == "postgresql":  # one statement, one round trip
+            conn.execute(*one_statement_write(self.mapping, rows, row, conv=conv, tokens=tokens,
+                                              cost=cost))  # fmt: skip
+            return
+        # SQLite has no data-modifying CTEs (and no network to cross)
+        if rows:
+            conn.execute(ledger_upsert(conn), rows)
+        claimed = conn.execute(claim_upsert(conn), row).rowcount == 1
+        if claimed and conv is not None and (tokens or cost):
+            conn.execute(add_statement(self.mapping),
+                         {"tokens": tokens, "cost": cost, "conv": conv})  # fmt: skip
 
     def _matches(self, run: WorkflowRun, msg: Any) -> bool:
         m = self.mapping

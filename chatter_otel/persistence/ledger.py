@@ -166,6 +166,13 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
         if self._thread is not None:
             self._start_thread()
 
+    @property
+    def writes_in_transaction(self) -> bool:
+        """True once the worker has seen our tables and the app's conversations table: from
+        then on a run's accounting is written in the app's transaction that saves its message
+        (before that, by the worker after the commit)."""
+        return self._ready and self._conversations_ok
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait (bounded) until everything submitted so far is in the database (or was dropped
         and counted); False on timeout. It sleeps on conditions: no spinning against workers."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -109,42 +110,55 @@ def if_empty(col: Any, value: Any) -> Any:
     return case((or_(col.is_(None), col == placeholder), value), else_=col)
 
 
+def _insert(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # sqlite: the only other backend UsagePersistence accepts
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    return insert
+
+
+# The statements below are built once per dialect (or mapping) and reused: building one
+# (``excluded`` aliases every column) cost more than executing it from SQLAlchemy's cache.
+@functools.cache
+def _insert_ignore(dialect: str, table: Table, key: str) -> Any:
+    return _insert(dialect)(table).on_conflict_do_nothing(index_elements=[key])
+
+
 def insert_ignore(conn: Any, table: Table, key: str) -> Any:
     """An insert that skips rows already there (a replay): ``ON CONFLICT DO NOTHING``."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:  # sqlite: the only other backend __init__ accepts
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    return insert(table).on_conflict_do_nothing(index_elements=[key])
+    return _insert_ignore(conn.dialect.name, table, key)
 
 
-def ledger_upsert(conn: Any) -> Any:
-    """Insert a run's call rows with the message they answer, or give rows the worker wrote
-    first that message (where they have none): one statement for both."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    stmt = insert(LEDGER)
+@functools.cache
+def _ledger_upsert(dialect: str) -> Any:
+    stmt = _insert(dialect)(LEDGER)
     return stmt.on_conflict_do_update(
         index_elements=[LEDGER.c.span_id],
         set_={"message_id": func.coalesce(LEDGER.c.message_id, stmt.excluded.message_id)},
     )
 
 
-def claim_upsert(conn: Any) -> Any:
-    """Insert the run row claimed, or claim the row the worker inserted first; rowcount 1 only
-    for whoever claims it (``applied_at IS NULL`` -> now), so a run is added once."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    stmt = insert(RUNS)
+def ledger_upsert(conn: Any) -> Any:
+    """Insert a run's call rows with the message they answer, or give rows the worker wrote
+    first that message (where they have none): one statement for both."""
+    return _ledger_upsert(conn.dialect.name)
+
+
+@functools.cache
+def _claim_upsert(dialect: str) -> Any:
+    stmt = _insert(dialect)(RUNS)
     return stmt.on_conflict_do_update(
         index_elements=[RUNS.c.workflow_id],
         set_={"applied_at": stmt.excluded.applied_at, "message_id": stmt.excluded.message_id},
         where=RUNS.c.applied_at.is_(None),
     )
+
+
+def claim_upsert(conn: Any) -> Any:
+    """Insert the run row claimed, or claim the row the worker inserted first; rowcount 1 only
+    for whoever claims it (``applied_at IS NULL`` -> now), so a run is added once."""
+    return _claim_upsert(conn.dialect.name)
 
 
 def fit(table: Table, record: dict[str, Any]) -> dict[str, Any]:
@@ -192,6 +206,7 @@ def run_row(rec: WorkflowRecord, applied_at: float | None = None) -> dict[str, A
     }  # fmt: skip
 
 
+@functools.cache
 def add_statement(m: MessageMapping) -> Any:
     """``UPDATE conversations SET total = total + :delta``: exact under concurrency."""
     return text(
@@ -207,15 +222,34 @@ def add_statement(m: MessageMapping) -> Any:
     )
 
 
-def one_statement_write(m: MessageMapping, calls: list[dict[str, Any]], run: dict[str, Any], *,
-                        conv: str | None, tokens: int, cost: Any) -> Any:  # fmt: skip
+def one_statement_write(
+    m: MessageMapping, calls: list[dict[str, Any]], run: dict[str, Any], *, conv: str | None,
+    tokens: int, cost: Any,
+) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """PostgreSQL: a run's call rows, its claim and its conversation's totals as ONE statement
-    (data-modifying CTEs), one round trip on the app's connection. The conversation is added
-    to only when this statement claimed the run (a replay adds nothing)."""
+    (data-modifying CTEs), one round trip on the app's connection, and its parameters. The
+    conversation is added to only when this statement claimed the run (a replay adds nothing).
+    """
+    add = conv is not None and bool(tokens or cost)
+    params = {f"r_{k}": v for k, v in run.items()}
+    for i, call in enumerate(calls):
+        params.update({f"c{i}_{k}": v for k, v in call.items()})
+    if add:
+        params.update(conv=conv, tokens=tokens, cost=cost)
+    shape = (tuple(run), tuple(calls[0]) if calls else (), len(calls))
+    return _one_statement(m, *shape, add), params
+
+
+@functools.lru_cache(maxsize=64)
+def _one_statement(m: MessageMapping, run_cols: tuple[str, ...], call_cols: tuple[str, ...],
+                   n_calls: int, add: bool) -> Any:  # fmt: skip
+    """The statement of ``one_statement_write``, built once per shape, every value a bound
+    parameter: one single-row insert per call, not one multi-row VALUES (SQLAlchemy cannot
+    cache the compiled form of a multi-row VALUES: it compiled it again on every chat)."""
     from sqlalchemy import column, exists, literal, select, table, update
     from sqlalchemy.dialects.postgresql import insert
 
-    runs = insert(RUNS).values(run)
+    runs = insert(RUNS).values({k: bindparam(f"r_{k}", type_=RUNS.c[k].type) for k in run_cols})
     claimed = (
         runs.on_conflict_do_update(
             index_elements=[RUNS.c.workflow_id],
@@ -225,28 +259,30 @@ def one_statement_write(m: MessageMapping, calls: list[dict[str, Any]], run: dic
         .returning(literal(1).label("claimed"))
         .cte("chatter_claimed")
     )
-    if conv is not None and (tokens or cost):
+    if add:
         conversations = table(m.conversations_table, column(m.conversation_pk),
                               column(m.conversation_total_tokens),
                               column(m.conversation_total_cost))  # fmt: skip
         c = conversations.c
         main: Any = (
             update(conversations)
-            .where(c[m.conversation_pk] == bindparam("conv", conv, type_=String()))
+            .where(c[m.conversation_pk] == bindparam("conv", type_=String()))
             .where(exists(select(claimed.c.claimed)))
             .values({
                 m.conversation_total_tokens: c[m.conversation_total_tokens]
-                + bindparam("tokens", tokens, type_=BigInteger()),
+                + bindparam("tokens", type_=BigInteger()),
                 m.conversation_total_cost: c[m.conversation_total_cost]
-                + bindparam("cost", cost, type_=Numeric(20, 10)),
+                + bindparam("cost", type_=Numeric(20, 10)),
             })
         )  # fmt: skip
     else:
         main = select(func.count()).select_from(claimed)
-    if calls:
-        ledger = insert(LEDGER).values(calls)
+    for i in range(n_calls):
+        ledger = insert(LEDGER).values(
+            {k: bindparam(f"c{i}_{k}", type_=LEDGER.c[k].type) for k in call_cols}
+        )
         main = main.add_cte(ledger.on_conflict_do_update(
             index_elements=[LEDGER.c.span_id],
             set_={"message_id": func.coalesce(LEDGER.c.message_id, ledger.excluded.message_id)},
-        ).cte("chatter_calls"))  # fmt: skip
+        ).cte(f"chatter_call_{i}"))  # fmt: skip
     return main

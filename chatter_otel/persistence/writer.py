@@ -196,15 +196,20 @@ class LedgerWriter:
         return refused
 
     async def _apply_rows(self, conn: Any, rows: list[SpoolRow]) -> None:
-        """All ledger rows in one executemany, all run rows in another, then the claims (the
-        order in which they were made) and their conversation totals, in one transaction."""
+        """All run rows in one executemany, all ledger rows in another, then the claims (the
+        order in which they were made) and their conversation totals, in one transaction.
+
+        Run rows first, as the app's transaction takes them (its one statement claims the run,
+        then writes its call rows): a worker that took the call rows first and then waited
+        for the run row deadlocked with an app writing the same run (PostgreSQL ends one of
+        the two after ``deadlock_timeout``, a second the app's request waited)."""
         llm = [self._ledger_fit(r) for _, kind, r in rows if kind == "llm"]
         runs = [fit(RUNS, r) for _, kind, r in rows if kind == "run"]
         binds = [r for _, kind, r in rows if kind == "bind"]
-        if llm:
-            await conn.execute(insert_ignore(conn, LEDGER, "span_id"), llm)
         if runs:
             await conn.execute(insert_ignore(conn, RUNS, "workflow_id"), runs)
+        if llm:
+            await conn.execute(insert_ignore(conn, LEDGER, "span_id"), llm)
         if binds:
             await self._claim_all(conn, [(b["workflow_id"], b) for b in binds])
 
