@@ -1,5 +1,7 @@
 """Against the peers, in instructions per run: chatter-otel, OpenLLMetry, the official util-genai
-based LangChain instrumentation, OpenInference and a no-op LangChain callback handler.
+based LangChain instrumentation, OpenInference, a no-op LangChain callback handler, and the
+floor of this span tree (``spans-only``: a handler that opens and closes the same 7 spans, with
+as many attributes as ours, parented by run id, through the SDK, and does nothing else).
 
 One workload for all (the reference run: a LangGraph graph, 2 LLM calls and 1 tool call on the
 local model), one harness, one process run: each configuration in its own process under
@@ -37,6 +39,7 @@ WORKLOAD = r"""
 import asyncio, os, sys
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import HumanMessage
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
@@ -49,6 +52,53 @@ class Drop(SpanExporter):
 
 class Noop(BaseCallbackHandler):
     run_inline = True
+
+class SpansOnly(BaseCallbackHandler):
+    # The same 7 spans with as many attributes as ours (11 workflow, 2 per node, 14 per chat,
+    # 5 for the tool), parented by run id, and nothing else: the floor of this span tree.
+    run_inline = True
+
+    def __init__(self, tracer):
+        self.tracer, self.spans, self.graph = tracer, {}, None
+
+    def _start(self, run_id, parent_run_id, name, n):
+        parent = self.spans.get(parent_run_id)
+        ctx = trace.set_span_in_context(parent) if parent is not None else None
+        attrs = {f"gen_ai.attribute_{i}": "value" for i in range(n)}
+        self.spans[run_id] = self.tracer.start_span(name, context=ctx, attributes=attrs)
+
+    def on_chain_start(self, serialized, inputs, *, run_id, parent_run_id=None, metadata=None,
+                       **kw):
+        if parent_run_id is None:
+            self.graph = run_id
+            self._start(run_id, None, "invoke_workflow chat", 11)
+        elif parent_run_id == self.graph and "langgraph_node" in (metadata or {}) and (
+                metadata["langgraph_node"] != "__start__"):
+            self._start(run_id, parent_run_id, "invoke_node " + metadata["langgraph_node"], 2)
+        elif parent_run_id in self.spans:
+            self.spans[run_id] = self.spans[parent_run_id]
+
+    def on_chat_model_start(self, serialized, messages, *, run_id, parent_run_id=None, **kw):
+        self._start(run_id, parent_run_id, "chat model", 7)
+
+    def on_tool_start(self, serialized, input_str, *, run_id, parent_run_id=None, **kw):
+        self._start(run_id, parent_run_id, "execute_tool get_weather", 5)
+
+    def _end(self, run_id, n=0):
+        span = self.spans.pop(run_id, None)
+        if span is not None and span.is_recording() and not span._end_time:
+            if n:
+                span.set_attributes({f"gen_ai.end_{i}": 1 for i in range(n)})
+            span.end()
+
+    def on_chain_end(self, outputs, *, run_id, **kw):
+        self._end(run_id)
+
+    def on_llm_end(self, response, *, run_id, **kw):
+        self._end(run_id, 7)
+
+    def on_tool_end(self, output, *, run_id, **kw):
+        self._end(run_id)
 
 who, call, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 provider = TracerProvider(sampler=ALWAYS_OFF if who.endswith("unsampled") else ALWAYS_ON)
@@ -72,6 +122,8 @@ elif who == "openinference":
     LangChainInstrumentor().instrument(tracer_provider=provider, config=hide)
 elif who == "noop-handler":
     config = {"callbacks": [Noop()]}
+elif who == "spans-only":
+    config = {"callbacks": [SpansOnly(provider.get_tracer("floor"))]}
 graph = build_chat_graph()
 question = {"messages": [HumanMessage("What is the weather in Paris?")]}
 
@@ -90,8 +142,8 @@ run(3)  # warm-up: first-call caches, genai-prices' snapshot
 run(runs)
 """
 
-WHO = ["bare", "noop-handler", "chatter-otel", "chatter-otel-unsampled", "openllmetry",
-       "official", "openinference"]  # fmt: skip
+WHO = ["bare", "noop-handler", "spans-only", "chatter-otel", "chatter-otel-unsampled",
+       "openllmetry", "official", "openinference"]  # fmt: skip
 
 
 def venv() -> Path:

@@ -463,8 +463,8 @@ async def test_database_outage_in_the_middle_of_a_run(
 ) -> None:
     """PostgreSQL through a proxy that is cut after the first LLM call of a run: the app keeps
     working, its message is filled and its run accounted (in its own transaction); the ledger
-    spools, says so in a log line and a metric, and applies nothing twice when the database is
-    back."""
+    spools what it must write, says so in a log line and a metric, and applies nothing twice
+    when the database is back."""
     monkeypatch.setattr(_safety, "_limiter", _safety._RateLimiter())  # this test's log lines
     name = f"chatter_{uuid.uuid4().hex[:12]}"
     await _pg_admin(f"CREATE DATABASE {name}")
@@ -488,6 +488,10 @@ async def test_database_outage_in_the_middle_of_a_run(
                                        {"callbacks": [cutter]})  # fmt: skip
         assert cutter.done
         second = await host.save_assistant(cid, str(out["messages"][-1].content))
+        # That run was written and committed in the app's transaction: the worker has nothing
+        # of it to write. A run no message takes (a streamed answer) it must write, into the
+        # outage.
+        await host.graph.ainvoke({"messages": [HumanMessage("weather in Rome")]})
         for _ in range(300):
             if p.stats["failures"] and p.stats["spooled"]:
                 break
@@ -509,9 +513,10 @@ async def test_database_outage_in_the_middle_of_a_run(
         conv = await host.conversation(cid)
         assert conv.total_tokens == by_id[first].total_tokens + by_id[second].total_tokens
         assert conv.message_count == 2
-        assert len(await host.rows(LEDGER)) == 4
+        assert len(await host.rows(LEDGER)) == 6
         runs = await host.rows(RUNS)
-        assert {r.message_id for r in runs} == {first, second}
+        assert sorted(map(str, (r.message_id for r in runs))) == sorted(
+            [first, second, "None"])  # fmt: skip
         assert _metric(reader, "chatter.usage.ledger.spooled") == 0
         assert _metric(reader, "chatter.usage.ledger.written") == p.stats["written"] >= 6
     finally:
@@ -850,7 +855,15 @@ async def test_the_app_s_transaction_carries_one_statement_of_ours(
     from sqlalchemy import event
     from sqlalchemy.engine.default import CACHE_HIT
 
-    async with _hosted(database, tmp_path) as (host, p):
+    replayed: list[str] = []
+
+    def worker(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if threading.current_thread().name == "chatter-otel-ledger" and "INSERT" in statement:
+            replayed.append(statement)
+
+    # batch_delay_s: the worker reads the spooled records at the flush, after each commit
+    async with _hosted(database, tmp_path, batch_delay_s=3600.0) as (host, p):
+        event.listen(Engine, "before_cursor_execute", worker)
         for turn in range(2):
             cid = await host.new_conversation()
             out = await host.graph.ainvoke({"messages": [HumanMessage("weather in Lima")]},
@@ -885,6 +898,10 @@ async def test_the_app_s_transaction_carries_one_statement_of_ours(
             assert len(ledger) == 2  # the graph's two chat calls
             run = next(r for r in await host.rows(RUNS) if r.message_id == mid)
             assert run.applied_at is not None
+        event.remove(Engine, "before_cursor_execute", worker)
+        # What the app's transactions wrote and committed, the worker did not write again.
+        assert replayed == []
+        assert p.stats["written"] == 6 and p.stats["spooled"] == 0  # 2 runs, 4 calls
 
 
 @pytest.mark.parametrize("create_tables", [True, False], ids=["upgraded", "app-managed"])
@@ -936,3 +953,20 @@ async def test_a_ledger_table_of_an_older_release_is_upgraded(
             for name in added:
                 assert f"ALTER TABLE chatter_usage_ledger ADD COLUMN {name}" in caplog.text
         assert p.stats["dropped"] == 0 and p.stats["quarantined"] == 0
+
+
+def test_the_committed_rows_kept_for_the_worker_are_bounded() -> None:
+    """The ids of rows the app's transactions wrote are kept only until the worker has seen
+    their spooled records, and never more than the bound: an id that falls out is replayed
+    (ON CONFLICT DO NOTHING), which changes nothing."""
+    from chatter_otel.persistence.committed import CommittedRows
+
+    kept = CommittedRows(limit=100)
+    for i in range(10_000):
+        kept.add(f"w{i}", [f"a{i}", f"b{i}"])
+    assert len(kept._ids) == 100
+    rows = [(1, "run", {"workflow_id": "w9999"}), (2, "llm", {"span_id": "b9999"}),
+            (3, "llm", {"span_id": "a0"}), (4, "bind", {"workflow_id": "w9999"})]  # fmt: skip
+    assert kept.unwritten(rows) == [rows[2], rows[3]]  # a0 fell out; binds always go through
+    assert kept.unwritten(rows) == [rows[0], rows[1], rows[2], rows[3]]  # each seen once
+    assert (kept.skipped, len(kept._ids)) == (2, 98)

@@ -32,6 +32,7 @@ from chatter_otel.persistence.schema import (
 
 if TYPE_CHECKING:
     from chatter_otel.instrumentation.runs import WorkflowRun
+    from chatter_otel.persistence.committed import CommittedRows
 
 _log = logging.getLogger("chatter_otel")
 
@@ -44,6 +45,7 @@ class BindingHooks:
     bind_window_s: float
     stats: dict[str, int]
     _installed: list[Any]
+    _committed: CommittedRows
     _ready: bool
     _conversations_ok: bool
 
@@ -136,6 +138,7 @@ class BindingHooks:
                           "in the app's transaction (%s: %.300s); the ledger's worker writes it "
                           "after the commit", type(exc).__name__, exc)  # fmt: skip
                 return False
+        binding["written"] = (binding["workflow_id"], [c.span_id for c in run.calls])
         self.stats["in_transaction"] += 1
         return True
 
@@ -190,8 +193,11 @@ class BindingHooks:
     def _after_commit(self, session: Session) -> None:
         session.info.pop("chatter_runs", None)
         for binding in session.info.pop("chatter_bindings", ()):
+            written = binding.pop("written", None)
             if not binding.pop("in_transaction", False):  # else it committed with the app's
                 self.submit("bind", binding)
+            elif written is not None:  # the worker need not write these rows again
+                self._committed.add(*written)
 
     @guarded
     def _after_rollback(self, session: Session) -> None:

@@ -23,6 +23,7 @@ from chatter_otel.attributes import (
     LEDGER_WRITTEN_METRIC,
 )
 from chatter_otel.persistence.binding import BindingHooks
+from chatter_otel.persistence.committed import CommittedRows
 from chatter_otel.persistence.dbloop import DatabaseLoop
 from chatter_otel.persistence.schema import MessageMapping
 from chatter_otel.persistence.spool import Spool, SpoolCount, set_aside
@@ -113,6 +114,7 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
         self._settle = threading.Condition()
         self._settled = 0  # SpoolCount.handled as of the last time the spool was seen empty
         self._installed: list[Any] = []
+        self._committed = CommittedRows(max_queue)  # rows the app's transactions wrote
         self._ready = False  # our tables created
         self._message_columns: frozenset[str] = frozenset()
         self._conversations_ok = False
@@ -155,6 +157,7 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
         connections must not be used. New locks, connections and database thread (the intake
         re-makes itself); the spool file is shared safely (SQLite locking, idempotent replay)."""
         self._counter = SpoolCount()
+        self._committed = CommittedRows(self._max_held)  # its lock may have been held
         self._intake_spool = None
         self._held = deque()  # the parent's: written (or spooled) by the parent
         self._spool_retry_at, self._spool_down_since, self._held_total = 0.0, None, 0

@@ -33,6 +33,7 @@ from chatter_otel.persistence.spool import SpoolUnusable
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from chatter_otel.persistence.committed import CommittedRows
     from chatter_otel.persistence.spool import Spool, SpoolRow
 
 _log = logging.getLogger("chatter_otel")
@@ -61,6 +62,7 @@ class LedgerWriter:
     _conversations_ok: bool
     _schema_checked: float
     _ledger_skip: frozenset[str] = frozenset()  # columns an app-managed table lacks
+    _committed: CommittedRows
 
     def _ledger_fit(self, row: dict[str, Any]) -> dict[str, Any]:
         fitted = fit(LEDGER, row)
@@ -144,12 +146,17 @@ class LedgerWriter:
                 if not spool.count and written:
                     spool.checkpoint()
                 return written
+            todo = self._committed.unwritten(rows)  # the app's transactions wrote the rest
             try:
-                async with engine.begin() as conn:
-                    await self._apply_rows(conn, rows)
+                if todo:
+                    async with engine.begin() as conn:
+                        await self._apply_rows(conn, todo)
             except Exception:
                 # One record may be what the database refuses: find it, keep the rest flowing.
-                written += await self._isolate(engine, spool, rows)
+                written += await self._isolate(engine, spool, todo)
+                if len(todo) < len(rows):  # the rest the app's transactions wrote
+                    spool.delete(rows[-1][0])
+                    written += self._count_written(spool, len(rows) - len(todo))
                 continue
             spool.delete(rows[-1][0])
             written += self._count_written(spool, len(rows))
