@@ -120,7 +120,8 @@ def _insert(dialect: str) -> Any:
 
 # The statements below are built once per dialect (or mapping) and reused: building one
 # (``excluded`` aliases every column) cost more than executing it from SQLAlchemy's cache.
-@functools.cache
+# Bounded caches: their keys are few (two dialects, our tables, the app's mappings).
+@functools.lru_cache(maxsize=32)
 def _insert_ignore(dialect: str, table: Table, key: str) -> Any:
     return _insert(dialect)(table).on_conflict_do_nothing(index_elements=[key])
 
@@ -130,7 +131,7 @@ def insert_ignore(conn: Any, table: Table, key: str) -> Any:
     return _insert_ignore(conn.dialect.name, table, key)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)
 def _ledger_upsert(dialect: str) -> Any:
     stmt = _insert(dialect)(LEDGER)
     return stmt.on_conflict_do_update(
@@ -145,7 +146,7 @@ def ledger_upsert(conn: Any) -> Any:
     return _ledger_upsert(conn.dialect.name)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)
 def _claim_upsert(dialect: str) -> Any:
     stmt = _insert(dialect)(RUNS)
     return stmt.on_conflict_do_update(
@@ -206,7 +207,7 @@ def run_row(rec: WorkflowRecord, applied_at: float | None = None) -> dict[str, A
     }  # fmt: skip
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)
 def add_statement(m: MessageMapping) -> Any:
     """``UPDATE conversations SET total = total + :delta``: exact under concurrency."""
     return text(
