@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
+import sqlalchemy
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import HumanMessage
 from opentelemetry.sdk.metrics import MeterProvider
@@ -41,6 +42,8 @@ from chatter_otel.reference.app import MessageRole as Role
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 from tests.conftest import PG_PORT
+
+_SQLALCHEMY = tuple(int(x) for x in sqlalchemy.__version__.split(".")[:2])
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -887,7 +890,10 @@ async def test_the_app_s_transaction_carries_one_statement_of_ours(
                 assert statement.lstrip().startswith("WITH") and "chatter_call_1" in statement
             else:
                 assert len(ours) == 3
-            if turn == 1:
+            if turn == 1 and _SQLALCHEMY >= (2, 1):
+                # SQLAlchemy 2.0 (2.0.30, the lowest we support) cannot cache these statements
+                # (NO_CACHE_KEY on PostgreSQL; one of three on SQLite): there they are compiled
+                # on every chat, correct and slower. 2.1 serves every one from its cache.
                 assert [hit for _, hit in ours] == [CACHE_HIT] * len(ours)
             await _flush(p)
             ledger = [r for r in await host.rows(LEDGER) if r.message_id == mid]
