@@ -74,8 +74,8 @@ def _inference_marker() -> tuple[str, Callable[[], Any]] | None:
 
 
 def provider_context(inv: LLMInvocation) -> Context:
-    """The context a provider call of ``inv`` runs in (built once per call: one copy for the
-    span, one for the markers)."""
+    """The context a provider call of ``inv`` runs in, built once per call: the span and the
+    markers go into one new context (each ``set_value`` copied the whole context again)."""
     values: dict[str, Any] = {**trace.set_span_in_context(inv.span), SUPPRESS_LLM_KEY: True}
     marker = _inference_marker()
     if marker is not None:
