@@ -1,7 +1,9 @@
 """Against the peers, in instructions per run: chatter-otel, OpenLLMetry, the official util-genai
 based LangChain instrumentation, OpenInference, a no-op LangChain callback handler, and the
 floor of this span tree (``spans-only``: a handler that opens and closes the same 7 spans, with
-as many attributes as ours, parented by run id, through the SDK, and does nothing else).
+as many attributes as ours, parented by run id, through the SDK, and does nothing else), and
+the spans alone (``sdk-spans``: the same 7 spans made straight on the SDK beside a bare run, no
+callback at all: what any design that records this span tree through the SDK pays).
 
 One workload for all (the reference run: a LangGraph graph, 2 LLM calls and 1 tool call on the
 local model), one harness, one process run: each configuration in its own process under
@@ -126,9 +128,29 @@ elif who == "spans-only":
     config = {"callbacks": [SpansOnly(provider.get_tracer("floor"))]}
 graph = build_chat_graph()
 question = {"messages": [HumanMessage("What is the weather in Paris?")]}
+sdk = provider.get_tracer("sdk-floor")
+
+def sdk_spans():
+    # The same 7 spans and attributes straight on the SDK, beside a bare run: no callbacks,
+    # no logic; what any design that records this span tree through the SDK pays at least.
+    attrs = lambda n, key="attribute": {f"gen_ai.{key}_{i}": "value" for i in range(n)}
+    root = sdk.start_span("invoke_workflow chat", attributes=attrs(11))
+    ctx = trace.set_span_in_context(root)
+    for node, inner in (("agent", "chat model"), ("tools", "execute_tool get_weather"),
+                        ("agent", "chat model")):
+        parent = sdk.start_span("invoke_node " + node, context=ctx, attributes=attrs(2))
+        child = sdk.start_span(inner, context=trace.set_span_in_context(parent),
+                               attributes=attrs(7 if inner == "chat model" else 5))
+        if inner == "chat model":
+            child.set_attributes({f"gen_ai.end_{i}": 1 for i in range(7)})
+        child.end()
+        parent.end()
+    root.end()
 
 async def arun(n):
     for _ in range(n):
+        if who == "sdk-spans":
+            sdk_spans()
         await graph.ainvoke(question, config)
 
 def run(n):
@@ -136,13 +158,15 @@ def run(n):
         asyncio.run(arun(n))
     else:
         for _ in range(n):
+            if who == "sdk-spans":
+                sdk_spans()
             graph.invoke(question, config)
 
 run(3)  # warm-up: first-call caches, genai-prices' snapshot
 run(runs)
 """
 
-WHO = ["bare", "noop-handler", "spans-only", "chatter-otel", "chatter-otel-unsampled",
+WHO = ["bare", "noop-handler", "sdk-spans", "spans-only", "chatter-otel", "chatter-otel-unsampled",
        "openllmetry", "official", "openinference"]  # fmt: skip
 
 

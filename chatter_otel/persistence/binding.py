@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.instrumentation.runs import current_workflow, last_run
+from chatter_otel.persistence.pg_function import call, call_params
 from chatter_otel.persistence.schema import (
     RUNS,
     MessageMapping,
@@ -25,7 +26,6 @@ from chatter_otel.persistence.schema import (
     is_empty,
     ledger_row,
     ledger_upsert,
-    one_statement_write,
     role_name,
     run_row,
 )
@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from chatter_otel.persistence.committed import CommittedRows
 
 _log = logging.getLogger("chatter_otel")
+
+
+class _Refused(Exception):
+    """The write function undid its writes and said why (SQLSTATE and message)."""
 
 
 class BindingHooks:
@@ -48,6 +52,7 @@ class BindingHooks:
     _committed: CommittedRows
     _ready: bool
     _conversations_ok: bool
+    _write_function: str | None
 
     if TYPE_CHECKING:
 
@@ -126,40 +131,55 @@ class BindingHooks:
         if not (self._ready and self._conversations_ok) or record is None or not record.outermost:
             return False
         conn = session.connection()
-        # The package's own writes are never traced: the savepoint and its release neither.
-        with suppress_instrumentation():
-            savepoint = conn.begin_nested()  # a refusal of ours never aborts the app's
-            try:
-                self._write_run(conn, binding, run, record)
-                savepoint.commit()
-            except Exception as exc:
-                savepoint.rollback()
-                warn_once("ledger:in-transaction", "chatter-otel: cannot write the run's usage "
-                          "in the app's transaction (%s: %.300s); the ledger's worker writes it "
-                          "after the commit", type(exc).__name__, exc)  # fmt: skip
-                return False
-        binding["written"] = (binding["workflow_id"], [c.span_id for c in run.calls])
-        self.stats["in_transaction"] += 1
-        return True
-
-    def _write_run(self, conn: Any, binding: dict[str, Any], run: WorkflowRun,
-                   record: Any) -> None:  # fmt: skip
         named = binding["message_id"]  # each call row names the message it answers
-        rows = [self._ledger_fit({**ledger_row(c), "message_id": c.ids.message_id or named})
-                for c in run.calls]  # fmt: skip
+        calls = [self._ledger_fit({**ledger_row(c), "message_id": c.ids.message_id or named})
+                 for c in run.calls]  # fmt: skip
         row = fit(RUNS, run_row(record, applied_at=time.time()))
         row["message_id"] = named
         conv = binding["conversation_id"]
         conv = str(conv) if conv is not None else None
         tokens, cost = binding["total_tokens"] or 0, binding["cost"] or Decimal(0)
-        if conn.dialect.name == "postgresql":  # one statement, one round trip
-            conn.execute(*one_statement_write(self.mapping, rows, row, conv=conv, tokens=tokens,
-                                              cost=cost))  # fmt: skip
-            return
-        # SQLite has no data-modifying CTEs (and no network to cross)
-        if rows:
-            conn.execute(ledger_upsert(conn), rows)
+        function = self._write_function if conn.dialect.name == "postgresql" else None
+        # The package's own writes are never traced: the savepoint and its release neither.
+        with suppress_instrumentation():
+            try:
+                if function is None:
+                    with conn.begin_nested():  # a refusal of ours never aborts the app's
+                        self._write_statements(conn, calls, row, conv=conv, tokens=tokens,
+                                               cost=cost)  # fmt: skip
+                else:
+                    params = call_params(row, calls, conv=conv, tokens=tokens, cost=cost)
+                    self._call_function(conn, function, params)
+            except Exception as exc:
+                warn_once("ledger:in-transaction", "chatter-otel: cannot write the run's usage "
+                          "in the app's transaction (%s: %.300s); the ledger's worker writes it "
+                          "after the commit", type(exc).__name__, exc)  # fmt: skip
+                self.stats["in_transaction_refused"] += 1
+                return False
+        binding["written"] = (binding["workflow_id"], [c.span_id for c in run.calls])
+        self.stats["in_transaction"] += 1
+        return True
+
+    @staticmethod
+    def _call_function(conn: Any, function: str, params: dict[str, Any]) -> None:
+        """One statement (``persistence/pg_function.py``): its block undoes a refusal alone."""
+        proven = conn.connection.info  # the DBAPI connection's: kept while the pool keeps it
+        if proven.get(function):
+            refused = conn.execute(call(function), params).scalar()
+        else:  # its first call on this connection, where it may not exist: in a savepoint
+            with conn.begin_nested():
+                refused = conn.execute(call(function), params).scalar()
+            proven[function] = True
+        if refused is not None:
+            raise _Refused(refused)
+
+    def _write_statements(self, conn: Any, calls: list[dict[str, Any]], row: dict[str, Any],
+                          *, conv: str | None, tokens: int, cost: Decimal) -> None:  # fmt: skip
+        """Where the function is not (SQLite, an app-managed schema): the claim first (the
+        worker takes runs before calls too), the call rows, the conversation if claimed."""
         claimed = conn.execute(claim_upsert(conn), row).rowcount == 1
+        if calls:
+            conn.execute(ledger_upsert(conn), calls)
         if claimed and conv is not None and (tokens or cost):
             conn.execute(add_statement(self.mapping),
                          {"tokens": tokens, "cost": cost, "conv": conv})  # fmt: skip

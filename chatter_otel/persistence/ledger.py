@@ -91,7 +91,8 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
         base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
         self.spool_path = Path(spool_path or Path(base) / "chatter-otel" / "usage-spool.db")
         self.stats = {"written": 0, "spooled": 0, "held": 0, "dropped": 0, "quarantined": 0,
-                      "applied": 0, "failures": 0, "in_transaction": 0}  # fmt: skip
+                      "applied": 0, "failures": 0, "in_transaction": 0,
+                      "in_transaction_refused": 0}  # fmt: skip
         # Stage 1, the intake: the one bounded worker design (drop counter, re-made after a
         # fork) moves records from memory to the spool file at once, in whatever batch is queued.
         self._intake: BoundedWorker[tuple[str, dict[str, Any]]] = BoundedWorker(
@@ -116,6 +117,7 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
         self._installed: list[Any] = []
         self._committed = CommittedRows(max_queue)  # rows the app's transactions wrote
         self._ready = False  # our tables created
+        self._write_function: str | None = None  # PostgreSQL: see persistence/pg_function.py
         self._message_columns: frozenset[str] = frozenset()
         self._conversations_ok = False
         self._schema_checked = -1e9  # monotonic time the app's tables were last looked at

@@ -18,6 +18,7 @@ from sqlalchemy import (
 )
 
 from chatter_otel._safety import warn_once
+from chatter_otel.persistence.pg_function import ensure_function
 from chatter_otel.persistence.schema import (
     LEDGER,
     RUNS,
@@ -63,6 +64,7 @@ class LedgerWriter:
     _schema_checked: float
     _ledger_skip: frozenset[str] = frozenset()  # columns an app-managed table lacks
     _committed: CommittedRows
+    _write_function: str | None
 
     def _ledger_fit(self, row: dict[str, Any]) -> dict[str, Any]:
         fitted = fit(LEDGER, row)
@@ -76,6 +78,8 @@ class LedgerWriter:
                 if self.create_tables:
                     await conn.run_sync(metadata.create_all)
                 await conn.run_sync(self._add_new_columns)
+                if self.create_tables and conn.dialect.name == "postgresql":
+                    self._write_function = await conn.run_sync(ensure_function, self.mapping)
             self._ready = True
         if not self._conversations_ok:  # known before the app's first message, when it can be
             async with engine.connect() as conn:

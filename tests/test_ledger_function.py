@@ -1,0 +1,170 @@
+"""PostgreSQL: a run's accounting in the app's transaction is one call of the ledger's write
+function (``chatter_otel/persistence/pg_function.py``), and nothing of ours inside or around it
+can abort the app's transaction: a refusal inside it undoes only our writes, and a function
+missing on the app's connection is met inside a savepoint (the first call on each connection
+is guarded; later ones are bare)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from chatter_otel.persistence import LEDGER, RUNS, MessageMapping
+from chatter_otel.persistence.pg_function import function_name
+from tests.test_persistence import PG, Host, _configure, _flush, _pg_admin
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+REFUSE = (
+    """CREATE FUNCTION refuse_the_app() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      IF current_setting('application_name') = 'refusing-app' THEN
+        RAISE EXCEPTION 'refused for the test';
+      END IF;
+      RETURN NEW;
+    END $$""",
+    """CREATE TRIGGER refuse_the_app BEFORE INSERT OR UPDATE ON chatter_usage_runs
+      FOR EACH ROW EXECUTE FUNCTION refuse_the_app()""",
+)
+
+
+@pytest.fixture
+async def pg() -> AsyncIterator[str]:
+    name = f"chatter_{uuid.uuid4().hex[:12]}"
+    await _pg_admin(f"CREATE DATABASE {name}")
+    try:
+        yield PG.format(db=name)
+    finally:
+        await _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _app_host(url: str) -> Host:
+    """The host app, its connections named ``refusing-app`` (the trigger above refuses only
+    those: the ledger's worker, on its own engine, is let through)."""
+    host = Host(url)
+    host.engine = create_async_engine(
+        url, connect_args={"server_settings": {"application_name": "refusing-app"}}
+    )
+    host.sessions = async_sessionmaker(host.engine, expire_on_commit=False)
+    return host
+
+
+async def _chats_then_totals(host: Host, p: Any, statements: list[str]) -> None:
+    """Two chats on one connection: both messages commit although our write was refused;
+    the worker writes the runs after the commits, and every total is exact."""
+    seen = lambda conn, cursor, sql, *a: statements.append(sql)  # noqa: E731
+    event.listen(host.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        cid = await host.new_conversation()
+        mids = [await host.chat(cid, f"weather in Lima {i}") for i in range(2)]
+    finally:
+        event.remove(host.engine.sync_engine, "before_cursor_execute", seen)
+    assert (p.stats["in_transaction"], p.stats["in_transaction_refused"]) == (0, 2)
+    # the app's own statement after ours (its conversation's message_count) ran: the app's
+    # transaction was not aborted, and it committed
+    assert (await host.conversation(cid)).message_count == 2
+    await _flush(p)
+    msgs = await host.messages(cid)
+    assert sorted(m.id for m in msgs) == sorted(mids)
+    ledger = await host.rows(LEDGER)
+    assert sorted(r.message_id for r in ledger) == sorted(mids * 2)  # 2 calls per run
+    assert [r.applied_at is not None for r in await host.rows(RUNS)] == [True, True]
+    conv = await host.conversation(cid)
+    assert conv.total_tokens == sum(m.total_tokens for m in msgs) == sum(
+        r.total_tokens for r in ledger) > 0  # fmt: skip
+    assert conv.total_cost == sum(m.cost for m in msgs)
+    assert p.stats["quarantined"] == 0
+
+
+async def test_a_refusal_inside_the_function_leaves_the_app_s_transaction_whole(
+    pg: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = _app_host(pg)
+    await host.setup()
+    tel, p = await _configure(pg, tmp_path)
+    try:
+        assert p.writes_in_transaction
+        async with host.engine.begin() as conn:
+            for ddl in REFUSE:  # our runs table refuses the app's connections from now on
+                await conn.exec_driver_sql(ddl)
+        statements: list[str] = []
+        await _chats_then_totals(host, p, statements)
+        ours = [s for s in statements if "chatter_otel_write_" in s or "SAVEPOINT" in s]
+        call = f'SELECT "public".{function_name(MessageMapping())}(%s, %s, %s, %s, %s)'
+        call = call.replace("%s", "$1", 1).replace("%s", "$2", 1).replace("%s", "$3", 1)
+        call = call.replace("%s", "$4", 1).replace("%s", "$5", 1)
+        # The first call on the connection inside a savepoint (it worked: the function is
+        # there, and refused); the second bare, the function's own block undoing our writes.
+        assert ours == ["SAVEPOINT sa_savepoint_1", call, "RELEASE SAVEPOINT sa_savepoint_1",
+                        call]  # fmt: skip
+        assert "refused for the test" in caplog.text and "P0001" in caplog.text
+    finally:
+        tel.shutdown()
+        await host.engine.dispose()
+
+
+async def test_a_function_missing_on_the_app_s_database_is_met_in_a_savepoint(
+    pg: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app's connection sees no function (dropped here; an app whose engine is another
+    database than the ledger's URL is the same case): each first call fails inside its
+    savepoint, which is rolled back, and the connection is never taken as proven."""
+    caplog.set_level(logging.WARNING, "chatter_otel")
+    host = _app_host(pg)
+    await host.setup()
+    tel, p = await _configure(pg, tmp_path)
+    try:
+        assert p.writes_in_transaction
+        async with host.engine.begin() as conn:
+            await conn.exec_driver_sql(f"DROP FUNCTION {function_name(MessageMapping())}"
+                                       "(text, text, text, text, text)")  # fmt: skip
+        statements: list[str] = []
+        await _chats_then_totals(host, p, statements)
+        savepoints = [s for s in statements if "SAVEPOINT" in s]
+        assert (
+            savepoints == ["SAVEPOINT sa_savepoint_1", "ROLLBACK TO SAVEPOINT sa_savepoint_1"] * 2
+        )
+        assert "UndefinedFunction" in caplog.text or "does not exist" in caplog.text
+    finally:
+        tel.shutdown()
+        await host.engine.dispose()
+
+
+async def test_the_function_is_made_once_per_body_and_found_by_the_next_process(
+    pg: str, tmp_path: Any
+) -> None:
+    """A second ledger on the same database finds the function there (no DDL of its own);
+    its name is that of its body, so another mapping makes another function."""
+    host = Host(pg)
+    await host.setup()
+    tel, p = await _configure(pg, tmp_path)
+    tel.shutdown()
+    ddl: list[str] = []
+    from sqlalchemy import Engine
+
+    seen = lambda conn, cursor, sql, *a: ddl.append(sql) if "CREATE" in sql else None  # noqa: E731
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        (tmp_path / "again").mkdir()
+        tel, p = await _configure(pg, tmp_path / "again")
+        assert p.writes_in_transaction
+        tel.shutdown()
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    assert not [s for s in ddl if "FUNCTION" in s]
+    async with host.engine.connect() as conn:
+        names = (
+            await conn.execute(
+                text("SELECT proname FROM pg_proc WHERE proname LIKE 'chatter_otel_write_%'")
+            )
+        ).scalars()
+        assert list(names) == [function_name(MessageMapping())]  # fmt: skip
+    other = MessageMapping(conversation_total_cost="cost_total")
+    assert function_name(other) != function_name(MessageMapping())
+    await host.engine.dispose()
