@@ -64,6 +64,7 @@ class DatabaseLoop:
     _hurry: threading.Event
     _first_check: threading.Event
     _retired: list[Spool]  # set-aside files this thread still reads from
+    _sweep_due: float  # wall time (LedgerWriter)
 
     if TYPE_CHECKING:
 
@@ -164,8 +165,8 @@ class DatabaseLoop:
                     spool = None
             written += await self._drain_held(engine)
             if not stopping and time.monotonic() >= state.next_sweep:
-                await self._apply_due_runs(engine)
-                state.next_sweep = time.monotonic() + min(1.0, self.grace_s)
+                await self._apply_due_runs(engine)  # and learns when the next falls due
+            state.next_sweep = self._next_sweep(state)
             if state.failing:
                 _log.warning("chatter-otel: usage ledger reached the database again; "
                              "%d waiting record(s) written", written)  # fmt: skip
@@ -295,6 +296,16 @@ class DatabaseLoop:
                 with contextlib.suppress(sqlite3.Error):
                     old.close()
         await engine.dispose()
+
+    def _next_sweep(self, state: _LoopState) -> float:
+        """When to look for runs no message took (streaming endpoints): when the earliest run
+        this worker wrote unclaimed falls due, else (for runs a process that ended wrote)
+        ``grace_s`` after the last look. It looked once a second before: a transaction and a
+        query a second, per process, however idle the app."""
+        now = time.monotonic()
+        slow = now + max(self.grace_s, 1.0) if state.next_sweep <= now else state.next_sweep
+        # never sooner than 50 ms: a run due now is claimed by the next round's sweep
+        return max(min(slow, now + (self._sweep_due - time.time())), now + 0.05)
 
     def _idle_s(self, state: _LoopState, spool: Spool | None) -> float:
         """How long the loop sleeps unless woken (the intake spooled or held records, a flush,

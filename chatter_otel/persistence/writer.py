@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import (
     and_,
     column,
+    func,
     inspect,
     select,
     table,
@@ -65,6 +66,9 @@ class LedgerWriter:
     _ledger_skip: frozenset[str] = frozenset()  # columns an app-managed table lacks
     _committed: CommittedRows
     _write_function: str | None
+    # Wall time the earliest run this worker wrote unclaimed falls due (finished + grace_s):
+    # the sweep runs then, not once a second (see DatabaseLoop._next_sweep).
+    _sweep_due: float = float("inf")
 
     def _ledger_fit(self, row: dict[str, Any]) -> dict[str, Any]:
         fitted = fit(LEDGER, row)
@@ -90,6 +94,11 @@ class LedgerWriter:
         (nullable: old rows keep NULL), or, where the app manages the schema
         (``create_tables=False``), left out of our writes with one line naming the statement."""
         insp = inspect(conn)
+        if insp.has_table(RUNS.name) and self.create_tables:
+            have_ix = {ix["name"] for ix in insp.get_indexes(RUNS.name)}
+            for ix in RUNS.indexes - {i for i in RUNS.indexes if i.name in have_ix}:
+                ix.create(conn)  # an index added since the table was made
+                _log.info("chatter-otel: usage runs table upgraded: index %s", ix.name)
         if not insp.has_table(LEDGER.name):
             return
         have = {c["name"] for c in insp.get_columns(LEDGER.name)}
@@ -219,6 +228,9 @@ class LedgerWriter:
         binds = [r for _, kind, r in rows if kind == "bind"]
         if runs:
             await conn.execute(insert_ignore(conn, RUNS, "workflow_id"), runs)
+            finished = min((r["finished_at"] for r in runs if r["finished_at"] is not None),
+                           default=time.time())  # fmt: skip
+            self._sweep_due = min(self._sweep_due, finished + self.grace_s)
         if llm:
             await conn.execute(insert_ignore(conn, LEDGER, "span_id"), llm)
         if binds:
@@ -336,3 +348,14 @@ class LedgerWriter:
             ).scalars().all()  # fmt: skip
             if due:
                 await self._claim_all(conn, [(workflow_id, None) for workflow_id in due])
+            # The next run to fall due, whoever wrote it: the next sweep is then.
+            upcoming = (
+                await conn.execute(
+                    select(func.min(RUNS.c.finished_at)).where(
+                        and_(RUNS.c.applied_at.is_(None), RUNS.c.finished_at >= cutoff)
+                    )
+                )
+            ).scalar()  # fmt: skip
+        more = len(due) == self.batch_size  # a full batch: more are due now
+        self._sweep_due = time.time() if more else (
+            float("inf") if upcoming is None else upcoming + self.grace_s)  # fmt: skip
