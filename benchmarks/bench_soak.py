@@ -10,6 +10,9 @@ warm-up, runs per second. The run fails (exit 1) when RSS after warm-up grows by
 ``--max-growth-mb`` (default 32).
 
     python -m benchmarks.bench_soak [--runs N] [--every K] [--max-growth-mb M] [--json PATH]
+
+``--app URL`` soaks the reference app instead: ``POST /chat`` in-process (ASGI), each turn's
+accounting written in the app's own transaction on ``URL`` (SQLite or PostgreSQL).
 """
 
 from __future__ import annotations
@@ -67,6 +70,38 @@ def soak(runs: int, every: int, on_sample: Callable[[int, float], None]) -> None
             on_sample(i, rss_mib())
 
 
+def soak_app(url: str, folder: Path, runs: int, every: int,
+             on_sample: Callable[[int, float], None]) -> None:  # fmt: skip
+    """``runs`` ``POST /chat`` of the reference app (in-process, ASGI), each a new conversation
+    of one of 50,000 users, with the ledger on ``url``: every turn's accounting written in the
+    app's transaction, the app's sessions hooked, its SQL traced, the sweep scheduling runs."""
+    import asyncio
+
+    import httpx
+
+    from chatter_otel.reference.app import create_app
+
+    persistence = UsagePersistence(url, spool_path=folder / "spool.db")
+    app = create_app(url, tracer_provider=TracerProvider(), persistence=persistence)
+
+    async def drive() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+                for i in range(1, runs + 1):
+                    body = {"message": "What is the weather in Paris?",
+                            "user_id": f"user-{i % 50_000}"}  # fmt: skip
+                    got = await client.post("/chat", json=body)
+                    if got.status_code != 200:
+                        raise SystemExit(f"chat {i}: {got.status_code} {got.text[:300]}")
+                    if i % every == 0:
+                        on_sample(i, rss_mib())
+            assert await asyncio.to_thread(persistence.flush, 60), persistence.stats
+            print(f"ledger: {persistence.stats}")
+
+    asyncio.run(drive())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1_000_000)
@@ -79,13 +114,18 @@ def main() -> None:
     )
     parser.add_argument("--max-growth-mb", type=float, default=32.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--app", default=None, metavar="URL",
+                        help="soak the reference app's POST /chat on this database instead "
+                        "(sqlite+aiosqlite:///... or postgresql+asyncpg://...; '{dir}' is the "
+                        "soak's temporary folder)")  # fmt: skip
     args = parser.parse_args()
     warmup = args.warmup if args.warmup is not None else args.every
     samples: list[dict[str, float]] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        tel = default_pipeline(Path(folder))
-        print(f"soak: {args.runs} runs of the default pipeline, RSS every {args.every}")
+        tel = None if args.app else default_pipeline(Path(folder))
+        what = "POST /chat of the reference app" if args.app else "runs of the default pipeline"
+        print(f"soak: {args.runs} {what}, RSS every {args.every}")
         print(f"{'run':>9} {'RSS MiB':>9} {'growth':>8} {'runs/s':>8}")
         base: list[float] = []
         last = [start, 0]
@@ -100,11 +140,15 @@ def main() -> None:
             samples.append({"run": run, "rss_mib": rss, "growth_mib": growth, "runs_s": rate})
             print(f"{run:>9} {rss:>9.1f} {growth:>+8.1f} {rate:>8.0f}", flush=True)
 
-        try:
-            soak(args.runs, args.every, sample)
-            tel.force_flush()
-        finally:
-            tel.shutdown()
+        if args.app:
+            soak_app(args.app.format(dir=folder), Path(folder), args.runs, args.every, sample)
+        else:
+            assert tel is not None
+            try:
+                soak(args.runs, args.every, sample)
+                tel.force_flush()
+            finally:
+                tel.shutdown()
     growth = max((s["growth_mib"] for s in samples), default=0.0)
     print(f"soak: largest growth after warm-up {growth:+.1f} MiB "
           f"(allowed {args.max_growth_mb:.0f}); {time.perf_counter() - start:.0f} s")  # fmt: skip
