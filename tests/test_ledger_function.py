@@ -7,7 +7,7 @@ is guarded; later ones are bare)."""
 from __future__ import annotations
 
 import logging
-import uuid
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from chatter_otel.persistence import LEDGER, RUNS, MessageMapping
 from chatter_otel.persistence.pg_function import function_name
-from tests.test_persistence import PG, Host, _configure, _flush, _pg_admin
+from tests.test_persistence import Host, _configure, _flush, fresh_pg
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -36,23 +36,31 @@ REFUSE = (
 
 @pytest.fixture
 async def pg() -> AsyncIterator[str]:
-    name = f"chatter_{uuid.uuid4().hex[:12]}"
-    await _pg_admin(f"CREATE DATABASE {name}")
-    try:
-        yield PG.format(db=name)
-    finally:
-        await _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    async with fresh_pg() as url:
+        yield url
 
 
-def _app_host(url: str) -> Host:
-    """The host app, its connections named ``refusing-app`` (the trigger above refuses only
-    those: the ledger's worker, on its own engine, is let through)."""
+@asynccontextmanager
+async def _app_then(url: str, tmp_path: Any, *ddl: str) -> AsyncIterator[tuple[Host, Any]]:
+    """The host app with the ledger on, then ``ddl`` run on the app's database. The app's
+    connections are named ``refusing-app`` (the trigger above refuses only those: the
+    ledger's worker, on its own engine, is let through)."""
     host = Host(url)
     host.engine = create_async_engine(
         url, connect_args={"server_settings": {"application_name": "refusing-app"}}
     )
     host.sessions = async_sessionmaker(host.engine, expire_on_commit=False)
-    return host
+    await host.setup()
+    tel, p = await _configure(url, tmp_path)
+    try:
+        assert p.writes_in_transaction
+        async with host.engine.begin() as conn:
+            for statement in ddl:
+                await conn.exec_driver_sql(statement)
+        yield host, p
+    finally:
+        tel.shutdown()
+        await host.engine.dispose()
 
 
 async def _chats_then_totals(host: Host, p: Any, statements: list[str]) -> None:
@@ -85,14 +93,8 @@ async def _chats_then_totals(host: Host, p: Any, statements: list[str]) -> None:
 async def test_a_refusal_inside_the_function_leaves_the_app_s_transaction_whole(
     pg: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    host = _app_host(pg)
-    await host.setup()
-    tel, p = await _configure(pg, tmp_path)
-    try:
-        assert p.writes_in_transaction
-        async with host.engine.begin() as conn:
-            for ddl in REFUSE:  # our runs table refuses the app's connections from now on
-                await conn.exec_driver_sql(ddl)
+    # our runs table refuses the app's connections from now on
+    async with _app_then(pg, tmp_path, *REFUSE) as (host, p):
         statements: list[str] = []
         await _chats_then_totals(host, p, statements)
         ours = [s for s in statements if "chatter_otel_write_" in s or "SAVEPOINT" in s]
@@ -104,9 +106,6 @@ async def test_a_refusal_inside_the_function_leaves_the_app_s_transaction_whole(
         assert ours == ["SAVEPOINT sa_savepoint_1", call, "RELEASE SAVEPOINT sa_savepoint_1",
                         call]  # fmt: skip
         assert "refused for the test" in caplog.text and "P0001" in caplog.text
-    finally:
-        tel.shutdown()
-        await host.engine.dispose()
 
 
 async def test_a_function_missing_on_the_app_s_database_is_met_in_a_savepoint(
@@ -116,14 +115,8 @@ async def test_a_function_missing_on_the_app_s_database_is_met_in_a_savepoint(
     database than the ledger's URL is the same case): each first call fails inside its
     savepoint, which is rolled back, and the connection is never taken as proven."""
     caplog.set_level(logging.WARNING, "chatter_otel")
-    host = _app_host(pg)
-    await host.setup()
-    tel, p = await _configure(pg, tmp_path)
-    try:
-        assert p.writes_in_transaction
-        async with host.engine.begin() as conn:
-            await conn.exec_driver_sql(f"DROP FUNCTION {function_name(MessageMapping())}"
-                                       "(text, text, text, text, text)")  # fmt: skip
+    drop = f"DROP FUNCTION {function_name(MessageMapping())}(text, text, text, text, text)"
+    async with _app_then(pg, tmp_path, drop) as (host, p):
         statements: list[str] = []
         await _chats_then_totals(host, p, statements)
         savepoints = [s for s in statements if "SAVEPOINT" in s]
@@ -131,9 +124,6 @@ async def test_a_function_missing_on_the_app_s_database_is_met_in_a_savepoint(
             savepoints == ["SAVEPOINT sa_savepoint_1", "ROLLBACK TO SAVEPOINT sa_savepoint_1"] * 2
         )
         assert "UndefinedFunction" in caplog.text or "does not exist" in caplog.text
-    finally:
-        tel.shutdown()
-        await host.engine.dispose()
 
 
 async def test_the_function_is_made_once_per_body_and_found_by_the_next_process(

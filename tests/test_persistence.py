@@ -60,17 +60,24 @@ async def _pg_admin(sql: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database(request: Any, tmp_path: Any) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path}/app.db"
-        return
+@asynccontextmanager
+async def fresh_pg() -> AsyncIterator[str]:
+    """A PostgreSQL database of its own on the test server, dropped after."""
     name = f"chatter_{uuid.uuid4().hex[:12]}"
     await _pg_admin(f"CREATE DATABASE {name}")
     try:
         yield PG.format(db=name)
     finally:
         await _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database(request: Any, tmp_path: Any) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/app.db"
+        return
+    async with fresh_pg() as url:
+        yield url
 
 
 class Host:

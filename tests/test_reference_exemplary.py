@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from typing import Any
 
 import httpx
@@ -17,17 +16,13 @@ from sqlalchemy import select
 from chatter_otel.reference.app import Conversation, Message, create_app, create_tables
 from chatter_otel.sinks.event_types import EventCategory, UnifiedEvent
 from tests.conftest import REDIS_PORT, REDIS_URL
-from tests.test_persistence import PG, _pg_admin, _Proxy
+from tests.test_persistence import _Proxy, fresh_pg
 
 
 @pytest.fixture
 async def pg_url() -> Any:
-    name = f"chatter_{uuid.uuid4().hex[:12]}"
-    await _pg_admin(f"CREATE DATABASE {name}")
-    try:
-        yield PG.format(db=name)
-    finally:
-        await _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    async with fresh_pg() as url:
+        yield url
 
 
 async def test_fifty_concurrent_chats_into_one_conversation(
