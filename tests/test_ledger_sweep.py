@@ -5,6 +5,7 @@ app (it did: a transaction and a query a second, per process)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from decimal import Decimal
@@ -51,8 +52,20 @@ async def test_the_sweep_runs_when_a_run_falls_due_not_every_second(
                     break
                 await asyncio.sleep(0.05)
             applied = time.time()
-            assert (await host.conversation(cid)).total_tokens > 0
+            one = (await host.conversation(cid)).total_tokens
+            assert one > 0
             assert finished + GRACE_S - 0.5 <= applied <= finished + GRACE_S + 1.5
+
+            # Three falling due one after the other: still at most one look a second.
+            for city in ("Oslo", "Lima", "Rome"):
+                await host.stream(cid, f"What is the weather in {city}?")
+            for _ in range(300):
+                if (await host.conversation(cid)).total_tokens == 4 * one:
+                    break
+                await asyncio.sleep(0.05)
+            assert (await host.conversation(cid)).total_tokens == 4 * one
+            gaps = [b - a for a, b in itertools.pairwise(sweeps)]
+            assert min(gaps) >= 0.9, gaps
 
             # A run some other process wrote and did not live to apply: the slow look finds it.
             other = await host.new_conversation()

@@ -42,6 +42,7 @@ class _LoopState:
     backoff: float = 0.5
     next_try: float = 0.0  # monotonic: no database round before (backing off)
     next_sweep: float = 0.0  # monotonic: the next sweep of runs no message took
+    last_sweep: float = -1e9  # monotonic
     next_open: float = 0.0  # monotonic: the next try to open the spool, while it is closed
     failing: bool = False
     pending_since: float | None = None  # when records last arrived that are not yet written
@@ -166,6 +167,7 @@ class DatabaseLoop:
             written += await self._drain_held(engine)
             if not stopping and time.monotonic() >= state.next_sweep:
                 await self._apply_due_runs(engine)  # and learns when the next falls due
+                state.last_sweep = time.monotonic()
             state.next_sweep = self._next_sweep(state)
             if state.failing:
                 _log.warning("chatter-otel: usage ledger reached the database again; "
@@ -304,8 +306,9 @@ class DatabaseLoop:
         query a second, per process, however idle the app."""
         now = time.monotonic()
         slow = now + max(self.grace_s, 1.0) if state.next_sweep <= now else state.next_sweep
-        # never sooner than 50 ms: a run due now is claimed by the next round's sweep
-        return max(min(slow, now + (self._sweep_due - time.time())), now + 0.05)
+        # At most one a second (as before) under a stream of runs falling due one by one.
+        soonest = max(state.last_sweep + min(1.0, self.grace_s), now + 0.05)
+        return max(min(slow, now + (self._sweep_due - time.time())), soonest)
 
     def _idle_s(self, state: _LoopState, spool: Spool | None) -> float:
         """How long the loop sleeps unless woken (the intake spooled or held records, a flush,
