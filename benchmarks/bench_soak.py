@@ -71,10 +71,11 @@ def soak(runs: int, every: int, on_sample: Callable[[int, float], None]) -> None
 
 
 def soak_app(url: str, folder: Path, runs: int, every: int,
-             on_sample: Callable[[int, float], None]) -> None:  # fmt: skip
+             on_sample: Callable[[int, float], None], **options: Any) -> None:  # fmt: skip
     """``runs`` ``POST /chat`` of the reference app (in-process, ASGI), each a new conversation
     of one of 50,000 users, with the ledger on ``url``: every turn's accounting written in the
-    app's transaction, the app's sessions hooked, its SQL traced, the sweep scheduling runs."""
+    app's transaction, the app's sessions hooked, its SQL traced, the sweep scheduling runs.
+    ``options`` go to ``configure``."""
     import asyncio
 
     import httpx
@@ -82,7 +83,7 @@ def soak_app(url: str, folder: Path, runs: int, every: int,
     from chatter_otel.reference.app import create_app
 
     persistence = UsagePersistence(url, spool_path=folder / "spool.db")
-    app = create_app(url, tracer_provider=TracerProvider(), persistence=persistence)
+    app = create_app(url, tracer_provider=TracerProvider(), persistence=persistence, **options)
 
     async def drive() -> None:
         async with app.router.lifespan_context(app):

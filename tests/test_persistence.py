@@ -13,6 +13,7 @@ import asyncio
 import json
 import sqlite3
 import threading
+import time
 import uuid
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -1002,3 +1003,9 @@ def test_the_committed_rows_kept_for_the_worker_are_bounded() -> None:
     assert kept.unwritten(rows) == [rows[2], rows[3]]  # a0 fell out; binds always go through
     assert kept.unwritten(rows) == [rows[0], rows[1], rows[2], rows[3]]  # each seen once
     assert (kept.skipped, len(kept._ids)) == (2, 98)
+    # Ids the worker never asks about (it read their records before the commit) age out.
+    aging = CommittedRows(limit=100, max_age_s=0.2)
+    aging.add("w-old", ["s-old"])
+    time.sleep(0.3)
+    aging.add("w-new", ["s-new"])
+    assert list(aging._ids) == [("run", "w-new"), ("llm", "s-new")]
