@@ -42,7 +42,10 @@ class CommittedRows:
             for span_id in span_ids:
                 self._ids[("llm", span_id)] = now
             ids, old = self._ids, now - self._max_age_s
-            while len(ids) > self._limit or ids[oldest := next(iter(ids))] < old:
+            while ids:
+                oldest = next(iter(ids))
+                if len(ids) <= self._limit and ids[oldest] >= old:
+                    break
                 del ids[oldest]
 
     def unwritten(self, rows: list[SpoolRow]) -> list[SpoolRow]:
