@@ -9,12 +9,21 @@ import itertools
 import threading
 import time
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event
 
 from chatter_otel.persistence import RUNS
-from tests.test_persistence import _flush, _hosted, database  # noqa: F401 - its fixture
+from tests.test_persistence import (  # noqa: F401 - database: its fixture
+    Host,
+    _flush,
+    _hosted,
+    database,
+    fresh_pg,
+)
+
+if TYPE_CHECKING:
+    import pytest
 
 GRACE_S = 3.0
 
@@ -83,3 +92,30 @@ async def test_the_sweep_runs_when_a_run_falls_due_not_every_second(
             await _flush(p)
     finally:
         event.remove(Engine, "before_cursor_execute", seen)
+
+
+async def test_an_index_that_cannot_be_added_leaves_the_ledger_working(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sweep's index is only speed: where it cannot be added to a runs table an older
+    release made (here its name is taken), one line says so and every record is written."""
+    from sqlalchemy import Column, MetaData, Table
+
+    async with fresh_pg() as url:
+        old = MetaData()
+        Table(RUNS.name, old, *(Column(c.name, c.type, primary_key=c.primary_key)
+                                for c in RUNS.columns))  # fmt: skip
+        host = Host(url)
+        await host.setup()
+        async with host.engine.begin() as conn:
+            await conn.run_sync(old.create_all)
+            await conn.exec_driver_sql("CREATE TABLE decoy (x integer)")
+            await conn.exec_driver_sql("CREATE INDEX ix_chatter_usage_runs_unapplied ON decoy (x)")
+        await host.engine.dispose()
+        async with _hosted(url, tmp_path) as (host2, p):
+            cid = await host2.new_conversation()
+            await host2.chat(cid, "weather in Quito")
+            await _flush(p)
+            assert (await host2.conversation(cid)).total_tokens > 0
+            assert p.stats["in_transaction"] == 1 and p.stats["quarantined"] == 0
+        assert "cannot add index ix_chatter_usage_runs_unapplied" in caplog.text

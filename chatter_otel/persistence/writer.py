@@ -96,9 +96,9 @@ class LedgerWriter:
         insp = inspect(conn)
         if insp.has_table(RUNS.name) and self.create_tables:
             have_ix = {ix["name"] for ix in insp.get_indexes(RUNS.name)}
-            for ix in RUNS.indexes - {i for i in RUNS.indexes if i.name in have_ix}:
-                ix.create(conn)  # an index added since the table was made
-                _log.info("chatter-otel: usage runs table upgraded: index %s", ix.name)
+            for ix in sorted(RUNS.indexes, key=lambda i: str(i.name)):
+                if ix.name not in have_ix:  # an index added since the table was made
+                    self._add_index(conn, ix)
         if not insp.has_table(LEDGER.name):
             return
         have = {c["name"] for c in insp.get_columns(LEDGER.name)}
@@ -115,6 +115,25 @@ class LedgerWriter:
                           col.name, ddl)  # fmt: skip
         if not self.create_tables:
             self._ledger_skip = frozenset(c.name for c in missing)
+
+    @staticmethod
+    def _add_index(conn: Any, ix: Any) -> None:
+        """An index is only speed: one that cannot be made (a table another role owns) is
+        said once, and the ledger goes on without it."""
+        # a failed statement aborts a PostgreSQL transaction (not SQLite's): a savepoint there
+        nested = conn.begin_nested() if conn.dialect.name == "postgresql" else None
+        try:
+            ix.create(conn)
+            if nested is not None:
+                nested.commit()
+            _log.info("chatter-otel: usage runs table upgraded: index %s", ix.name)
+        except Exception as exc:
+            if nested is not None:
+                nested.rollback()
+            warn_once(f"ledger:index:{ix.name}", "chatter-otel: cannot add index %s to %s "
+                      "(%s: %.300s); the ledger works without it, its sweep for runs no "
+                      "message took reads more of the table", ix.name, RUNS.name,
+                      type(exc).__name__, exc)  # fmt: skip
 
     async def _know_app_schema(self, conn: Any, *, now: bool = False) -> None:
         """Look at the app's tables; again (at most once a second, or ``now``) while one is
