@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("chatter_otel")
 
 
-class _Refused(Exception):
+class DatabaseRefused(Exception):
     """The write function undid its writes and said why (SQLSTATE and message)."""
 
 
@@ -171,7 +171,7 @@ class BindingHooks:
                 refused = conn.execute(call(function), params).scalar()
             proven[function] = True
         if refused is not None:
-            raise _Refused(refused)
+            raise DatabaseRefused(refused)
 
     def _write_statements(self, conn: Any, calls: list[dict[str, Any]], row: dict[str, Any],
                           *, conv: str | None, tokens: int, cost: Decimal) -> None:  # fmt: skip
