@@ -20,6 +20,7 @@ from tests.test_persistence import (  # noqa: F401 - database: its fixture
     _hosted,
     database,
     fresh_pg,
+    old_release_runs,
 )
 
 if TYPE_CHECKING:
@@ -99,12 +100,11 @@ async def test_an_index_that_cannot_be_added_leaves_the_ledger_working(
 ) -> None:
     """The sweep's index is only speed: where it cannot be added to a runs table an older
     release made (here its name is taken), one line says so and every record is written."""
-    from sqlalchemy import Column, MetaData, Table
+    from sqlalchemy import MetaData
 
     async with fresh_pg() as url:
         old = MetaData()
-        Table(RUNS.name, old, *(Column(c.name, c.type, primary_key=c.primary_key)
-                                for c in RUNS.columns))  # fmt: skip
+        old_release_runs(old)
         host = Host(url)
         await host.setup()
         async with host.engine.begin() as conn:

@@ -61,6 +61,14 @@ async def _pg_admin(sql: str) -> None:
         await conn.close()
 
 
+def old_release_runs(meta: Any) -> Any:
+    """The runs table as an older release made it: no index for the sweep."""
+    from sqlalchemy import Column, Table
+
+    return Table(RUNS.name, meta, *(Column(c.name, c.type, primary_key=c.primary_key)
+                                    for c in RUNS.columns))  # fmt: skip
+
+
 @asynccontextmanager
 async def fresh_pg() -> AsyncIterator[str]:
     """A PostgreSQL database of its own on the test server, dropped after."""
@@ -944,9 +952,7 @@ async def test_a_ledger_table_of_an_older_release_is_upgraded(
     old = MetaData()
     Table(LEDGER.name, old, *(Column(c.name, c.type, primary_key=c.primary_key)
                               for c in LEDGER.columns if c.name not in added))  # fmt: skip
-    # the runs table as an older release made it: no index for the sweep
-    Table(RUNS.name, old, *(Column(c.name, c.type, primary_key=c.primary_key)
-                            for c in RUNS.columns))  # fmt: skip
+    old_release_runs(old)
     host = Host(database)
     await host.setup()
     async with host.engine.begin() as conn:
