@@ -42,5 +42,5 @@ venv="$root/.venv-lowest"
 "$venv/bin/python" -m pip install -q -c "$root/constraints-lowest.txt" "$wheel[reference]"
 echo "wheel, lowest set, the ledger on SQLAlchemy $("$venv/bin/python" -c 'import sqlalchemy; print(sqlalchemy.__version__)'):"
 (cd "$work" && "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_persistence.py \
-  tests/test_ledger_function.py \
+  tests/test_ledger_one_statement.py \
   tests/test_spool.py)

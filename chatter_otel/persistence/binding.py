@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from chatter_otel._safety import guarded, warn_once
 from chatter_otel.instrumentation.runs import current_workflow, last_run
-from chatter_otel.persistence.pg_function import call, call_params
+from chatter_otel.persistence.one_statement import WriteStatement, call_params
 from chatter_otel.persistence.schema import (
     RUNS,
     MessageMapping,
@@ -52,7 +52,7 @@ class BindingHooks:
     _committed: CommittedRows
     _ready: bool
     _conversations_ok: bool
-    _write_function: str | None
+    _write: WriteStatement | None
 
     if TYPE_CHECKING:
 
@@ -139,17 +139,19 @@ class BindingHooks:
         conv = binding["conversation_id"]
         conv = str(conv) if conv is not None else None
         tokens, cost = binding["total_tokens"] or 0, binding["cost"] or Decimal(0)
-        function = self._write_function if conn.dialect.name == "postgresql" else None
+        write = self._write
+        if write is not None and write.dialect != conn.dialect.name:
+            write = None  # the app's engine is not the ledger's kind of database
         # The package's own writes are never traced: the savepoint and its release neither.
         with suppress_instrumentation():
             try:
-                if function is None:
+                if write is None:
                     with conn.begin_nested():  # a refusal of ours never aborts the app's
                         self._write_statements(conn, calls, row, conv=conv, tokens=tokens,
                                                cost=cost)  # fmt: skip
                 else:
                     params = call_params(row, calls, conv=conv, tokens=tokens, cost=cost)
-                    self._call_function(conn, function, params)
+                    self._write_one(conn, write, params)
             except Exception as exc:
                 warn_once("ledger:in-transaction", "chatter-otel: cannot write the run's usage "
                           "in the app's transaction (%s: %.300s); the ledger's worker writes it "
@@ -161,15 +163,18 @@ class BindingHooks:
         return True
 
     @staticmethod
-    def _call_function(conn: Any, function: str, params: dict[str, Any]) -> None:
-        """One statement (``persistence/pg_function.py``): its block undoes a refusal alone."""
+    def _write_one(conn: Any, write: WriteStatement, params: dict[str, Any]) -> None:
+        """One statement (``persistence/one_statement.py``) whose failure is undone alone."""
+        if not write.returns_refusal:  # SQLite: a refused statement raises, undone alone
+            conn.execute(write.statement, params)
+            return
         proven = conn.connection.info  # the DBAPI connection's: kept while the pool keeps it
-        if proven.get(function):
-            refused = conn.execute(call(function), params).scalar()
+        if proven.get(write.name):
+            refused = conn.execute(write.statement, params).scalar()
         else:  # its first call on this connection, where it may not exist: in a savepoint
             with conn.begin_nested():
-                refused = conn.execute(call(function), params).scalar()
-            proven[function] = True
+                refused = conn.execute(write.statement, params).scalar()
+            proven[write.name] = True
         if refused is not None:
             raise DatabaseRefused(refused)
 

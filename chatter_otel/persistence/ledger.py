@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from sqlalchemy import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from chatter_otel.persistence.one_statement import WriteStatement
+
 
 _log = logging.getLogger("chatter_otel")
 
@@ -117,7 +119,7 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
         self._installed: list[Any] = []
         self._committed = CommittedRows(max_queue)  # rows the app's transactions wrote
         self._ready = False  # our tables created
-        self._write_function: str | None = None  # PostgreSQL: see persistence/pg_function.py
+        self._write: WriteStatement | None = None  # see persistence/one_statement.py
         self._message_columns: frozenset[str] = frozenset()
         self._conversations_ok = False
         self._schema_checked = -1e9  # monotonic time the app's tables were last looked at

@@ -19,7 +19,7 @@ from sqlalchemy import (
 )
 
 from chatter_otel._safety import warn_once
-from chatter_otel.persistence.pg_function import ensure_function
+from chatter_otel.persistence.one_statement import WriteStatement, ensure
 from chatter_otel.persistence.schema import (
     LEDGER,
     RUNS,
@@ -65,7 +65,7 @@ class LedgerWriter:
     _schema_checked: float
     _ledger_skip: frozenset[str] = frozenset()  # columns an app-managed table lacks
     _committed: CommittedRows
-    _write_function: str | None
+    _write: WriteStatement | None
     # Wall time the earliest run this worker wrote unclaimed falls due (finished + grace_s):
     # the sweep runs then, not once a second (see DatabaseLoop._next_sweep).
     _sweep_due: float = float("inf")
@@ -82,8 +82,8 @@ class LedgerWriter:
                 if self.create_tables:
                     await conn.run_sync(metadata.create_all)
                 await conn.run_sync(self._add_new_columns)
-                if self.create_tables and conn.dialect.name == "postgresql":
-                    self._write_function = await conn.run_sync(ensure_function, self.mapping)
+                if self.create_tables:  # next to our tables, where we make them
+                    self._write = await conn.run_sync(ensure, self.mapping)
             self._ready = True
         if not self._conversations_ok:  # known before the app's first message, when it can be
             async with engine.connect() as conn:

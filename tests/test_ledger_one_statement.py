@@ -1,8 +1,12 @@
-"""PostgreSQL: a run's accounting in the app's transaction is one call of the ledger's write
-function (``chatter_otel/persistence/pg_function.py``), and nothing of ours inside or around it
-can abort the app's transaction: a refusal inside it undoes only our writes, and a function
-missing on the app's connection is met inside a savepoint (the first call on each connection
-is guarded; later ones are bare)."""
+"""A run's accounting in the app's transaction is one statement
+(``chatter_otel/persistence/one_statement.py``), and nothing of ours inside or around it can
+abort the app's transaction.
+
+PostgreSQL: one call of the ledger's write function; a refusal inside it undoes only our
+writes, and a function missing on the app's connection is met inside a savepoint (the first
+call on each connection is guarded; later ones are bare). SQLite: one insert into the ledger's
+view, whose trigger writes; SQLite undoes a refused statement alone, and a missing view fails
+before anything runs, so there is no savepoint at all."""
 
 from __future__ import annotations
 
@@ -15,11 +19,11 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from chatter_otel.persistence import LEDGER, RUNS, MessageMapping
-from chatter_otel.persistence.pg_function import function_name
-from tests.test_persistence import Host, _configure, _flush, fresh_pg
+from chatter_otel.persistence.one_statement import function_name, view_name
+from tests.test_persistence import Host, _configure, _flush, _hosted, fresh_pg
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 REFUSE = (
     """CREATE FUNCTION refuse_the_app() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -63,9 +67,10 @@ async def _app_then(url: str, tmp_path: Any, *ddl: str) -> AsyncIterator[tuple[H
         await host.engine.dispose()
 
 
-async def _chats_then_totals(host: Host, p: Any, statements: list[str]) -> None:
+async def _chats_then_totals(host: Host, p: Any, statements: list[str],
+                             then: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
     """Two chats on one connection: both messages commit although our write was refused;
-    the worker writes the runs after the commits, and every total is exact."""
+    (``then`` runs;) the worker writes the runs after the commits, and every total is exact."""
     seen = lambda conn, cursor, sql, *a: statements.append(sql)  # noqa: E731
     event.listen(host.engine.sync_engine, "before_cursor_execute", seen)
     try:
@@ -77,6 +82,8 @@ async def _chats_then_totals(host: Host, p: Any, statements: list[str]) -> None:
     # the app's own statement after ours (its conversation's message_count) ran: the app's
     # transaction was not aborted, and it committed
     assert (await host.conversation(cid)).message_count == 2
+    if then is not None:
+        await then()
     await _flush(p)
     msgs = await host.messages(cid)
     assert sorted(m.id for m in msgs) == sorted(mids)
@@ -160,3 +167,78 @@ async def test_the_function_is_made_once_per_body_and_found_by_the_next_process(
     other = MessageMapping(conversation_total_cost="cost_total")
     assert function_name(other) != function_name(MessageMapping())
     await host.engine.dispose()
+
+
+# -- SQLite: one insert into the ledger's view -------------------------------------------------
+
+
+def _ours(statements: list[str]) -> list[str]:
+    return [s for s in statements if "chatter_" in s or "SAVEPOINT" in s]
+
+
+async def test_sqlite_a_refusal_inside_the_trigger_leaves_the_app_s_transaction_whole(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused at the trigger's last write (the call rows), after it claimed the run and added
+    to the conversation: SQLite undoes the whole statement and only it."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
+    # batch_delay_s: the worker writes nothing until the flush, after the refusal is lifted
+    async with _hosted(url, tmp_path, batch_delay_s=3600.0) as (host, p):
+        assert p.writes_in_transaction
+        async with host.engine.begin() as conn:
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON chatter_usage_ledger "
+                "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+            )
+
+        async def lift() -> None:
+            # the claim and the conversation's delta before the refused write were undone
+            assert await host.rows(RUNS) == [] and await host.rows(LEDGER) == []
+            async with host.engine.begin() as conn:
+                totals = await conn.exec_driver_sql("SELECT total_tokens FROM conversations")
+                assert totals.scalars().all() == [0]
+                await conn.exec_driver_sql("DROP TRIGGER refuse")
+
+        statements: list[str] = []
+        await _chats_then_totals(host, p, statements, then=lift)
+        insert = f'INSERT INTO "{view_name(MessageMapping())}" VALUES(?, ?, ?, ?, ?)'
+        assert _ours(statements) == [insert, insert]  # and no savepoint
+        assert ("cannot write the run's usage in the app's transaction (IntegrityError: "
+                "(sqlite3.IntegrityError) refused for the test") in caplog.text  # fmt: skip
+        assert "the ledger's worker writes it after the commit" in caplog.text
+
+
+async def test_sqlite_a_view_missing_on_the_app_s_database_aborts_nothing(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app's database has no view (dropped here; an app whose engine is another file
+    than the ledger's URL is the same case): the insert fails before it runs."""
+    caplog.set_level(logging.WARNING, "chatter_otel")
+    url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
+    async with _hosted(url, tmp_path) as (host, p):
+        assert p.writes_in_transaction
+        async with host.engine.begin() as conn:
+            await conn.exec_driver_sql(f'DROP VIEW "{view_name(MessageMapping())}"')
+        statements: list[str] = []
+        await _chats_then_totals(host, p, statements)
+        assert not [s for s in statements if "SAVEPOINT" in s]
+        assert f"no such table: {view_name(MessageMapping())}" in caplog.text
+
+
+async def test_sqlite_the_view_is_made_once_per_definition(tmp_path: Any) -> None:
+    """A second ledger on the same file keeps the one view and trigger; another mapping
+    makes its own."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
+    async with _hosted(url, tmp_path) as (host, p):
+        assert p.writes_in_transaction
+    (tmp_path / "again").mkdir()
+    async with _hosted(url, tmp_path / "again") as (host, p):
+        assert p.writes_in_transaction
+        async with host.engine.connect() as conn:
+            found = await conn.exec_driver_sql(
+                "SELECT type, name FROM sqlite_master WHERE name LIKE 'chatter_otel_write_%' "
+                "ORDER BY type"
+            )
+            view = view_name(MessageMapping())
+            assert found.all() == [("trigger", view + "_insert"), ("view", view)]
+    assert view_name(MessageMapping(conversation_total_cost="cost_total")) != view
