@@ -67,8 +67,9 @@ async def _app_then(url: str, tmp_path: Any, *ddl: str) -> AsyncIterator[tuple[H
         await host.engine.dispose()
 
 
-async def _chats_then_totals(host: Host, p: Any, statements: list[str],
-                             then: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
+async def _chats_then_totals(
+    host: Host, p: Any, statements: list[str], then: Callable[[], Awaitable[None]] | None = None
+) -> None:
     """Two chats on one connection: both messages commit although our write was refused;
     (``then`` runs;) the worker writes the runs after the commits, and every total is exact."""
     seen = lambda conn, cursor, sql, *a: statements.append(sql)  # noqa: E731
