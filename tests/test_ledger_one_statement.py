@@ -243,3 +243,52 @@ async def test_sqlite_the_view_is_made_once_per_definition(tmp_path: Any) -> Non
             view = view_name(MessageMapping())
             assert found.all() == [("trigger", view + "_insert"), ("view", view)]
     assert view_name(MessageMapping(conversation_total_cost="cost_total")) != view
+
+
+async def test_sqlite_without_json_functions_takes_the_savepoint(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An SQLite built without its JSON functions (made here by replacing ``json_extract``
+    with one that fails, on every connection): no view, one line says why, and each chat's
+    accounting is the fallback's savepoint and three statements, totals exact."""
+    from sqlalchemy import Engine
+
+    def no_json(dbapi_connection: Any, record: Any) -> None:
+        def refuse(*args: Any) -> Any:
+            raise ValueError("no JSON here")
+
+        dbapi_connection.create_function("json_extract", -1, refuse)
+
+    caplog.set_level(logging.WARNING, "chatter_otel")
+    event.listen(Engine, "connect", no_json)
+    try:
+        url = f"sqlite+aiosqlite:///{tmp_path}/app.db"
+        async with _hosted(url, tmp_path) as (host, p):
+            assert p.writes_in_transaction
+            statements: list[str] = []
+            seen = lambda conn, cursor, sql, *a: statements.append(sql)  # noqa: E731
+            event.listen(host.engine.sync_engine, "before_cursor_execute", seen)
+            cid = await host.new_conversation()
+            mid = await host.chat(cid, "weather in Lima")
+            event.remove(host.engine.sync_engine, "before_cursor_execute", seen)
+            await _flush(p)
+            assert p.stats["in_transaction"] == 1
+            (msg,) = await host.messages(cid)
+            assert msg.id == mid
+            assert (await host.conversation(cid)).total_tokens == msg.total_tokens > 0
+            async with host.engine.connect() as conn:
+                found = await conn.exec_driver_sql(
+                    "SELECT name FROM sqlite_master WHERE name LIKE 'chatter_otel_write_%'"
+                )
+                assert found.all() == []
+    finally:
+        event.remove(Engine, "connect", no_json)
+    ours = [s.split(" (")[0] for s in statements
+            if "chatter_" in s or "SAVEPOINT" in s or 'UPDATE "conversations"' in s]  # fmt: skip
+    assert ours == ["SAVEPOINT sa_savepoint_1", "INSERT INTO chatter_usage_runs",
+                    "INSERT INTO chatter_usage_ledger",
+                    'UPDATE "conversations" SET "total_tokens" = "total_tokens" + ?, '
+                    '"total_cost" = "total_cost" + ? WHERE "id" = ?',
+                    "RELEASE SAVEPOINT sa_savepoint_1"]  # fmt: skip
+    assert ("cannot create the ledger's write view (no JSON functions in this SQLite) "
+            "(OperationalError") in caplog.text  # fmt: skip
