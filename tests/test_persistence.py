@@ -306,6 +306,29 @@ async def test_a_message_saved_after_the_sweep_took_its_run_adds_nothing_again(
         assert (conv.total_tokens, conv.total_cost) == (added, msg.cost)
 
 
+async def test_a_message_saved_after_the_worker_wrote_its_run_claims_it(
+    database: str, tmp_path: Any
+) -> None:
+    """The worker wrote the run's rows (unclaimed) before the app saved its message: the app's
+    transaction claims the existing row (the upsert's update) and adds it, once."""
+    async with _hosted(database, tmp_path) as (host, p):
+        cid = await host.new_conversation()
+        out = await host.graph.ainvoke({"messages": [HumanMessage("weather in Quito")]},
+                                       {"configurable": {"thread_id": cid}})  # fmt: skip
+        await _flush(p)
+        (run,) = await host.rows(RUNS)
+        assert run.applied_at is None and (await host.conversation(cid)).total_tokens == 0
+        await host.save_assistant(cid, str(out["messages"][-1].content))
+        await _flush(p)
+        assert p.stats["in_transaction"] == 1
+        (msg,) = await host.messages(cid)
+        assert msg.total_tokens == sum(r.total_tokens for r in await host.rows(LEDGER)) > 0
+        conv = await host.conversation(cid)
+        assert (conv.total_tokens, conv.total_cost) == (msg.total_tokens, msg.cost)
+        (run,) = await host.rows(RUNS)
+        assert run.applied_at is not None and run.message_id == msg.id
+
+
 async def test_failed_run_records_status_and_invents_nothing(database: str, tmp_path: Any) -> None:
     async with _hosted(database, tmp_path) as (host, p):
         cid = await host.new_conversation()
