@@ -20,6 +20,7 @@ from chatter_otel.export.metrics import meter_provider_from_env
 from chatter_otel.instrumentation.settings import exception_text_captured
 from chatter_otel.propagation import filter_outbound_baggage
 from chatter_otel.sinks.analytics import AnalyticsSpanProcessor, LiveAnalytics
+from chatter_otel.sinks.dispatch import RecordFanout
 from chatter_otel.sinks.events import EventBus, EventSpanProcessor
 from chatter_otel.sinks.monitoring import MonitoringService, MonitoringSpanProcessor
 
@@ -39,8 +40,9 @@ _log = logging.getLogger("chatter_otel")
 _lock = threading.Lock()
 _current: Telemetry | None = None
 _with_baggage: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
-# provider -> {kind: processor}; weak, so a new provider never inherits a dead one's processors
-_processors: weakref.WeakKeyDictionary[TracerProvider, dict[str, Any]] = weakref.WeakKeyDictionary()
+# provider -> the one processor our sinks hang on; weak, so a new provider never inherits a
+# dead one's sinks
+_fanouts: weakref.WeakKeyDictionary[TracerProvider, RecordFanout] = weakref.WeakKeyDictionary()
 
 
 class Telemetry:
@@ -300,14 +302,17 @@ def _install_processors(
 
 
 def _attach(provider: TracerProvider, kind: str, cls: Any, **sinks: Any) -> Callable[[], None]:
-    """Add the ``kind`` processor to ``provider`` once, or point the existing one at ``sinks``;
-    returns how to detach it (processors cannot be removed from a provider)."""
-    mine = _processors.setdefault(provider, {})
-    processor = mine.get(kind)
+    """Attach the ``kind`` processor to the provider's one ``RecordFanout`` once, or point the
+    existing one at ``sinks``; returns how to detach it (processors cannot be removed from a
+    provider)."""
+    fanout = _fanouts.get(provider)
+    if fanout is None:
+        fanout = _fanouts[provider] = RecordFanout()
+        provider.add_span_processor(fanout)
+    processor = fanout.sinks.get(kind)
     if processor is None:
         processor = cls(**sinks)
-        provider.add_span_processor(processor)
-        mine[kind] = processor
+        fanout.attach(kind, processor)
     else:
         processor.repoint(**sinks)
     detach: Callable[[], None] = processor.detach

@@ -178,6 +178,46 @@ def test_reuses_an_app_provider_without_adding_exporters() -> None:
     provider.shutdown()
 
 
+def test_the_sinks_hang_on_one_processor_and_a_new_configure_repoints_them(
+    tmp_path: Any,
+) -> None:
+    """The SDK calls every processor of a provider for every span (the app's SQL and server
+    spans too): ``configure`` adds one for all its sinks, which looks a span's record up once.
+    A second ``configure`` on the same provider points those sinks at its own services and
+    adds no processor."""
+    from chatter_otel.persistence import UsagePersistence
+    from chatter_otel.sinks.dispatch import RecordFanout
+
+    provider = TracerProvider()
+    ledger = UsagePersistence(f"sqlite+aiosqlite:///{tmp_path}/app.db",
+                              spool_path=tmp_path / "spool.db")  # fmt: skip
+    tel = configure(tracer_provider=provider, persistence=ledger, prices=LOCAL_MODEL_PRICES)
+    processors = list(provider._active_span_processor._span_processors)
+    assert [type(p).__name__ for p in processors] == ["ValidatingBaggageSpanProcessor",
+                                                      "RecordFanout"]  # fmt: skip
+    fanout = processors[1]
+    assert isinstance(fanout, RecordFanout)
+    assert {kind: type(p).__name__ for kind, p in fanout.sinks.items()} == {
+        "events": "EventSpanProcessor", "monitoring": "MonitoringSpanProcessor",
+        "analytics": "AnalyticsSpanProcessor", "ledger": "LedgerSpanProcessor",
+    }  # fmt: skip
+    _run_turn()
+    assert tel.force_flush() and ledger.flush(10)
+    first = tel.monitoring
+    assert first.get_workflow_stats()["workflow_ops"]["finished"] == 1
+    assert ledger.stats["written"] == 3  # the run and its 2 calls
+    tel.shutdown()
+    again = configure(tracer_provider=provider, prices=LOCAL_MODEL_PRICES)
+    assert list(provider._active_span_processor._span_processors) == processors
+    _run_turn()
+    assert again.force_flush()
+    assert again.monitoring is not first
+    assert again.monitoring.get_workflow_stats()["workflow_ops"]["finished"] == 1
+    assert first.get_workflow_stats()["workflow_ops"]["finished"] == 1  # detached: no more
+    assert ledger.stats["written"] == 3  # no ledger in the second configure: detached
+    again.shutdown()
+
+
 def test_bad_exporter_value_warns_and_falls_back(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -109,10 +109,9 @@ def test_runs_that_never_finish_leave_no_active_monitoring_entries() -> None:
         # the registry ended the oldest as orphaned; monitoring finished them
         assert ops["started"] == 40
         assert ops["active"] <= 16 and ops["finished"] == 40 - ops["active"]
-        processor = next(
-            p for p in provider._active_span_processor._span_processors
-            if type(p).__name__ == "MonitoringSpanProcessor"
-        )  # fmt: skip
+        (fanout,) = (p for p in provider._active_span_processor._span_processors
+                     if type(p).__name__ == "RecordFanout")  # fmt: skip
+        processor = fanout.sinks["monitoring"]
         assert len(processor._ids) <= 16
         for gen in pending:
             gen.close()

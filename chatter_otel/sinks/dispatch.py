@@ -5,10 +5,16 @@ the typed record the invocation carried with it; spans that are not ours (the ap
 server's) carry no record and are passed over at the cost of one dictionary lookup. Subclasses
 implement ``workflow_started`` and ``ended``; a fault inside one is counted and logged and never
 reaches the code that ended the span.
+
+``configure`` puts ONE ``RecordFanout`` on the provider and attaches the sinks' processors to
+it, rather than each to the provider: the SDK calls every processor of a provider three times
+for every span (``on_start``, ``_on_ending``, ``on_end``), the app's SQL and server spans
+included, so four sink processors cost four lookups per span where one does.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace import SpanProcessor
@@ -22,7 +28,7 @@ if TYPE_CHECKING:
 
     from chatter_otel.instrumentation.records import Record, WorkflowStart
 
-__all__ = ["RecordSpanProcessor"]
+__all__ = ["RecordFanout", "RecordSpanProcessor"]
 
 
 class RecordSpanProcessor(SpanProcessor):
@@ -57,3 +63,51 @@ class RecordSpanProcessor(SpanProcessor):
 
     def detach(self) -> None:
         """Stop feeding anything (processors cannot be removed from a provider)."""
+
+
+class RecordFanout(SpanProcessor):
+    """The one processor ``configure`` adds for all the sinks: a span's record is looked up
+    once and handed to each sink in the order it was attached; a span that is not ours costs
+    one lookup in all. A sink's fault is counted and logged, and the other sinks still run."""
+
+    def __init__(self) -> None:
+        self.sinks: dict[str, RecordSpanProcessor] = {}
+        self._order: tuple[RecordSpanProcessor, ...] = ()
+
+    def attach(self, kind: str, processor: RecordSpanProcessor) -> None:
+        self.sinks[kind] = processor
+        self._order = tuple(self.sinks.values())
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        start = started_record()
+        if start is None:
+            return
+        ctx = span.get_span_context()
+        span_id, trace_id = format(ctx.span_id, "016x"), format(ctx.trace_id, "032x")
+        for sink in self._order:
+            try:
+                sink.workflow_started(start, span_id, trace_id)
+            except Exception:
+                internal_error(f"{type(sink).__name__}.workflow_started")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        record = ended_record(span)
+        if record is None:
+            return
+        for sink in self._order:
+            try:
+                sink.ended(record)
+            except Exception:
+                internal_error(f"{type(sink).__name__}.ended")
+
+    def shutdown(self) -> None:
+        for sink in self._order:
+            sink.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        deadline = time.monotonic() + timeout_millis / 1000
+        flushed = True
+        for sink in self._order:
+            left = max(int((deadline - time.monotonic()) * 1000), 0)
+            flushed = sink.force_flush(left) and flushed
+        return flushed
