@@ -18,12 +18,14 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from chatter_otel.persistence import LEDGER, RUNS, MessageMapping
+from chatter_otel.persistence import LEDGER, RUNS, MessageMapping, metadata, write_statement_ddl
 from chatter_otel.persistence.one_statement import function_name, view_name
-from tests.test_persistence import Host, _configure, _flush, _hosted, fresh_pg
+from tests.test_persistence import Host, _configure, _flush, _hosted, database, fresh_pg
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
+
+__all__ = ["database"]  # the fixture, shared with test_persistence
 
 REFUSE = (
     """CREATE FUNCTION refuse_the_app() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -292,3 +294,61 @@ async def test_sqlite_without_json_functions_takes_the_savepoint(
                     "RELEASE SAVEPOINT sa_savepoint_1"]  # fmt: skip
     assert ("cannot create the ledger's write view (no JSON functions in this SQLite) "
             "(OperationalError") in caplog.text  # fmt: skip
+
+
+# -- an app that manages the schema: the statement from its migration ------------------------
+
+
+@pytest.mark.parametrize("migrated", [True, False], ids=["migrated", "not-migrated"])
+async def test_an_app_managed_schema_gets_the_one_statement_from_its_migration(
+    database: str, tmp_path: Any, migrated: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``create_tables=False``: the app's migration makes our tables and, with
+    ``write_statement_ddl``, the write statement: the ledger finds it and each chat is one
+    statement of ours. Without it, one line says what to run, and the savepoint path writes
+    the same numbers."""
+    caplog.set_level(logging.WARNING, "chatter_otel")
+    host = Host(database)
+    await host.setup()
+    dialect = host.engine.dialect.name
+    async with host.engine.begin() as conn:  # the app's migration
+        await conn.run_sync(metadata.create_all)
+        for ddl in write_statement_ddl(dialect) if migrated else ():
+            await conn.exec_driver_sql(ddl)
+    await host.engine.dispose()
+    async with _hosted(database, tmp_path, create_tables=False) as (host, p):
+        assert p.writes_in_transaction
+        statements: list[str] = []
+        seen = lambda conn, cursor, sql, *a: statements.append(sql)  # noqa: E731
+        event.listen(host.engine.sync_engine, "before_cursor_execute", seen)
+        cid = await host.new_conversation()
+        for i in range(2):
+            await host.chat(cid, f"weather in Lima {i}")
+        event.remove(host.engine.sync_engine, "before_cursor_execute", seen)
+        await _flush(p)
+        assert p.stats["in_transaction"] == 2
+        msgs = await host.messages(cid)
+        ledger = await host.rows(LEDGER)
+        conv = await host.conversation(cid)
+        assert conv.total_tokens == sum(m.total_tokens for m in msgs) == sum(
+            r.total_tokens for r in ledger) > 0  # fmt: skip
+    ours = [s.split("(")[0].split(" VALUES")[0] for s in _ours(statements)]
+    hint = f"until your migration runs chatter_otel.persistence.write_statement_ddl('{dialect}')"
+    if not migrated:
+        assert hint in caplog.text
+        assert ours == ["SAVEPOINT sa_savepoint_1", "INSERT INTO chatter_usage_runs ",
+                        "INSERT INTO chatter_usage_ledger ",
+                        "RELEASE SAVEPOINT sa_savepoint_1"] * 2  # fmt: skip
+        return
+    assert "write_statement_ddl" not in caplog.text
+    if dialect == "sqlite":
+        assert ours == [f'INSERT INTO "{view_name(MessageMapping())}"'] * 2
+    else:  # the first call on the connection in a savepoint
+        call = f'SELECT "public".{function_name(MessageMapping())}'
+        assert ours == ["SAVEPOINT sa_savepoint_1", call, "RELEASE SAVEPOINT sa_savepoint_1",
+                        call]  # fmt: skip
+
+
+def test_write_statement_ddl_is_for_the_ledger_s_databases() -> None:
+    with pytest.raises(ValueError, match="PostgreSQL or SQLite, not 'mysql'"):
+        write_statement_ddl("mysql")

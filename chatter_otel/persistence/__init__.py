@@ -34,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised on a base install
     ) from exc
 
 from chatter_otel.persistence.ledger import UsagePersistence
+from chatter_otel.persistence.one_statement import write_statement_ddl
 from chatter_otel.persistence.processor import LedgerSpanProcessor
 from chatter_otel.persistence.schema import LEDGER, RUNS, MessageMapping, metadata
 
@@ -44,4 +45,5 @@ __all__ = [
     "MessageMapping",
     "UsagePersistence",
     "metadata",
+    "write_statement_ddl",
 ]

@@ -136,17 +136,47 @@ def view_name(m: MessageMapping) -> str:
     return _digest(trigger_body(m, "chatter_otel_write"))
 
 
-def ensure(conn: Any, m: MessageMapping) -> WriteStatement | None:
-    """Create the function (or view) where it is not: the worker's connection, in its
-    transaction. None where it cannot be had: then the savepoint path is used."""
+def write_statement_ddl(dialect: str, mapping: MessageMapping | None = None) -> list[str]:
+    """The statements that create the ledger's one-statement write, for an app that manages
+    its schema itself (``UsagePersistence(create_tables=False)``): put them in the migration
+    that creates our tables. ``dialect`` is ``"postgresql"`` (the function, in the schema
+    first on the migration's ``search_path``) or ``"sqlite"`` (the view and its trigger). The
+    names carry a hash of the definition: a release that changes it says so in one log line
+    (and uses the savepoint path) until the migration has made the new one."""
+    m = mapping or MessageMapping()
+    if dialect == "postgresql":
+        return [_function_ddl(function_name(m), function_body(m))]
+    if dialect == "sqlite":
+        return _view_ddl(view_name(m), m)
+    raise ValueError(f"the ledger writes to PostgreSQL or SQLite, not {dialect!r}")
+
+
+def _function_ddl(name: str, body: str) -> str:
+    return (f"CREATE OR REPLACE FUNCTION {name}{_ARGS} RETURNS text LANGUAGE plpgsql "
+            f"SET search_path FROM CURRENT AS {_TAG}{body}{_TAG}")  # fmt: skip
+
+
+def _view_ddl(view: str, m: MessageMapping) -> list[str]:
+    # IF NOT EXISTS: another process may make them at the same moment (SQLite's DDL is
+    # transactional: both are there, or neither).
+    trigger = _ident(view + "_insert")
+    return [f"CREATE VIEW IF NOT EXISTS {_ident(view)} ({', '.join(_PARAMS)}) AS "
+            "SELECT NULL, NULL, NULL, NULL, NULL WHERE 0",
+            f"CREATE TRIGGER IF NOT EXISTS {trigger} {trigger_body(m, view)}"]  # fmt: skip
+
+
+def ensure(conn: Any, m: MessageMapping, *, create: bool = True) -> WriteStatement | None:
+    """The write statement, created where it is not when ``create`` (the worker's connection,
+    in its transaction); else only found. None where it cannot be had: then the savepoint
+    path is used."""
     if conn.dialect.name == "postgresql":
-        return _ensure_function(conn, m)
+        return _function(conn, m, create)
     if conn.dialect.name == "sqlite":
-        return _ensure_view(conn, m)
+        return _view(conn, m, create)
     return None
 
 
-def _ensure_function(conn: Any, m: MessageMapping) -> WriteStatement | None:
+def _function(conn: Any, m: MessageMapping, create: bool) -> WriteStatement | None:
     body = function_body(m)
     if _TAG in body:  # a mapping name that would end the function's quoting
         return None
@@ -162,11 +192,12 @@ def _ensure_function(conn: Any, m: MessageMapping) -> WriteStatement | None:
 
     if exists():
         return found
-    ddl = (f"CREATE OR REPLACE FUNCTION {qualified}{_ARGS} RETURNS text LANGUAGE plpgsql "
-           f"SET search_path FROM CURRENT AS {_TAG}{body}{_TAG}")  # fmt: skip
+    if not create:
+        _not_made("function", "postgresql")
+        return None
     try:
         with conn.begin_nested():
-            conn.exec_driver_sql(ddl)
+            conn.exec_driver_sql(_function_ddl(qualified, body))
     except Exception as exc:  # another process made it at the same moment, or no privilege
         if exists():
             return found
@@ -175,7 +206,7 @@ def _ensure_function(conn: Any, m: MessageMapping) -> WriteStatement | None:
     return found
 
 
-def _ensure_view(conn: Any, m: MessageMapping) -> WriteStatement | None:
+def _view(conn: Any, m: MessageMapping, create: bool) -> WriteStatement | None:
     view = view_name(m)
     found = WriteStatement("sqlite", view, _statement(f"INSERT INTO {_ident(view)} VALUES"))
     try:
@@ -183,15 +214,17 @@ def _ensure_view(conn: Any, m: MessageMapping) -> WriteStatement | None:
     except Exception as exc:  # an SQLite built without its JSON functions
         _cannot("view (no JSON functions in this SQLite)", exc)
         return None
-    # IF NOT EXISTS: another process may make them at the same moment (SQLite's DDL is
-    # transactional: both are there, or neither). A failed DDL statement leaves the worker's
-    # transaction as it was (SQLite undoes a statement alone).
-    columns = ", ".join(_PARAMS)
-    try:
-        conn.exec_driver_sql(f"CREATE VIEW IF NOT EXISTS {_ident(view)} ({columns}) AS "
-                             "SELECT NULL, NULL, NULL, NULL, NULL WHERE 0")  # fmt: skip
-        conn.exec_driver_sql(f"CREATE TRIGGER IF NOT EXISTS {_ident(view + '_insert')} "
-                             + trigger_body(m, view))  # fmt: skip
+    if not create:
+        names = conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE name IN (?, ?)", (view, view + "_insert")
+        ).scalars()
+        if len(set(names)) == 2:
+            return found
+        _not_made("view", "sqlite")
+        return None
+    try:  # a failed DDL statement leaves the worker's transaction as it was (SQLite's)
+        for ddl in _view_ddl(view, m):
+            conn.exec_driver_sql(ddl)
     except Exception as exc:
         _cannot("view", exc)
         return None
@@ -202,6 +235,13 @@ def _cannot(what: str, exc: Exception) -> None:
     _log.warning("chatter-otel: cannot create the ledger's write %s (%s: %.300s); each chat's "
                  "accounting takes a savepoint and three statements instead of one", what,
                  type(exc).__name__, exc)  # fmt: skip
+
+
+def _not_made(what: str, dialect: str) -> None:
+    _log.warning("chatter-otel: the ledger's write %s is not in the database (create_tables="
+                 "False: the app manages the schema); each chat's accounting takes a savepoint "
+                 "and three statements instead of one until your migration runs "
+                 "chatter_otel.persistence.write_statement_ddl(%r)", what, dialect)  # fmt: skip
 
 
 def _statement(head: str) -> Any:

@@ -82,8 +82,11 @@ class LedgerWriter:
                 if self.create_tables:
                     await conn.run_sync(metadata.create_all)
                 await conn.run_sync(self._add_new_columns)
-                if self.create_tables:  # next to our tables, where we make them
-                    self._write = await conn.run_sync(ensure, self.mapping)
+                # next to our tables, made where we make them, else found if the app's
+                # migration made it; not where the app's ledger table lacks columns
+                if not self._ledger_skip:
+                    self._write = await conn.run_sync(ensure, self.mapping,
+                                                      create=self.create_tables)  # fmt: skip
             self._ready = True
         if not self._conversations_ok:  # known before the app's first message, when it can be
             async with engine.connect() as conn:
