@@ -31,25 +31,38 @@ if TYPE_CHECKING:
 __all__ = ["RecordFanout", "RecordSpanProcessor"]
 
 
+def _hand_start(sinks: tuple[RecordSpanProcessor, ...], span: Span) -> None:
+    """A workflow span of ours started: its start record to each sink (none for other spans)."""
+    start = started_record()
+    if start is None:
+        return
+    ctx = span.get_span_context()
+    span_id, trace_id = format(ctx.span_id, "016x"), format(ctx.trace_id, "032x")
+    for sink in sinks:
+        try:
+            sink.workflow_started(start, span_id, trace_id)
+        except Exception:
+            internal_error(f"{type(sink).__name__}.workflow_started")
+
+
+def _hand_end(sinks: tuple[RecordSpanProcessor, ...], span: ReadableSpan) -> None:
+    """A span of ours ended: its record to each sink (nothing for other spans)."""
+    record = ended_record(span)
+    if record is None:
+        return
+    for sink in sinks:
+        try:
+            sink.ended(record)
+        except Exception:
+            internal_error(f"{type(sink).__name__}.ended")
+
+
 class RecordSpanProcessor(SpanProcessor):
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        start = started_record()
-        if start is None:
-            return
-        try:
-            ctx = span.get_span_context()
-            self.workflow_started(start, format(ctx.span_id, "016x"), format(ctx.trace_id, "032x"))
-        except Exception:
-            internal_error(f"{type(self).__name__}.workflow_started")
+        _hand_start((self,), span)
 
     def on_end(self, span: ReadableSpan) -> None:
-        record = ended_record(span)
-        if record is None:
-            return
-        try:
-            self.ended(record)
-        except Exception:
-            internal_error(f"{type(self).__name__}.ended")
+        _hand_end((self,), span)
 
     def workflow_started(self, start: WorkflowStart, span_id: str, trace_id: str) -> None:
         """A workflow span of ours started; ``span_id`` is the run's workflow id when
@@ -79,26 +92,10 @@ class RecordFanout(SpanProcessor):
         self._order = tuple(self.sinks.values())
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        start = started_record()
-        if start is None:
-            return
-        ctx = span.get_span_context()
-        span_id, trace_id = format(ctx.span_id, "016x"), format(ctx.trace_id, "032x")
-        for sink in self._order:
-            try:
-                sink.workflow_started(start, span_id, trace_id)
-            except Exception:
-                internal_error(f"{type(sink).__name__}.workflow_started")
+        _hand_start(self._order, span)
 
     def on_end(self, span: ReadableSpan) -> None:
-        record = ended_record(span)
-        if record is None:
-            return
-        for sink in self._order:
-            try:
-                sink.ended(record)
-            except Exception:
-                internal_error(f"{type(sink).__name__}.ended")
+        _hand_end(self._order, span)
 
     def shutdown(self) -> None:
         for sink in self._order:
