@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from chatter_otel._forksafe import fresh_after_fork
+
 _log = logging.getLogger("chatter_otel")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,6 +27,7 @@ class _RateLimiter:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
 
     def allow(self, key: str) -> int | None:
         """Return the number suppressed since the last line if a line may go out, else None."""

@@ -175,3 +175,49 @@ def test_a_forked_child_has_working_sinks(telemetry: Any, tmp_path: Any) -> None
     with engine.connect() as conn:
         assert len(list(conn.execute(select(LEDGER)))) == 4
     engine.dispose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_lock_held_at_the_fork_is_free_in_the_child(telemetry: Any, tmp_path: Any) -> None:
+    """The monitoring worker caught inside the service's lock at the instant of the fork (held
+    here by a thread of the test, the service's own lock): that thread is not in the child,
+    so the lock would stay held there for ever. The child gets a fresh one: its runs are
+    monitored and the app can read the stats."""
+    import threading
+
+    tel, _ = telemetry()
+    service = tel.monitoring
+    held, release = threading.Event(), threading.Event()
+
+    def worker_mid_update() -> None:
+        with service._lock:
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker_mid_update)
+    thread.start()
+    assert held.wait(5)
+    result = tmp_path / "child.txt"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            with track_workflow("in-child"):
+                build_chat_graph().invoke(Q)
+            flushed = tel.force_flush(5_000)
+            ops = service.get_workflow_stats()["workflow_ops"]
+            result.write_text(f"{flushed} {ops['finished']} {ops['active']}")
+            code = 0
+        finally:
+            os._exit(code)
+    release.set()
+    thread.join()
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done == (0, 0):  # deadlocked: end it, and fail
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on a lock held at the fork")
+    assert os.WEXITSTATUS(done[1]) == 0
+    assert result.read_text() == "True 1 0"

@@ -30,6 +30,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel._sqlite import connect_wal
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
@@ -164,6 +165,7 @@ class LocalTraceStore:
         self.max_spans = max_spans
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
         self._conn: sqlite3.Connection | None = None
         self._writes = 0
 

@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel.attributes import (
     BUDGET_EXCEEDED,
     BUDGET_EXCEEDED_METRIC,
@@ -54,6 +55,7 @@ class BudgetTracker:
         self._conversations: OrderedDict[str, _Spend] = OrderedDict()
         self._over: dict[str, str] = {}  # root id -> what it crossed first (for the raise)
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
         self._exceeded = our_meter(meter_provider).create_counter(
             BUDGET_EXCEEDED_METRIC, unit="{run}",
             description="Runs and conversations that crossed a budget limit, by limit.",

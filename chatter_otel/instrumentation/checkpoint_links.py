@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanContext, TraceFlags
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel.instrumentation.active import active_handler
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class RunningThreads:
         self._max = max_threads
         self._runs: OrderedDict[str, WorkflowInvocation] = OrderedDict()
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
 
     def __len__(self) -> int:
         return len(self._runs)

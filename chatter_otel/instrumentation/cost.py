@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from genai_prices import Usage, calc_price, data_snapshot
 from genai_prices.types import ModelPrice, TieredPrices
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel._safety import warn_once
 from chatter_otel.instrumentation.providers import PRICE_PROVIDER_IDS
 
@@ -170,6 +171,7 @@ class Pricer:
         self._snapshot: object = None
         self._snapshot_table = ""
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
 
     def cost(
         self, usage: TokenUsage, models: Sequence[str | None], provider: str | None

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Link
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel.attributes import (
     LANGGRAPH_CHECKPOINT_ID,
     LANGGRAPH_INTERRUPT_IDS,
@@ -86,6 +87,7 @@ class Pauses:
         self._max, self._max_age = max_threads, max_age_s
         self._by_thread: OrderedDict[str, Pause] = OrderedDict()
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
 
     def __len__(self) -> int:
         return len(self._by_thread)

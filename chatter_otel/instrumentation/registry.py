@@ -12,6 +12,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from chatter_otel._forksafe import fresh_after_fork
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from uuid import UUID
@@ -30,6 +32,7 @@ class Registry(Generic[V]):
         self._max_age = max_age_s
         self._on_evict = on_evict
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
         self._puts = 0
         self.evicted = 0
 

@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel.attributes import COST_METRIC
 from chatter_otel.instrumentation.records import (
     EmbeddingsRecord,
@@ -94,6 +95,7 @@ class LiveAnalytics:
         self._next_sweep = 0.0
         self.evicted = 0
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
 
     def record(self, c: LLMCompletion) -> None:
         keys = (("model", c.model), ("provider", c.provider), ("user", c.user_id),

@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel._safety import warn_once
 from chatter_otel.instrumentation.records import (
     LLMCallRecord,
@@ -92,6 +93,7 @@ class EventBus:
         self.queue_size = queue_size
         self._subs: tuple[Subscription, ...] = ()
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
         self._listeners: tuple[Callable[[UnifiedEvent], Any], ...] = ()
         self.published = 0
         self.rejected = 0  # events dropped at a boundary (Redis in, SSE out, forwarding)

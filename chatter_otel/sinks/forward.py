@@ -16,6 +16,7 @@ import inspect
 import threading
 from typing import TYPE_CHECKING, Any
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel._safety import warn_once
 from chatter_otel.app_loop import app_loop
 from chatter_otel.sinks.validation import checked
@@ -43,6 +44,7 @@ class AppEventForwarder:
         self.forwarded = self.failed = 0
         self._own_loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
         self.worker: BoundedWorker[UnifiedEvent] = BoundedWorker(
             "events-forward", self._handle, max_queue=max_queue
         )

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from chatter_otel._forksafe import fresh_after_fork
 from chatter_otel._safety import warn_once
 from chatter_otel.instrumentation.records import (
     LLMCallRecord,
@@ -115,6 +116,7 @@ class MonitoringService:
         self._by_model: dict[str, _Totals] = {}
         self._ops = {"started": 0, "finished": 0, "failed": 0, "evicted": 0}
         self._lock = threading.Lock()
+        fresh_after_fork(self, "_lock")
         self._ids = 0
 
     def start_workflow_tracking(  # noqa: PLR0917 - the app's monitoring API, as it is
