@@ -15,10 +15,15 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from typing import TYPE_CHECKING
 
-__all__ = ["fresh_after_fork"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["fresh_after_fork", "in_child_after_fork"]
 
 _owners: list[tuple[weakref.ref[object], tuple[str, ...]]] = []
+_callbacks: list[weakref.WeakMethod[Callable[[], object]]] = []
 _guard = threading.Lock()
 
 
@@ -29,6 +34,16 @@ def fresh_after_fork(owner: object, *names: str) -> None:
         _owners.append((weakref.ref(owner), names))
 
 
+def in_child_after_fork(method: Callable[[], object]) -> None:
+    """Call the bound ``method`` in a forked child (after the locks are fresh), while its
+    object lives: one registration with ``os.register_at_fork`` for all, and a list bounded
+    by the live objects (a registration per object could never be undone: it grew with
+    every object made)."""
+    with _guard:
+        _callbacks[:] = [ref for ref in _callbacks if ref() is not None]
+        _callbacks.append(weakref.WeakMethod(method))
+
+
 def _renew() -> None:
     global _guard  # noqa: PLW0603 - it may have been held at the fork too
     _guard = threading.Lock()
@@ -37,6 +52,10 @@ def _renew() -> None:
         if owner is not None:
             for name in names:
                 setattr(owner, name, threading.Lock())
+    for callback in _callbacks:
+        method = callback()
+        if method is not None:
+            method()
 
 
 if hasattr(os, "register_at_fork"):

@@ -8,13 +8,13 @@ import os
 import sqlite3
 import threading
 import time
-import weakref
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.metrics import Observation
 
+from chatter_otel._forksafe import in_child_after_fork
 from chatter_otel._safety import warn_once
 from chatter_otel.attributes import (
     LEDGER_DROPPED_METRIC,
@@ -124,9 +124,7 @@ class UsagePersistence(BindingHooks, DatabaseLoop, LedgerWriter):
         self._conversations_ok = False
         self._schema_checked = -1e9  # monotonic time the app's tables were last looked at
         self._first_check = threading.Event()  # the worker has tried the database once
-        if hasattr(os, "register_at_fork"):
-            ref = weakref.WeakMethod(self._after_fork)
-            os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
+        in_child_after_fork(self._after_fork)
 
     # -- the app's side -------------------------------------------------------------------------
 

@@ -3,18 +3,18 @@
 Like the SDK's ``BatchProcessor``: a bounded queue (``submit`` never blocks; when full the new
 item is dropped and counted, with a rate-limited log line), one daemon thread handling items in
 order and in batches, ``flush`` with a deadline, and re-creation in a forked child
-(``os.register_at_fork``): servers that load the app and then fork workers get a working sink in
-every worker. Items queued in the parent at the fork stay the parent's: the child starts empty.
+(``_forksafe.in_child_after_fork``): servers that load the app and then fork workers get a
+working sink in every worker. Items queued in the parent at the fork stay the parent's: the
+child starts empty.
 """
 
 from __future__ import annotations
 
-import os
 import threading
-import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from chatter_otel._forksafe import in_child_after_fork
 from chatter_otel._safety import internal_error, warn_once
 
 if TYPE_CHECKING:
@@ -46,9 +46,7 @@ class BoundedWorker(Generic[T]):
         self.stopped = False
         self._started = start
         self._reset()
-        if hasattr(os, "register_at_fork"):
-            ref = weakref.WeakMethod(self._at_fork_reinit)
-            os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m())
+        in_child_after_fork(self._at_fork_reinit)
 
     def _reset(self) -> None:
         self._queue: deque[T] = deque()
