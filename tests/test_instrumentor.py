@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import subprocess
+import sys
 import threading
 from importlib.metadata import entry_points
 from typing import Any
@@ -157,3 +160,54 @@ def test_many_concurrent_async_runs_leave_nothing_behind(spans: Any) -> None:
     handler = LangGraphInstrumentor().handler
     assert len(handler._runs) == 0 and len(handler._graphs) == 0
     assert len(spans.named("invoke_workflow chat")) == 30
+
+
+LATE_IMPORT = """
+import json, sys
+import langgraph.graph, langchain_core.messages  # what the app imported before instrumenting
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from chatter_otel import LangGraphInstrumentor
+
+CHAT_MODELS = "langchain_core.language_models.chat_models"
+instrumentor = LangGraphInstrumentor()
+instrumentor.instrument(tracer_provider=TracerProvider())
+imported_by_instrument = CHAT_MODELS in sys.modules
+if sys.argv[1] == "off-before-import":
+    instrumentor.uninstrument()
+
+from chatter_otel.reference.local_model import LocalChatModel  # imports the chat models now
+
+class Probe(LocalChatModel):
+    def _generate(self, *args, **kwargs):
+        seen.append(getattr(trace.get_current_span(), "name", None))
+        return super()._generate(*args, **kwargs)
+
+seen = []
+Probe().invoke("hi")
+wrapped = hasattr(Probe._generate_with_cache, "__wrapped__")
+instrumentor.uninstrument()
+Probe().invoke("hi")
+instrumentor.instrument(tracer_provider=TracerProvider())
+Probe().invoke("hi")
+print(json.dumps({"imported_by_instrument": imported_by_instrument, "seen": seen,
+                  "wrapped": wrapped,
+                  "wrapped_at_end": hasattr(Probe._generate_with_cache, "__wrapped__")}))
+"""
+
+
+@pytest.mark.parametrize("case", ["on", "off-before-import"])
+def test_chat_models_are_wrapped_when_the_app_imports_them(case: str) -> None:
+    """Instrumenting imports no LangChain chat-model module the app has not imported; when the
+    app imports one later, the provider call runs under our chat span (the mark a provider
+    instrumentation beside ours reads); uninstrumented before that import, nothing is wrapped
+    until instrumented again."""
+    out = subprocess.run([sys.executable, "-c", LATE_IMPORT, case], capture_output=True,
+                         text=True, timeout=120, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["imported_by_instrument"] is False
+    first = "chat chatter-local-1" if case == "on" else None
+    assert result["seen"] == [first, None, "chat chatter-local-1"]
+    assert result["wrapped"] is (case == "on")
+    assert result["wrapped_at_end"] is True  # instrumented again
