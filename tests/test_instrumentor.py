@@ -169,45 +169,55 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from chatter_otel import LangGraphInstrumentor
 
-CHAT_MODELS = "langchain_core.language_models.chat_models"
+LATE = ("langchain_core.language_models.chat_models", "langchain_openai", "openai")
 instrumentor = LangGraphInstrumentor()
-instrumentor.instrument(tracer_provider=TracerProvider())
-imported_by_instrument = CHAT_MODELS in sys.modules
+instrumentor.instrument(tracer_provider=TracerProvider(), stream_usage=True)
+imported_by_instrument = [m for m in LATE if m in sys.modules]
 if sys.argv[1] == "off-before-import":
     instrumentor.uninstrument()
 
 from chatter_otel.reference.local_model import LocalChatModel  # imports the chat models now
+from langchain_openai import ChatOpenAI  # and the openai SDK with its embeddings
+from openai.resources.embeddings import Embeddings
+
 
 class Probe(LocalChatModel):
     def _generate(self, *args, **kwargs):
         seen.append(getattr(trace.get_current_span(), "name", None))
         return super()._generate(*args, **kwargs)
 
+
+def wrapped():
+    return [hasattr(f, "__wrapped__") for f in (Probe._generate_with_cache,
+            ChatOpenAI._should_stream_usage, Embeddings.create)]
+
+
 seen = []
 Probe().invoke("hi")
-wrapped = hasattr(Probe._generate_with_cache, "__wrapped__")
+first = wrapped()
 instrumentor.uninstrument()
 Probe().invoke("hi")
-instrumentor.instrument(tracer_provider=TracerProvider())
+off = wrapped()
+instrumentor.instrument(tracer_provider=TracerProvider(), stream_usage=True)
 Probe().invoke("hi")
 print(json.dumps({"imported_by_instrument": imported_by_instrument, "seen": seen,
-                  "wrapped": wrapped,
-                  "wrapped_at_end": hasattr(Probe._generate_with_cache, "__wrapped__")}))
+                  "wrapped": [first, off, wrapped()]}))
 """
 
 
 @pytest.mark.parametrize("case", ["on", "off-before-import"])
-def test_chat_models_are_wrapped_when_the_app_imports_them(case: str) -> None:
-    """Instrumenting imports no LangChain chat-model module the app has not imported; when the
-    app imports one later, the provider call runs under our chat span (the mark a provider
-    instrumentation beside ours reads); uninstrumented before that import, nothing is wrapped
-    until instrumented again."""
+def test_libraries_are_wrapped_when_the_app_imports_them(case: str) -> None:
+    """Instrumenting imports no LangChain chat-model module, langchain-openai or openai SDK the
+    app has not imported; when the app imports them later they are wrapped then: the provider
+    call runs under our chat span (the mark a provider instrumentation beside ours reads),
+    OpenAI models are asked for streamed usage, embeddings calls are traced. Uninstrumented
+    before that import, nothing is wrapped until instrumented again."""
     out = subprocess.run([sys.executable, "-c", LATE_IMPORT, case], capture_output=True,
                          text=True, timeout=120, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["imported_by_instrument"] is False
-    first = "chat chatter-local-1" if case == "on" else None
-    assert result["seen"] == [first, None, "chat chatter-local-1"]
-    assert result["wrapped"] is (case == "on")
-    assert result["wrapped_at_end"] is True  # instrumented again
+    assert result["imported_by_instrument"] == []
+    on = case == "on"
+    assert result["seen"] == ["chat chatter-local-1" if on else None, None,
+                              "chat chatter-local-1"]  # fmt: skip
+    assert result["wrapped"] == [[on] * 3, [False] * 3, [True] * 3]

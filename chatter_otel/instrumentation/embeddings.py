@@ -39,9 +39,11 @@ from chatter_otel.instrumentation.ids import ambient_ids
 from chatter_otel.instrumentation.invocations import error_type
 from chatter_otel.instrumentation.runs import EMPTY_IDS
 from chatter_otel.instrumentation.usage import TokenUsage
+from chatter_otel.instrumentation.when_imported import WhenImported
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import ModuleType
 
     from opentelemetry.trace import Span, Tracer
 
@@ -149,12 +151,21 @@ class _EmbeddingsCall:
         )  # fmt: skip
 
 
+def _unwrap(module: ModuleType) -> None:
+    from opentelemetry.instrumentation.utils import unwrap
+
+    unwrap(module.Embeddings, "create")
+    unwrap(module.AsyncEmbeddings, "create")
+
+
+# Never imported by us: configure() imports no provider SDK the app has not.
+_OPENAI_EMBEDDINGS = WhenImported("openai.resources.embeddings", _unwrap)
+
+
 def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None]:
     """Wrap the openai SDK's embeddings calls when the SDK is imported (now, if it is already;
-    never, if the app never imports it: configure() imports no provider SDK itself). Returns
-    how to undo it."""
-    from opentelemetry.instrumentation.utils import unwrap
-    from wrapt import register_post_import_hook, wrap_function_wrapper
+    never, if the app never imports it). Returns how to undo it."""
+    from wrapt import wrap_function_wrapper
 
     def sync_create(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         with _EmbeddingsCall(tracer, pricer, kwargs) as call:
@@ -166,23 +177,9 @@ def wrap_openai_embeddings(tracer: Tracer, pricer: Pricer) -> Callable[[], None]
             call.result = await wrapped(*args, **kwargs)
         return call.result
 
-    state: dict[str, Any] = {"active": True, "wrapped": None}
-
-    def on_import(module: Any) -> None:
-        if not state["active"] or state["wrapped"] is not None:
-            return  # uninstrumented before the import, or wrapped already
+    def wrap(module: ModuleType) -> None:
         wrap_function_wrapper(module.Embeddings, "create", sync_create)
         wrap_function_wrapper(module.AsyncEmbeddings, "create", async_create)
-        state["wrapped"] = module
 
-    register_post_import_hook(on_import, "openai.resources.embeddings")
-
-    def undo() -> None:
-        state["active"] = False
-        module = state["wrapped"]
-        if module is not None:
-            unwrap(module.Embeddings, "create")
-            unwrap(module.AsyncEmbeddings, "create")
-            state["wrapped"] = None
-
-    return undo
+    _OPENAI_EMBEDDINGS.install(wrap)
+    return _OPENAI_EMBEDDINGS.remove

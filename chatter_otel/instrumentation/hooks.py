@@ -23,9 +23,11 @@ from chatter_otel.instrumentation.active import active_handler
 from chatter_otel.instrumentation.agents import built_by_factory
 from chatter_otel.instrumentation.ids import ids_from_config
 from chatter_otel.instrumentation.runs import new_slot
+from chatter_otel.instrumentation.when_imported import WhenImported
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import ModuleType
 
     from chatter_otel.instrumentation.callbacks import OtelCallbackHandler
 
@@ -234,18 +236,21 @@ def _usage_unless_told_not(
     return wrapped(*args, **kwargs)
 
 
-def _ask_for_stream_usage() -> bool:
-    try:
-        from langchain_openai.chat_models.base import BaseChatOpenAI
-    except ImportError:  # no OpenAI-compatible models in this app
-        return False
-    wrap_function_wrapper(BaseChatOpenAI, "_should_stream_usage", _usage_unless_told_not)
-    return True
+def _ask_for_stream_usage(module: ModuleType) -> None:
+    wrap_function_wrapper(module.BaseChatOpenAI, "_should_stream_usage", _usage_unless_told_not)
 
 
-def install(handler: OtelCallbackHandler, *, stream_usage: bool) -> bool:
-    """Put the hooks in for ``handler``; returns whether langchain-openai models are asked
-    for streamed usage (``stream_usage`` and the package is there)."""
+# langchain-openai (and the openai SDK under it) is wrapped when the app imports it, never
+# imported by us: an app without OpenAI-compatible models never loads it.
+_OPENAI_MODELS = WhenImported(
+    "langchain_openai.chat_models.base",
+    lambda module: unwrap(module.BaseChatOpenAI, "_should_stream_usage"),
+)
+
+
+def install(handler: OtelCallbackHandler, *, stream_usage: bool) -> None:
+    """Put the hooks in for ``handler``; with ``stream_usage``, langchain-openai's models are
+    asked for streamed usage (now, or when the app imports them)."""
     _register_hook_once()
     wrap_function_wrapper(Pregel, "stream", _AnnounceGraph(handler))
     wrap_function_wrapper(Pregel, "astream", _AnnounceGraph(handler))
@@ -255,10 +260,11 @@ def install(handler: OtelCallbackHandler, *, stream_usage: bool) -> bool:
         # the async one returns a coroutine: raising before creating it raises at its await
         for name in ("run_with_retry", "arun_with_retry"):
             wrap_function_wrapper("langgraph.pregel._runner", name, _BudgetGate(handler))
-    return stream_usage and _ask_for_stream_usage()
+    if stream_usage:
+        _OPENAI_MODELS.install(_ask_for_stream_usage)
 
 
-def remove(*, stream_usage: bool) -> None:
+def remove() -> None:
     import langgraph.pregel._runner as runner
 
     for name in ("run_with_retry", "arun_with_retry"):
@@ -268,7 +274,4 @@ def remove(*, stream_usage: bool) -> None:
     unwrap(Pregel, "astream")
     unwrap(RunnableCallable, "invoke")
     unwrap(RunnableCallable, "ainvoke")
-    if stream_usage:
-        from langchain_openai.chat_models.base import BaseChatOpenAI
-
-        unwrap(BaseChatOpenAI, "_should_stream_usage")
+    _OPENAI_MODELS.remove()

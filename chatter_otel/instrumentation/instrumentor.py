@@ -99,7 +99,7 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                                       budget=budget)  # fmt: skip
         throttle_hostile_header_logs()
         warm_up()
-        self._stream_usage = hooks.install(handler, stream_usage=settings.stream_usage)
+        hooks.install(handler, stream_usage=settings.stream_usage)
         provider_calls.install()
         checkpoint_links.install()
         self._unwrap_embeddings = wrap_openai_embeddings(tracer, handler.pricer)
@@ -113,16 +113,14 @@ class LangGraphInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             self._telemetry = configure_for_zero_code()
 
     _telemetry: Any = None
-    _stream_usage = False
     _unwrap_embeddings: Any = None
 
     def _uninstrument(self, **kwargs: Any) -> None:
         from chatter_otel.instrumentation import checkpoint_links, hooks, provider_calls
 
-        hooks.remove(stream_usage=self._stream_usage)
+        hooks.remove()
         provider_calls.remove()
         checkpoint_links.remove()
-        self._stream_usage = False
         if self._unwrap_embeddings is not None:
             self._unwrap_embeddings()
             self._unwrap_embeddings = None

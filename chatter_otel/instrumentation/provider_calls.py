@@ -36,6 +36,7 @@ from opentelemetry import context, trace
 from opentelemetry.context import Context
 
 from chatter_otel.instrumentation.active import active_handler
+from chatter_otel.instrumentation.when_imported import WhenImported
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -207,43 +208,27 @@ _WRAPPED = (("_generate_with_cache", _generate), ("_agenerate_with_cache", _agen
             ("stream", _stream), ("astream", _astream))  # fmt: skip
 
 
-_CHAT_MODELS = "langchain_core.language_models.chat_models"
-# Whether the wrappers should be on: a post-import hook cannot be unregistered, so the hook
-# that fires after remove() (the app imports chat models later) must find it off.
-_state = {"on": False, "wrapped": False, "hooked": False}
-
-
-def _on_import(module: Any) -> None:
-    if not _state["on"] or _state["wrapped"]:
-        return
+def _wrap(module: Any) -> None:
     from wrapt import wrap_function_wrapper
 
     for name, wrapper in _WRAPPED:
         wrap_function_wrapper(module.BaseChatModel, name, wrapper)
-    _state["wrapped"] = True
 
 
-def install() -> None:
-    """Wrap LangChain's chat models when the app imports them (now, if it has): instrumenting
-    imports no part of LangChain the app has not (``benchmarks/bench_startup.py``)."""
-    _state["on"] = True
-    module = sys.modules.get(_CHAT_MODELS)
-    if module is not None:
-        _on_import(module)
-    elif not _state["hooked"]:
-        from wrapt import register_post_import_hook
-
-        register_post_import_hook(_on_import, _CHAT_MODELS)
-        _state["hooked"] = True
-
-
-def remove() -> None:
-    _state["on"] = False
-    if not _state["wrapped"]:
-        return
-    from langchain_core.language_models.chat_models import BaseChatModel
+def _unwrap(module: Any) -> None:
     from opentelemetry.instrumentation.utils import unwrap
 
     for name, _ in _WRAPPED:
-        unwrap(BaseChatModel, name)
-    _state["wrapped"] = False
+        unwrap(module.BaseChatModel, name)
+
+
+# Instrumenting imports no part of LangChain the app has not (benchmarks/bench_startup.py).
+_CHAT_MODELS = WhenImported("langchain_core.language_models.chat_models", _unwrap)
+
+
+def install() -> None:
+    _CHAT_MODELS.install(_wrap)
+
+
+def remove() -> None:
+    _CHAT_MODELS.remove()
