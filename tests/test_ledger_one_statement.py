@@ -349,6 +349,41 @@ async def test_an_app_managed_schema_gets_the_one_statement_from_its_migration(
                         call]  # fmt: skip
 
 
+async def test_a_quote_in_a_mapped_name_is_part_of_the_name(database: str) -> None:
+    """The app's table and column names are quoted with any ``"`` in them doubled: the
+    conversation's update adds to the named columns exactly, and the write statement's DDL
+    for such a mapping runs, on both databases."""
+    from decimal import Decimal
+
+    from sqlalchemy import Column, MetaData, Numeric, String, Table
+
+    from chatter_otel.persistence.schema import add_statement
+
+    mapping = MessageMapping(conversations_table='chat "rooms"', conversation_pk='room "id"',
+                             conversation_total_tokens='tokens" so far',
+                             conversation_total_cost='"cost"')  # fmt: skip
+    rooms = Table('chat "rooms"', MetaData(), Column('room "id"', String(36), primary_key=True),
+                  Column('tokens" so far', Numeric(20, 0)),
+                  Column('"cost"', Numeric(20, 10)))  # fmt: skip
+    engine = create_async_engine(database)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+            await conn.run_sync(rooms.create)
+            await conn.execute(rooms.insert().values({'room "id"': "r1", 'tokens" so far': 5,
+                                                      '"cost"': Decimal("0.5")}))  # fmt: skip
+            for ddl in write_statement_ddl(engine.dialect.name, mapping):
+                await conn.exec_driver_sql(ddl)
+        async with engine.begin() as conn:
+            add = add_statement(mapping)
+            for tokens in (7, 30):
+                await conn.execute(add, {"tokens": tokens, "cost": Decimal("0.25"), "conv": "r1"})
+            row = (await conn.execute(rooms.select())).one()
+        assert tuple(row) == ("r1", 42, Decimal("1.0"))
+    finally:
+        await engine.dispose()
+
+
 def test_write_statement_ddl_is_for_the_ledger_s_databases() -> None:
     with pytest.raises(ValueError, match="PostgreSQL or SQLite, not 'mysql'"):
         write_statement_ddl("mysql")

@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import Table, bindparam, text
 
-from chatter_otel.persistence.schema import LEDGER, RUNS, MessageMapping
+from chatter_otel.persistence.schema import LEDGER, RUNS, MessageMapping, quoted
 
 _log = logging.getLogger("chatter_otel")
 
@@ -60,10 +60,6 @@ class WriteStatement:
         return self.dialect == "postgresql"
 
 
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _digest(definition: str) -> str:
     return "chatter_otel_write_" + hashlib.sha256(definition.encode()).hexdigest()[:16]
 
@@ -71,8 +67,8 @@ def _digest(definition: str) -> str:
 def function_body(m: MessageMapping) -> str:
     """$1 the run's row, $2 its call rows (JSON), $3 the conversation, $4 tokens, $5 cost.
     Runs before calls: the ledger's worker takes them in that order too (no deadlock)."""
-    conv, pk = _ident(m.conversations_table), _ident(m.conversation_pk)
-    tokens, cost = _ident(m.conversation_total_tokens), _ident(m.conversation_total_cost)
+    conv, pk = quoted(m.conversations_table), quoted(m.conversation_pk)
+    tokens, cost = quoted(m.conversation_total_tokens), quoted(m.conversation_total_cost)
     runs, ledger = RUNS.name, LEDGER.name
     return f"""
 DECLARE
@@ -111,11 +107,11 @@ def trigger_body(m: MessageMapping, view: str) -> str:
     """SQLite's trigger on ``view``: the claim, the conversation when the claim was ours
     (``changes()`` is the claim's count here: SQLite sets it per statement of a trigger), the
     call rows. SQLite locks the whole database for a write, so their order cannot deadlock."""
-    conv, pk = _ident(m.conversations_table), _ident(m.conversation_pk)
-    tokens, cost = _ident(m.conversation_total_tokens), _ident(m.conversation_total_cost)
+    conv, pk = quoted(m.conversations_table), quoted(m.conversation_pk)
+    tokens, cost = quoted(m.conversation_total_tokens), quoted(m.conversation_total_cost)
     runs, ledger = RUNS.name, LEDGER.name
     # "WHERE true": SQLite's parser needs it between an INSERT's SELECT and its ON CONFLICT
-    return f"""INSTEAD OF INSERT ON {_ident(view)} BEGIN
+    return f"""INSTEAD OF INSERT ON {quoted(view)} BEGIN
   INSERT INTO {runs} ({", ".join(c.name for c in RUNS.c)})
     SELECT {_json_columns(RUNS, "NEW.run")} WHERE true
     ON CONFLICT (workflow_id) DO UPDATE
@@ -159,8 +155,8 @@ def _function_ddl(name: str, body: str) -> str:
 def _view_ddl(view: str, m: MessageMapping) -> list[str]:
     # IF NOT EXISTS: another process may make them at the same moment (SQLite's DDL is
     # transactional: both are there, or neither).
-    trigger = _ident(view + "_insert")
-    return [f"CREATE VIEW IF NOT EXISTS {_ident(view)} ({', '.join(_PARAMS)}) AS "
+    trigger = quoted(view + "_insert")
+    return [f"CREATE VIEW IF NOT EXISTS {quoted(view)} ({', '.join(_PARAMS)}) AS "
             "SELECT NULL, NULL, NULL, NULL, NULL WHERE 0",
             f"CREATE TRIGGER IF NOT EXISTS {trigger} {trigger_body(m, view)}"]  # fmt: skip
 
@@ -183,7 +179,7 @@ def _function(conn: Any, m: MessageMapping, create: bool) -> WriteStatement | No
     schema = conn.exec_driver_sql("SELECT current_schema()").scalar()
     if schema is None:
         return None
-    qualified = f"{_ident(schema)}.{function_name(m)}"
+    qualified = f"{quoted(schema)}.{function_name(m)}"
     found = WriteStatement("postgresql", qualified, _statement(f"SELECT {qualified}"))
 
     def exists() -> bool:
@@ -208,7 +204,7 @@ def _function(conn: Any, m: MessageMapping, create: bool) -> WriteStatement | No
 
 def _view(conn: Any, m: MessageMapping, create: bool) -> WriteStatement | None:
     view = view_name(m)
-    found = WriteStatement("sqlite", view, _statement(f"INSERT INTO {_ident(view)} VALUES"))
+    found = WriteStatement("sqlite", view, _statement(f"INSERT INTO {quoted(view)} VALUES"))
     try:
         conn.exec_driver_sql("SELECT json_extract('[1]', '$[0]')")
     except Exception as exc:  # an SQLite built without its JSON functions

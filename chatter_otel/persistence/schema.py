@@ -213,13 +213,18 @@ def run_row(rec: WorkflowRecord, applied_at: float | None = None) -> dict[str, A
 
 
 @functools.lru_cache(maxsize=32)
+def quoted(name: str) -> str:
+    """An identifier of the app's mapping quoted for SQL text (both dialects): a ``"`` in a
+    name is doubled, so any name the app's schema has is that name and nothing more."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def add_statement(m: MessageMapping) -> Any:
     """``UPDATE conversations SET total = total + :delta``: exact under concurrency."""
+    tokens, cost = quoted(m.conversation_total_tokens), quoted(m.conversation_total_cost)
     return text(
-        f'UPDATE "{m.conversations_table}" SET '
-        f'"{m.conversation_total_tokens}" = "{m.conversation_total_tokens}" + :tokens, '
-        f'"{m.conversation_total_cost}" = "{m.conversation_total_cost}" + :cost '
-        f'WHERE "{m.conversation_pk}" = :conv'
+        f"UPDATE {quoted(m.conversations_table)} SET {tokens} = {tokens} + :tokens, "
+        f"{cost} = {cost} + :cost WHERE {quoted(m.conversation_pk)} = :conv"
     ).bindparams(
         # typed: each dialect converts the Decimal its own way (sqlite3 cannot bind it)
         bindparam("tokens", type_=BigInteger()),
