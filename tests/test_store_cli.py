@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from langchain_core.messages import HumanMessage
@@ -14,6 +15,9 @@ from chatter_otel import LocalTraceStore, track_workflow
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.traces.cli import main
 from chatter_otel.traces.spans import SpanRecord
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _turn(conversation: str, correlation: str, message: str, fail: bool = False) -> Any:
@@ -265,3 +269,32 @@ def test_python_dash_m_gives_the_exit_code(tmp_path: Any) -> None:
                            str(tmp_path / "none.db")], capture_output=True, text=True,
                           timeout=60, check=False)  # fmt: skip
     assert proc.returncode == 2 and "no trace store" in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    """SQLite's rule for fork: the child does not use the parent's connection. Both processes
+    write through the same store object after the fork and each reads every span."""
+    store = LocalTraceStore(tmp_path / "f.db")
+    now = time.time_ns()
+    store.write([_rec("a" * 32, f"{i:016x}", now + i) for i in range(5)])
+    before = store._db()  # the parent's connection, open at the fork
+    out = tmp_path / "child.txt"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            own = store._db()
+            store.write([_rec("b" * 32, f"{i:016x}", now + 10 + i) for i in range(5)])
+            out.write_text(f"{own is not before} {len(store.trace('a' * 32))} "
+                           f"{len(store.trace('b' * 32))}")  # fmt: skip
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert out.read_text() == "True 5 5"
+    assert store._db() is before  # the parent's stays its own
+    store.write([_rec("c" * 32, "0" * 15 + "1", now + 20)])
+    assert [len(store.trace(t * 32)) for t in "abc"] == [5, 5, 1]
+    store.close()

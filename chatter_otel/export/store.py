@@ -30,7 +30,7 @@ from opentelemetry.semconv._incubating.attributes.gen_ai_attributes import (
     GenAiOperationNameValues,
 )
 
-from chatter_otel._forksafe import fresh_after_fork
+from chatter_otel._forksafe import fresh_after_fork, in_child_after_fork
 from chatter_otel._sqlite import connect_wal
 from chatter_otel.attributes import (
     CHATTER_CORRELATION_ID,
@@ -168,6 +168,15 @@ class LocalTraceStore:
         fresh_after_fork(self, "_lock")
         self._conn: sqlite3.Connection | None = None
         self._writes = 0
+        # SQLite's rule: a connection opened before a fork is not used in the child. The child
+        # opens its own on first use and keeps the inherited one unused, never closed: closing
+        # it there could touch the file state the parent's connection still relies on.
+        self._inherited: sqlite3.Connection | None = None
+        in_child_after_fork(self._reopen_in_child)
+
+    def _reopen_in_child(self) -> None:
+        if self._conn is not None:
+            self._inherited, self._conn = self._conn, None
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
