@@ -167,16 +167,20 @@ def claim_upsert(conn: Any) -> Any:
     return _claim_upsert(conn.dialect.name)
 
 
+@functools.lru_cache(maxsize=8)
+def _lengths(table: Table) -> tuple[tuple[str, int | None], ...]:
+    return tuple((col.name, getattr(col.type, "length", None)) for col in table.c)
+
+
 def fit(table: Table, record: dict[str, Any]) -> dict[str, Any]:
     """Every column of ``table`` (one executemany needs the same keys), strings cut to the
     column's length: an over-long id from a hostile header must not make PostgreSQL refuse it."""
     out: dict[str, Any] = {}
-    for col in table.c:
-        value = record.get(col.name)
-        length = getattr(col.type, "length", None)
+    for name, length in _lengths(table):
+        value = record.get(name)
         if length and isinstance(value, str) and len(value) > length:
             value = value[:length]
-        out[col.name] = value
+        out[name] = value
     return out
 
 
