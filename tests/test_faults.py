@@ -19,6 +19,7 @@ from chatter_otel.persistence import LEDGER, UsagePersistence
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.reference.local_model import LOCAL_MODEL_PRICES
 from chatter_otel.sinks.monitoring import MonitoringService
+from tests.forking import in_forked_child
 
 Q = {"messages": [HumanMessage("What is the weather in Paris?")]}
 TREE = [
@@ -143,29 +144,20 @@ def test_a_forked_child_has_working_sinks(telemetry: Any, tmp_path: Any) -> None
         build_chat_graph().invoke(Q)
     assert tel.force_flush() and ledger.flush(10)
     assert tel.monitoring.get_workflow_stats()["workflow_ops"]["finished"] == 1
-    result = tmp_path / "child.txt"
-    pid = os.fork()
-    if pid == 0:  # the child: its sink threads must be there again
-        code = 1
-        try:
-            with track_workflow("in-child"):
-                build_chat_graph().invoke(Q)
-            flushed = tel.force_flush(5_000) and ledger.flush(10)
-            ops = tel.monitoring.get_workflow_stats()["workflow_ops"]
-            snap = tel.analytics.snapshot()
-            result.write_text(
-                f"{flushed} {ops['finished']} {ops['active']} {len(records)} "
-                f"{snap['model']['chatter-local-1']['calls']} {ledger.stats['written']}"
-            )
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0
+
+    def child() -> str:  # its sink threads must be there again
+        with track_workflow("in-child"):
+            build_chat_graph().invoke(Q)
+        flushed = tel.force_flush(5_000) and ledger.flush(10)
+        ops = tel.monitoring.get_workflow_stats()["workflow_ops"]
+        calls = tel.analytics.snapshot()["model"]["chatter-local-1"]["calls"]
+        return (f"{flushed} {ops['finished']} {ops['active']} {len(records)} {calls} "
+                f"{ledger.stats['written']}")  # fmt: skip
+
     # the child: flushed; 2 runs finished in monitoring (1 inherited), 4 pushed completions
     # (2 inherited), 4 calls in live analytics; its ledger wrote its run's 3 records (6 counted,
     # 3 inherited)
-    assert result.read_text() == "True 2 0 4 4 6"
+    assert in_forked_child(child) == "True 2 0 4 4 6"
     # the parent is unaffected by the child, and the ledger has both processes' rows
     time.sleep(0.05)
     assert tel.monitoring.get_workflow_stats()["workflow_ops"]["finished"] == 1
@@ -178,7 +170,7 @@ def test_a_forked_child_has_working_sinks(telemetry: Any, tmp_path: Any) -> None
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
-def test_a_lock_held_at_the_fork_is_free_in_the_child(telemetry: Any, tmp_path: Any) -> None:
+def test_a_lock_held_at_the_fork_is_free_in_the_child(telemetry: Any) -> None:
     """The monitoring worker caught inside the service's lock at the instant of the fork (held
     here by a thread of the test, the service's own lock): that thread is not in the child,
     so the lock would stay held there for ever. The child gets a fresh one: its runs are
@@ -197,27 +189,18 @@ def test_a_lock_held_at_the_fork_is_free_in_the_child(telemetry: Any, tmp_path: 
     thread = threading.Thread(target=worker_mid_update)
     thread.start()
     assert held.wait(5)
-    result = tmp_path / "child.txt"
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            with track_workflow("in-child"):
-                build_chat_graph().invoke(Q)
-            flushed = tel.force_flush(5_000)
-            ops = service.get_workflow_stats()["workflow_ops"]
-            result.write_text(f"{flushed} {ops['finished']} {ops['active']}")
-            code = 0
-        finally:
-            os._exit(code)
-    release.set()
-    thread.join()
-    deadline = time.monotonic() + 30
-    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done == (0, 0):  # deadlocked: end it, and fail
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung on a lock held at the fork")
-    assert os.WEXITSTATUS(done[1]) == 0
-    assert result.read_text() == "True 1 0"
+
+    def child() -> str:
+        with track_workflow("in-child"):
+            build_chat_graph().invoke(Q)
+        flushed = tel.force_flush(5_000)
+        ops = service.get_workflow_stats()["workflow_ops"]
+        return f"{flushed} {ops['finished']} {ops['active']}"
+
+    def release_the_parent_s_lock() -> None:
+        release.set()
+        thread.join()
+
+    # a child that hangs on the lock is killed after 30 s, and fails the test
+    said = in_forked_child(child, after_fork=release_the_parent_s_lock, timeout_s=30)
+    assert said == "True 1 0"

@@ -15,6 +15,7 @@ from chatter_otel import LocalTraceStore, track_workflow
 from chatter_otel.reference.demo import build_chat_graph
 from chatter_otel.traces.cli import main
 from chatter_otel.traces.spans import SpanRecord
+from tests.forking import in_forked_child
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -279,21 +280,13 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
     now = time.time_ns()
     store.write([_rec("a" * 32, f"{i:016x}", now + i) for i in range(5)])
     before = store._db()  # the parent's connection, open at the fork
-    out = tmp_path / "child.txt"
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            own = store._db()
-            store.write([_rec("b" * 32, f"{i:016x}", now + 10 + i) for i in range(5)])
-            out.write_text(f"{own is not before} {len(store.trace('a' * 32))} "
-                           f"{len(store.trace('b' * 32))}")  # fmt: skip
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 0
-    assert out.read_text() == "True 5 5"
+
+    def child() -> str:
+        own = store._db()
+        store.write([_rec("b" * 32, f"{i:016x}", now + 10 + i) for i in range(5)])
+        return f"{own is not before} {len(store.trace('a' * 32))} {len(store.trace('b' * 32))}"
+
+    assert in_forked_child(child) == "True 5 5"
     assert store._db() is before  # the parent's stays its own
     store.write([_rec("c" * 32, "0" * 15 + "1", now + 20)])
     assert [len(store.trace(t * 32)) for t in "abc"] == [5, 5, 1]
