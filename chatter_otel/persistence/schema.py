@@ -216,13 +216,13 @@ def run_row(rec: WorkflowRecord, applied_at: float | None = None) -> dict[str, A
     }  # fmt: skip
 
 
-@functools.lru_cache(maxsize=32)
 def quoted(name: str) -> str:
     """An identifier of the app's mapping quoted for SQL text (both dialects): a ``"`` in a
     name is doubled, so any name the app's schema has is that name and nothing more."""
     return '"' + name.replace('"', '""') + '"'
 
 
+@functools.lru_cache(maxsize=32)
 def add_statement(m: MessageMapping) -> Any:
     """``UPDATE conversations SET total = total + :delta``: exact under concurrency."""
     tokens, cost = quoted(m.conversation_total_tokens), quoted(m.conversation_total_cost)
