@@ -32,7 +32,7 @@ def in_forked_child(
         finally:
             os._exit(code)
     os.close(write)
-    try:
+    with os.fdopen(read, "rb") as pipe:
         if after_fork is not None:
             after_fork()
         deadline = time.monotonic() + timeout_s
@@ -43,9 +43,4 @@ def in_forked_child(
             os.waitpid(pid, 0)
             pytest.fail(f"the forked child did not finish in {timeout_s:g} s (hung)")
         assert os.WEXITSTATUS(done[1]) == 0, "the forked child failed"
-        with os.fdopen(read, "rb") as pipe:
-            read = -1
-            return pipe.read().decode()
-    finally:
-        if read != -1:
-            os.close(read)
+        return pipe.read().decode()

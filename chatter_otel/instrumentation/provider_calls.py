@@ -40,6 +40,7 @@ from chatter_otel.instrumentation.when_imported import WhenImported
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
+    from types import ModuleType
 
     from chatter_otel.instrumentation.calls import LLMInvocation
 
@@ -208,14 +209,14 @@ _WRAPPED = (("_generate_with_cache", _generate), ("_agenerate_with_cache", _agen
             ("stream", _stream), ("astream", _astream))  # fmt: skip
 
 
-def _wrap(module: Any) -> None:
+def _wrap(module: ModuleType) -> None:
     from wrapt import wrap_function_wrapper
 
     for name, wrapper in _WRAPPED:
         wrap_function_wrapper(module.BaseChatModel, name, wrapper)
 
 
-def _unwrap(module: Any) -> None:
+def _unwrap(module: ModuleType) -> None:
     from opentelemetry.instrumentation.utils import unwrap
 
     for name, _ in _WRAPPED:

@@ -30,10 +30,6 @@ class WhenImported:
         self._wrapped: ModuleType | None = None
         self._hooked = False
 
-    @property
-    def wrapped(self) -> bool:
-        return self._wrapped is not None
-
     def install(self, wrap: Callable[[ModuleType], None]) -> None:
         self._wrap = wrap
         module = sys.modules.get(self.module)
